@@ -1,0 +1,131 @@
+"""`llmserve`: run the stack, build the tiny model, check a configuration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from serve.config import Config, ConfigError, load_config
+
+SNIPPET = """\
+from openai import OpenAI
+client = OpenAI(base_url="{base}", api_key="none")
+reply = client.chat.completions.create(
+    model="{model}", messages=[{{"role": "user", "content": "Hello!"}}], max_tokens=16
+)
+print(reply.choices[0].message.content)
+"""
+
+
+def _probe(base: str, model: str, timeout_s: float = 30) -> bool:
+    """Readiness is a real completion, not a 200 on /v1/models (which answers before engines load)."""
+    body = json.dumps({"model": model, "prompt": "ready?", "max_tokens": 1}).encode()
+    req = urllib.request.Request(f"{base}/completions", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, TimeoutError, ConnectionError):
+        return False
+
+
+async def _announce_when_ready(config: Config, base: str) -> None:
+    model = next(m.name for m in config.models if m.task == "generate") if any(
+        m.task == "generate" for m in config.models) else None
+    started = time.monotonic()
+    while model is not None and not await asyncio.to_thread(_probe, base, model):
+        await asyncio.sleep(2)
+    print(f"llmserve: ready after {time.monotonic() - started:.0f}s: {base}", flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serve.engine.cluster import deploy_models, shutdown
+    from serve.gateway.server import build_gateway, ray_snapshot_source, uvicorn_config
+
+    config = load_config(args.config)
+    if args.host:
+        config.gateway.host = args.host
+    if args.port is not None:
+        config.gateway.port = args.port
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print("llmserve: starting Ray and the engines (the first start builds the tiny model)...", flush=True)
+    registry = deploy_models(config)
+    try:
+        app = build_gateway(config, ray_snapshot_source(registry))
+        server = uvicorn.Server(uvicorn_config(app, config))
+        base = f"http://{config.gateway.host}:{config.gateway.port}/v1"
+        first = next((m.name for m in config.models if m.task == "generate"), config.models[0].name)
+        print(f"llmserve: gateway on {base} (engines are loading; /health says when)", flush=True)
+        print("llmserve: paste this into Python once ready:\n\n" + SNIPPET.format(base=base, model=first),
+              flush=True)
+
+        async def main() -> None:
+            ready = asyncio.get_running_loop().create_task(_announce_when_ready(config, base))
+            try:
+                await server.serve()
+            finally:
+                ready.cancel()
+
+        asyncio.run(main())
+    finally:
+        print("llmserve: shutting down engines...", flush=True)
+        shutdown(config)
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from serve.model.tiny import build_tiny_model
+
+    out = build_tiny_model(Path(args.dir), seed=args.seed)
+    print(f"tiny model written to {out}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{args.config}: ok ({len(config.models)} models)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start engines and the OpenAI-compatible gateway")
+    run.add_argument("--config", help="YAML configuration (default: the tiny model on CPU)")
+    run.add_argument("--host", help="override gateway.host")
+    run.add_argument("--port", type=int, help="override gateway.port")
+    run.set_defaults(func=cmd_run)
+
+    tiny = sub.add_parser("tiny-model", help="write the tiny random Llama model to DIR")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_tiny_model)
+
+    check = sub.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("config")
+    check.set_defaults(func=cmd_check_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"llmserve: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The one typed configuration of a deployment: models, their engines and replicas, and the gateway.
+
+Loaded from one YAML file, then overridden from the environment with ``LLMSERVE__`` variables whose
+``__``-separated parts name the field path (``LLMSERVE__GATEWAY__PORT=9000``,
+``LLMSERVE__MODELS__0__DEPLOYMENT__REPLICAS=2``). The same schema is what the Helm chart's
+``serve:`` values hold, so a cluster and a laptop read one format.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "LLMSERVE__"
+BUILTIN_TINY = "builtin://tiny"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos far more often than intent: reject them so a wrong name fails at start.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class EngineArgs(BaseModel):
+    """vLLM engine arguments. The named fields are the common ones; any other vLLM engine argument
+    may be given too and is passed through unchanged."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    dtype: str = Field("auto", description="Weight/activation dtype: auto, float16, bfloat16, float32.")
+    max_model_len: int | None = Field(
+        None, gt=0, description="Context length in tokens (prompt + output); default: the model's."
+    )
+    quantization: str | None = Field(None, description="Quantization method, e.g. awq, gptq, fp8.")
+    enable_prefix_caching: bool | None = Field(
+        None, description="Reuse KV cache blocks of shared prompt prefixes."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards the model over.")
+    enforce_eager: bool | None = Field(
+        None, description="Disable CUDA graphs / torch.compile (repeatable output, faster start)."
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="Share of GPU memory vLLM may take for weights and KV cache."
+    )
+    max_num_seqs: int | None = Field(None, gt=0, description="Most sequences batched at once.")
+    enable_lora: bool | None = Field(None, description="Serve LoRA adapters on this model.")
+    max_lora_rank: int | None = Field(None, gt=0, description="Largest LoRA rank accepted.")
+
+    def to_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class Autoscaling(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas the autoscaler may start.")
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class DeploymentSpec(_Strict):
+    replicas: int = Field(1, ge=1, description="Fixed replica count (ignored when autoscaling is set).")
+    autoscaling: Autoscaling | None = Field(None, description="Serve autoscaling; replaces replicas.")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests one replica holds at once before Serve queues or rejects."
+    )
+    num_cpus: float = Field(1, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (per tensor-parallel worker).")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. L4, A100, H100.")
+
+
+class LoraAdapter(_Strict):
+    name: str = Field(description="Name clients put in `model` to reach this adapter.")
+    path: str = Field(description="Local directory of a PEFT LoRA adapter.")
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="Model name clients put in `model`.", min_length=1)
+    source: str = Field(
+        description=(
+            "Where the weights are: a local directory, a hub id (production), or "
+            f"'{BUILTIN_TINY}?seed=N' for the tiny model the project builds itself."
+        )
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer source when it differs from `source`.")
+    task: Literal["generate", "embed"] = Field("generate", description="generate (chat/completions) or embed.")
+    accelerator: Literal["cpu", "gpu"] = Field("gpu", description="Where the engine runs.")
+    engine: EngineArgs = Field(default_factory=EngineArgs, description="vLLM engine arguments.")
+    deployment: DeploymentSpec = Field(default_factory=DeploymentSpec, description="Replicas and resources.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables for the engine replicas."
+    )
+    adapters: list[LoraAdapter] = Field(default_factory=list, description="LoRA adapters served on it.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_chars(cls, v: str) -> str:
+        if any(c.isspace() for c in v):
+            raise ValueError("model names must not contain whitespace")
+        return v
+
+    @property
+    def is_builtin_tiny(self) -> bool:
+        return self.source.startswith(BUILTIN_TINY)
+
+    @property
+    def tiny_seed(self) -> int:
+        _, _, query = self.source.partition("?")
+        params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+        return int(params.get("seed", "0"))
+
+
+class GatewaySpec(_Strict):
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the gateway listens on (0: any free port).")
+    request_timeout_s: float = Field(
+        300, gt=0, description="Longest a request may wait for an engine before it gets a 504."
+    )
+    connect_timeout_s: float = Field(5, gt=0, description="Longest to wait for an engine connection.")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="Largest accepted request body; larger gets 413."
+    )
+    discovery_interval_s: float = Field(
+        1.0, gt=0, description="How often the gateway refreshes the list of engine replicas."
+    )
+
+
+class RaySpec(_Strict):
+    address: str | None = Field(
+        None, description="Ray cluster to join ('auto' in a cluster); none starts a local one."
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of a local Ray (more than cores lets engines and ingress fit)."
+    )
+    namespace: str = Field("llmserve", description="Ray namespace of the Serve apps and the registry.")
+
+
+class Config(_Strict):
+    models: list[ModelSpec] = Field(description="Engines to serve, one Ray Serve deployment each.")
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec, description="The OpenAI-compatible ingress.")
+    ray: RaySpec = Field(default_factory=RaySpec, description="Where engines run.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        seen: set[str] = set()
+        for m in self.models:
+            for name in [m.name, *(a.name for a in m.adapters)]:
+                if name in seen:
+                    raise ValueError(f"model name {name!r} is used twice")
+                seen.add(name)
+        if not self.models:
+            raise ValueError("at least one model must be configured")
+        return self
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def default_config() -> Config:
+    """The embedded default: the tiny built-in model on CPU, the gateway on 127.0.0.1:8000."""
+    return Config.model_validate(
+        {
+            "models": [
+                {
+                    "name": "tiny",
+                    "source": f"{BUILTIN_TINY}?seed=1",
+                    "accelerator": "cpu",
+                    "engine": {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True},
+                    "deployment": {"max_ongoing_requests": 64},
+                }
+            ],
+            "ray": {"num_cpus": 8},
+        }
+    )
+
+
+def _set_path(data: Any, parts: list[str], value: Any) -> None:
+    """Set ``data[parts...] = value``, creating dicts as needed; numeric parts index lists."""
+    node = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            idx = int(part)
+            while len(node) <= idx:
+                node.append({})
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        else:
+            if last:
+                node[part] = value
+            else:
+                nxt = node.get(part)
+                if not isinstance(nxt, (dict, list)):
+                    nxt = [] if parts[i + 1].isdigit() else {}
+                    node[part] = nxt
+                node = nxt
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Return ``data`` with every ``LLMSERVE__A__B=value`` applied; values are parsed as YAML so
+    numbers, booleans and lists keep their types."""
+    for key in sorted(environ):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        if parts:
+            _set_path(data, parts, yaml.safe_load(environ[key]))
+    return data
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load ``path`` (or the embedded default) and apply environment overrides.
+
+    Raises ConfigError naming the file and every offending field."""
+    env = os.environ if environ is None else environ
+    if path is None:
+        data: dict[str, Any] = default_config().model_dump(mode="json")
+        source = "the embedded default configuration"
+    else:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"configuration file {source} does not exist") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"configuration file {source} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"configuration file {source} must hold a mapping at the top level")
+        data = raw
+    data = apply_env_overrides(data, env)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from e

@@ -1,0 +1,1 @@
+"""Engine wiring: configured models become Ray Serve LLM deployments of real vLLM engines."""

@@ -1,0 +1,74 @@
+"""Turn configured models into Ray Serve LLM deployments (public ``ray.serve.llm`` API only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serve.config import ModelSpec
+from serve.engine.models import resolve_source
+
+# What vLLM needs on a CPU host (see docs/operations.md): a KV cache size it can actually get,
+# no network probing, and spawn so the engine core does not fork a Ray worker.
+CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def llm_config_for(spec: ModelSpec, namespace: str) -> Any:  # -> ray.serve.llm.LLMConfig
+    from ray.serve.llm import LLMConfig
+
+    source = resolve_source(spec)
+    engine_kwargs = spec.engine.to_kwargs()
+    if spec.task == "embed":
+        engine_kwargs.setdefault("runner", "pooling")
+        engine_kwargs.setdefault("convert", "embed")
+    if spec.adapters:
+        engine_kwargs["enable_lora"] = True
+    if spec.tokenizer:
+        engine_kwargs["tokenizer"] = spec.tokenizer
+
+    dep = spec.deployment
+    deployment_config: dict[str, Any] = {
+        "max_ongoing_requests": dep.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": dep.num_cpus},
+        # An engine that stops answering its health check is restarted by Serve.
+        "health_check_period_s": 5,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 30,
+    }
+    if dep.autoscaling is not None:
+        deployment_config["autoscaling_config"] = dep.autoscaling.model_dump()
+    else:
+        deployment_config["num_replicas"] = dep.replicas
+
+    env = {**(CPU_ENV if spec.accelerator == "cpu" else {}), **spec.env, "LLMSERVE_NAMESPACE": namespace}
+    kwargs: dict[str, Any] = {
+        "model_loading_config": {"model_id": spec.name, "model_source": source},
+        "engine_kwargs": engine_kwargs,
+        "deployment_config": deployment_config,
+        "runtime_env": {"env_vars": env},
+        "log_engine_metrics": True,
+    }
+    if spec.accelerator == "cpu":
+        kwargs["accelerator_config"] = {"kind": "cpu"}
+        kwargs["placement_group_config"] = {"bundles": [{"CPU": 1}]}
+    elif dep.accelerator_type:
+        kwargs["accelerator_type"] = dep.accelerator_type
+    if spec.adapters:
+        kwargs["lora_config"] = {"max_num_adapters_per_replica": max(1, len(spec.adapters))}
+    return LLMConfig(**kwargs)
+
+
+def build_engine_app(spec: ModelSpec, namespace: str) -> Any:  # -> ray.serve.Application
+    from ray.serve.llm import build_llm_deployment
+
+    from serve.engine.direct import DirectLLMServer
+
+    return build_llm_deployment(
+        llm_config_for(spec, namespace),
+        name_prefix="engine:",
+        deployment_cls=DirectLLMServer,
+    )

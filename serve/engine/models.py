@@ -1,0 +1,36 @@
+"""Resolve a model's `source` to something vLLM loads: a local directory, a hub id, or the tiny
+model the project builds once and caches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from serve.config import ModelSpec
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("LLMSERVE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llmserve"
+    )
+    return Path(base)
+
+
+def resolve_source(spec: ModelSpec) -> str:
+    """Return the path or hub id vLLM should load; builds the tiny model on first use."""
+    if not spec.is_builtin_tiny:
+        return spec.source
+    from serve.model.tiny import build_tiny_model, is_built
+
+    path = cache_dir() / f"tiny-seed{spec.tiny_seed}"
+    if not is_built(path):
+        # Build into a temporary sibling and rename, so a crash never leaves a half model behind
+        # and two processes racing both end with a complete one.
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        build_tiny_model(tmp, seed=spec.tiny_seed)
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not is_built(path):
+                raise
+    return str(path)

@@ -1,0 +1,70 @@
+"""Where the gateway learns which engine replicas are serving, and at what address.
+
+Each engine replica serves vLLM's own OpenAI app on a port of its own and registers that address
+here with a heartbeat; entries expire when the heartbeats stop (the replica died or was drained).
+The gateway polls a snapshot off the request path, so no Ray call sits between a client and an
+engine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+REGISTRY_NAME = "llmserve-endpoint-registry"
+
+
+@dataclass(frozen=True)
+class Registration:
+    model: str
+    replica_id: str
+    url: str
+    expires_at: float
+
+
+class EndpointTable:
+    """The registry's state: pure, clock injected, so it is unit-testable."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Registration] = {}
+
+    def register(self, model: str, replica_id: str, url: str, ttl_s: float, now: float) -> None:
+        self._entries[replica_id] = Registration(model, replica_id, url, now + ttl_s)
+
+    def unregister(self, replica_id: str) -> None:
+        self._entries.pop(replica_id, None)
+
+    def snapshot(self, now: float) -> dict[str, list[tuple[str, str]]]:
+        """model -> sorted [(replica_id, url)] of live replicas; expired entries are dropped."""
+        for rid in [r for r, e in self._entries.items() if e.expires_at <= now]:
+            del self._entries[rid]
+        out: dict[str, list[tuple[str, str]]] = {}
+        for e in self._entries.values():
+            out.setdefault(e.model, []).append((e.replica_id, e.url))
+        return {m: sorted(v) for m, v in out.items()}
+
+
+class EndpointRegistry:
+    """The Ray actor around EndpointTable (wrapped with ray.remote by ``get_registry``)."""
+
+    def __init__(self) -> None:
+        self._table = EndpointTable()
+
+    def register(self, model: str, replica_id: str, url: str, ttl_s: float) -> None:
+        self._table.register(model, replica_id, url, ttl_s, time.monotonic())
+
+    def unregister(self, replica_id: str) -> None:
+        self._table.unregister(replica_id)
+
+    def snapshot(self) -> dict[str, list[tuple[str, str]]]:
+        return self._table.snapshot(time.monotonic())
+
+
+def get_registry(namespace: str):  # -> ray.actor.ActorHandle
+    """Get or create the registry actor. Detached, so a gateway restart does not lose it."""
+    import ray
+
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(EndpointRegistry)
+    return actor_cls.options(  # type: ignore[attr-defined]
+        name=REGISTRY_NAME, namespace=namespace, get_if_exists=True, lifetime="detached"
+    ).remote()

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: one ASGI app in front of every engine deployment."""

@@ -1,0 +1,1 @@
+"""Model artefacts the project builds itself (no hub download is possible offline)."""

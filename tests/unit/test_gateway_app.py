@@ -1,0 +1,122 @@
+"""The gateway's request handling against a fake engine: routing, validation and error shapes."""
+
+import json
+
+import pytest
+from starlette.testclient import TestClient
+
+from serve.config import Config
+from serve.gateway.app import create_app
+from serve.gateway.backends import Backends
+from tests.fakes import FakeUpstream
+
+CONFIG = Config.model_validate({
+    "models": [
+        {"name": "a", "source": "x", "adapters": [{"name": "a-lora", "path": "/tmp/l"}]},
+        {"name": "b", "source": "y"},
+        {"name": "emb", "source": "z", "task": "embed"},
+    ],
+    "gateway": {"max_body_bytes": 2000},
+})
+
+
+def make(upstream=None, replicas=None):
+    backends = Backends()
+    backends.update(replicas if replicas is not None else {
+        "a": [("a#1", "http://a1"), ("a#2", "http://a2")], "b": [("b#1", "http://b1")],
+        "emb": [("e#1", "http://e1")]})
+    up = upstream or FakeUpstream()
+    return TestClient(create_app(CONFIG, backends, up)), up, backends
+
+
+def chat(model="a", **kw):
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+def assert_openai_error(resp, status, code=None, param=None):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code is not None:
+        assert err["code"] == code
+    if param is not None:
+        assert err["param"] == param
+
+
+def test_models_lists_models_and_adapters():
+    client, _, _ = make()
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids == ["a", "a-lora", "b", "emb"]
+    assert client.get("/v1/models/a-lora").json()["parent"] == "a"
+    assert_openai_error(client.get("/v1/models/zzz"), 404, "model_not_found")
+
+
+def test_routes_by_model_to_that_models_replicas():
+    client, up, _ = make()
+    for model, hosts in [("a", {"http://a1", "http://a2"}), ("b", {"http://b1"}), ("a-lora", {"http://a1", "http://a2"})]:
+        r = client.post("/v1/chat/completions", json=chat(model))
+        assert r.status_code == 200 and r.headers["x-llmserve-served-by"] in ("a", "b")
+        assert up.calls[-1][0] in hosts
+        assert up.calls[-1][2]["model"] == model  # the body goes unchanged
+
+
+def test_streaming_is_passed_through():
+    client, _, _ = make(FakeUpstream(text="one two three"))
+    with client.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        body = b"".join(r.iter_bytes()).decode()
+    assert body.count("data: ") == 4 and body.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.parametrize("body,status,code,param", [
+    (b"{not json", 400, None, None),
+    (b"[1,2]", 400, None, None),
+    (json.dumps({"messages": []}).encode(), 400, None, "model"),
+    (json.dumps({"model": 3}).encode(), 400, None, "model"),
+    (json.dumps(chat("nope")).encode(), 404, "model_not_found", "model"),
+    (json.dumps(chat(stream="yes")).encode(), 400, None, "stream"),
+    (json.dumps(chat("emb")).encode(), 400, "model_not_supported", "model"),
+    (json.dumps(chat(pad="x" * 3000)).encode(), 413, "request_too_large", None),
+])
+def test_bad_requests_get_openai_errors(body, status, code, param):
+    client, up, _ = make()
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert_openai_error(r, status, code, param)
+    assert up.calls == []  # nothing reached an engine
+
+
+def test_refused_replica_is_skipped_and_marked_down():
+    client, up, backends = make(FakeUpstream(fail_first_n=1))
+    r = client.post("/v1/chat/completions", json=chat("a"))
+    assert r.status_code == 200
+    assert len(up.calls) == 2 and up.calls[0][0] != up.calls[1][0]
+    assert backends.ready_count("a") == 1
+
+
+def test_all_replicas_down_is_503_not_a_hang():
+    client, _, _ = make(FakeUpstream(fail_first_n=5))
+    r = client.post("/v1/chat/completions", json=chat("a"))
+    assert_openai_error(r, 503, "engine_unavailable")
+    assert "retry-after" in r.headers
+
+
+def test_no_replica_yet_is_503_and_health_says_starting():
+    client, _, _ = make(replicas={"a": [("a#1", "http://a1")]})
+    assert_openai_error(client.post("/v1/chat/completions", json=chat("b")), 503, "model_not_ready")
+    h = client.get("/health")
+    assert h.status_code == 503 and h.json()["replicas"]["b"] == 0
+
+
+def test_engine_errors_are_normalized():
+    raw = json.dumps({"error": {"message": "max_tokens must be at least 1", "type": "BadRequestError",
+                                "param": "max_tokens", "code": 400}}).encode()
+    client, _, _ = make(FakeUpstream(status=400, error_body=raw))
+    r = client.post("/v1/chat/completions", json=chat(max_tokens=0))
+    assert_openai_error(r, 400, None, "max_tokens")
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_route_and_method():
+    client, _, _ = make()
+    assert_openai_error(client.get("/v1/nothing"), 404)
+    assert_openai_error(client.get("/v1/chat/completions"), 405)
