@@ -35,13 +35,22 @@ def _probe(base: str, model: str, timeout_s: float = 30) -> bool:
         return False
 
 
-async def _announce_when_ready(config: Config, base: str) -> None:
-    model = next(m.name for m in config.models if m.task == "generate") if any(
-        m.task == "generate" for m in config.models) else None
+async def _watch_startup(config: Config, registry: object, base: str, server: object) -> int:
+    """Wait for every engine, then for a real completion; stop the gateway if an engine fails."""
+    from serve.engine.cluster import EngineStartError, wait_for_engines
+
     started = time.monotonic()
+    try:
+        await asyncio.to_thread(wait_for_engines, registry, [m.name for m in config.models], 3600)
+    except EngineStartError as e:
+        print(f"llmserve: an engine failed to start: {e}", file=sys.stderr, flush=True)
+        server.should_exit = True  # type: ignore[attr-defined]
+        return 1
+    model = next((m.name for m in config.models if m.task == "generate"), None)
     while model is not None and not await asyncio.to_thread(_probe, base, model):
         await asyncio.sleep(2)
     print(f"llmserve: ready after {time.monotonic() - started:.0f}s: {base}", flush=True)
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -67,18 +76,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("llmserve: paste this into Python once ready:\n\n" + SNIPPET.format(base=base, model=first),
               flush=True)
 
-        async def main() -> None:
-            ready = asyncio.get_running_loop().create_task(_announce_when_ready(config, base))
+        async def main() -> int:
+            watch = asyncio.get_running_loop().create_task(_watch_startup(config, registry, base, server))
             try:
                 await server.serve()
             finally:
-                ready.cancel()
+                if not watch.done():
+                    watch.cancel()
+            return watch.result() if watch.done() and not watch.cancelled() else 0
 
-        asyncio.run(main())
+        code = asyncio.run(main())
     finally:
         print("llmserve: shutting down engines...", flush=True)
         shutdown(config)
-    return 0
+    return code
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:

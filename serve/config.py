@@ -83,9 +83,15 @@ class DeploymentSpec(_Strict):
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. L4, A100, H100.")
 
 
+class Price(_Strict):
+    input_per_million: float = Field(0.0, ge=0, description="USD per million prompt tokens.")
+    output_per_million: float = Field(0.0, ge=0, description="USD per million completion tokens.")
+
+
 class LoraAdapter(_Strict):
     name: str = Field(description="Name clients put in `model` to reach this adapter.")
     path: str = Field(description="Local directory of a PEFT LoRA adapter.")
+    price: Price | None = Field(None, description="Token prices; default: the base model's.")
 
 
 class ModelSpec(_Strict):
@@ -99,12 +105,13 @@ class ModelSpec(_Strict):
     tokenizer: str | None = Field(None, description="Tokenizer source when it differs from `source`.")
     task: Literal["generate", "embed"] = Field("generate", description="generate (chat/completions) or embed.")
     accelerator: Literal["cpu", "gpu"] = Field("gpu", description="Where the engine runs.")
-    engine: EngineArgs = Field(default_factory=EngineArgs, description="vLLM engine arguments.")
-    deployment: DeploymentSpec = Field(default_factory=DeploymentSpec, description="Replicas and resources.")
+    engine: EngineArgs = Field(default_factory=lambda: EngineArgs(), description="vLLM engine arguments.")
+    deployment: DeploymentSpec = Field(default_factory=lambda: DeploymentSpec(), description="Replicas and resources.")
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment variables for the engine replicas."
     )
     adapters: list[LoraAdapter] = Field(default_factory=list, description="LoRA adapters served on it.")
+    price: Price = Field(default_factory=lambda: Price(), description="Token prices for cost accounting.")
 
     @field_validator("name")
     @classmethod
@@ -139,6 +146,62 @@ class GatewaySpec(_Strict):
     )
 
 
+class CacheSpec(_Strict):
+    enabled: bool = Field(True, description="Look requests up in the head cache.")
+    cacheable: bool = Field(
+        False, description="Cache even non-deterministic requests (temperature > 0) on this route."
+    )
+    ttl_s: float = Field(86_400, gt=0, description="How long an entry lives.")
+    normalize_whitespace: bool = Field(True, description="Collapse whitespace in messages for the key.")
+    normalize_case: bool = Field(False, description="Lower-case messages for the key.")
+    store_online: bool = Field(
+        True, description="Store deterministic online answers too (not only batch-filled ones)."
+    )
+
+
+class CascadeSpec(_Strict):
+    student: str = Field(description="Model or adapter that answers first.")
+    teacher: str = Field(description="Model that answers when the student is unsure.")
+    min_mean_logprob: float = Field(
+        -2.0, description="Escalate when the student's mean token logprob is below this."
+    )
+    escalate_on_length: bool = Field(True, description="Escalate when the student hit max_tokens.")
+    escalate_on_schema_failure: bool = Field(
+        True, description="Escalate when the student's output fails the requested json_schema."
+    )
+    refusal_patterns: list[str] | None = Field(
+        None, description="Regexes that mark a refusal (escalate); default: a built-in English set."
+    )
+    max_student_tokens: int = Field(
+        512, gt=0, description="Bound on the student's buffered answer (its max_tokens is capped to it)."
+    )
+
+
+class RouteSpec(_Strict):
+    name: str = Field(description="Virtual model name clients put in `model`.", min_length=1)
+    target: str | None = Field(None, description="Model that serves the route (when there is no cascade).")
+    cascade: CascadeSpec | None = Field(None, description="Student/teacher cascade instead of one target.")
+    fallback: list[str] = Field(
+        default_factory=list, description="Models tried in order when the primary fails or is overloaded."
+    )
+    max_attempts: int = Field(3, ge=1, description="Most models tried for one request.")
+    cache: CacheSpec | None = Field(None, description="Head cache in front of the route; none disables it.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> RouteSpec:
+        if (self.target is None) == (self.cascade is None):
+            raise ValueError("a route needs exactly one of `target` or `cascade`")
+        return self
+
+
+class CacheStoreSpec(_Strict):
+    redis_url: str | None = Field(
+        None, description="Redis holding the shared head cache (redis://host:6379/0); none: in-process only."
+    )
+    lru_size: int = Field(10_000, ge=0, description="Entries kept in each gateway's in-process LRU.")
+    op_timeout_s: float = Field(0.2, gt=0, description="Longest a Redis call may take before it counts as down.")
+
+
 class RaySpec(_Strict):
     address: str | None = Field(
         None, description="Ray cluster to join ('auto' in a cluster); none starts a local one."
@@ -151,8 +214,10 @@ class RaySpec(_Strict):
 
 class Config(_Strict):
     models: list[ModelSpec] = Field(description="Engines to serve, one Ray Serve deployment each.")
-    gateway: GatewaySpec = Field(default_factory=GatewaySpec, description="The OpenAI-compatible ingress.")
-    ray: RaySpec = Field(default_factory=RaySpec, description="Where engines run.")
+    gateway: GatewaySpec = Field(default_factory=lambda: GatewaySpec(), description="The OpenAI-compatible ingress.")
+    ray: RaySpec = Field(default_factory=lambda: RaySpec(), description="Where engines run.")
+    routes: list[RouteSpec] = Field(default_factory=list, description="Virtual models with policy chains.")
+    cache: CacheStoreSpec = Field(default_factory=lambda: CacheStoreSpec(), description="Head-cache storage.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -164,7 +229,21 @@ class Config(_Strict):
                 seen.add(name)
         if not self.models:
             raise ValueError("at least one model must be configured")
+        for r in self.routes:
+            if r.name in seen:
+                raise ValueError(f"route name {r.name!r} is already a model or route name")
+            seen.add(r.name)
+        models = {n for m in self.models for n in [m.name, *(a.name for a in m.adapters)]}
+        for r in self.routes:
+            refs = [*r.fallback, *([r.target] if r.target else []),
+                    *([r.cascade.student, r.cascade.teacher] if r.cascade else [])]
+            for ref in refs:
+                if ref not in models:
+                    raise ValueError(f"route {r.name!r} names unknown model {ref!r}")
         return self
+
+    def route(self, name: str) -> RouteSpec | None:
+        return next((r for r in self.routes if r.name == name), None)
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)

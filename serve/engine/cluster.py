@@ -51,8 +51,24 @@ def deploy_models(config: Config) -> Any:
     return registry
 
 
+class EngineStartError(RuntimeError):
+    """An engine deployment failed to start (bad engine arguments, missing weights...)."""
+
+
+def failed_engines(models: list[str]) -> dict[str, str]:
+    """Models whose Serve application gave up starting, with Serve's message (it retries a
+    crashing replica a few times before it marks the application DEPLOY_FAILED)."""
+    from ray import serve
+
+    apps = serve.status().applications
+    return {m: apps[m].message for m in models if m in apps and apps[m].status == "DEPLOY_FAILED"}
+
+
 def wait_for_engines(registry: Any, models: list[str], timeout_s: float = 600) -> dict[str, list]:
-    """Block until each model has at least one registered replica (its engine is loaded)."""
+    """Block until each model has at least one registered replica (its engine is loaded).
+
+    Raises EngineStartError as soon as Serve reports a model's deployment failed, rather than
+    waiting out the timeout on an engine that will never come up."""
     import ray
 
     deadline = time.monotonic() + timeout_s
@@ -61,6 +77,9 @@ def wait_for_engines(registry: Any, models: list[str], timeout_s: float = 600) -
         missing = [m for m in models if not snap.get(m)]
         if not missing:
             return snap
+        failed = failed_engines(missing)
+        if failed:
+            raise EngineStartError("; ".join(f"{m}: {msg}" for m, msg in failed.items()))
         if time.monotonic() > deadline:
             raise TimeoutError(f"engines not ready after {timeout_s:.0f}s: {', '.join(missing)}")
         time.sleep(1.0)

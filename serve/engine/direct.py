@@ -78,7 +78,7 @@ class DirectLLMServer(LLMServer):
         )
         self._server = uvicorn.Server(config)
         # The replica already handles signals; uvicorn must not install its own.
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._server.install_signal_handlers = lambda: None
         self._serve_task = asyncio.get_running_loop().create_task(self._server.serve([self._sock]))
         while not self._server.started:
             if self._serve_task.done():

@@ -65,6 +65,6 @@ def get_registry(namespace: str):  # -> ray.actor.ActorHandle
     import ray
 
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(EndpointRegistry)
-    return actor_cls.options(  # type: ignore[attr-defined]
+    return actor_cls.options(
         name=REGISTRY_NAME, namespace=namespace, get_if_exists=True, lifetime="detached"
     ).remote()

@@ -21,9 +21,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from serve.config import Config, ModelSpec
-from serve.gateway.backends import Backends
+from serve.gateway.backends import Backends, Endpoint
 from serve.gateway.errors import APIError, bad_request, model_not_found, normalize
-from serve.gateway.upstream import EngineTimeout, EngineUnavailable, Upstream
+from serve.gateway.upstream import EngineTimeout, EngineUnavailable, Upstream, UpstreamResponse
 
 logger = logging.getLogger("llmserve.gateway")
 
@@ -98,7 +98,6 @@ class Gateway:
                                code="model_not_ready", headers={"Retry-After": "5"})
             tried.add(ep.replica_id)
             ep.in_flight += 1
-            released = False
             try:
                 resp = await self.upstream.post(ep.url, path, raw, stream=stream, timeout_s=timeout_s)
             except EngineUnavailable:
@@ -116,29 +115,25 @@ class Gateway:
             headers = {"x-llmserve-served-by": spec.name, "x-llmserve-replica": ep.replica_id}
             if resp.chunks is None:
                 ep.in_flight -= 1
-                released = True
-                if resp.status >= 400:
-                    return Response(normalize(resp.status, resp.body), resp.status,
-                                    media_type="application/json", headers=headers)
-                return Response(resp.body, resp.status, media_type="application/json", headers=headers)
-
-            async def relay(chunks: AsyncIterator[bytes] = resp.chunks) -> AsyncIterator[bytes]:
-                try:
-                    async for chunk in chunks:
-                        yield chunk
-                except (EngineUnavailable, EngineTimeout, OSError, asyncio.TimeoutError) as e:
-                    # Bytes are already out: the only honest thing left is an error event.
-                    err = json.dumps({"error": {"message": f"engine stream broke: {e}",
-                                                "type": "server_error", "param": None,
-                                                "code": "engine_error"}})
-                    yield f"data: {err}\n\n".encode()
-                finally:
-                    if not released:
-                        ep.in_flight -= 1
-                    await resp.aclose()
-
-            return StreamingResponse(relay(), 200, media_type="text/event-stream",
+                body = normalize(resp.status, resp.body) if resp.status >= 400 else resp.body
+                return Response(body, resp.status, media_type="application/json", headers=headers)
+            return StreamingResponse(self._relay(ep, resp), 200, media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache"})
+
+    @staticmethod
+    async def _relay(ep: Endpoint, resp: UpstreamResponse) -> AsyncIterator[bytes]:
+        assert resp.chunks is not None
+        try:
+            async for chunk in resp.chunks:
+                yield chunk
+        except (EngineUnavailable, EngineTimeout, OSError, asyncio.TimeoutError) as e:
+            # Bytes are already out: the only honest thing left is an error event.
+            err = json.dumps({"error": {"message": f"engine stream broke: {e}", "type": "server_error",
+                                        "param": None, "code": "engine_error"}})
+            yield f"data: {err}\n\n".encode()
+        finally:
+            ep.in_flight -= 1
+            await resp.aclose()
 
     # ---- handlers ----------------------------------------------------------------------------
     async def proxy(self, request: Request) -> Response:
@@ -160,9 +155,12 @@ class Gateway:
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        for entry in json.loads((await self.list_models(request)).body)["data"]:
-            if entry["id"] == name:
-                return JSONResponse(entry)
+        spec = self.names.get(name)
+        if spec is not None:
+            entry = {"id": name, "object": "model", "created": self.created, "owned_by": "llmserve"}
+            if name != spec.name:
+                entry["parent"] = spec.name
+            return JSONResponse(entry)
         e = model_not_found(name)
         return JSONResponse(e.body(), e.status)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -34,7 +34,7 @@ class Backends:
         self._clock = clock
         self._rng = rng or random.Random()
 
-    def update(self, snapshot: dict[str, Iterable[tuple[str, str]]]) -> None:
+    def update(self, snapshot: Mapping[str, Iterable[tuple[str, str]]]) -> None:
         """Replace the set of replicas, keeping in-flight counts and down marks of known ones."""
         fresh: dict[str, dict[str, Endpoint]] = {}
         for model, entries in snapshot.items():

@@ -72,7 +72,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def _code_for(status: int, message: str, code: Any) -> str | None:
-    if "maximum context length" in message or "context length" in message and "exceed" in message:
+    if "maximum context length" in message or ("context length" in message and "exceed" in message):
         return "context_length_exceeded"
     if isinstance(code, str) and code:
         return code

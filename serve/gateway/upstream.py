@@ -74,7 +74,7 @@ class HttpUpstream:
                 base_url + path, data=body, headers={"Content-Type": "application/json"}, timeout=timeout
             )
         except (aiohttp.ClientConnectionError, ConnectionError, OSError) as e:
-            if isinstance(e, aiohttp.ServerTimeoutError) or isinstance(e, asyncio.TimeoutError):
+            if isinstance(e, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
                 raise EngineTimeout(str(e)) from e
             raise EngineUnavailable(f"{base_url}: {e}") from e
         except asyncio.TimeoutError as e:

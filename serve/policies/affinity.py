@@ -1,0 +1,31 @@
+"""Cache-aware replica choice: requests that share a prompt prefix go to the same replica, so
+vLLM's prefix cache there already holds their KV blocks; load still wins when that replica is
+clearly busier than the others."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+
+def prefix_key(payload: dict[str, Any], chars: int = 256) -> str | None:
+    """The first `chars` characters of the prompt as the model sees it (system + first turns)."""
+    if isinstance(payload.get("messages"), list):
+        parts = []
+        for m in payload["messages"]:
+            if isinstance(m, dict):
+                c = m.get("content")
+                parts.append(f"{m.get('role')}:{c if isinstance(c, str) else ''}")
+        text = "\n".join(parts)
+    elif isinstance(payload.get("prompt"), str):
+        text = payload["prompt"]
+    else:
+        return None
+    return text[:chars] if text else None
+
+
+def rendezvous(key: str, candidates: Sequence[str]) -> str:
+    """Highest-random-weight hashing: stable per key, and only 1/N of keys move when a replica
+    joins or leaves."""
+    return max(candidates, key=lambda c: hashlib.blake2b(f"{key}|{c}".encode(), digest_size=8).digest())
