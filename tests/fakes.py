@@ -17,6 +17,11 @@ class FakeUpstream:
     fail_first_n: int = 0  # refuse this many connections (EngineUnavailable) before answering
     status: int = 200
     error_body: bytes = b""
+    logprob: float = -0.5  # every token's logprob, for the cascade's confidence signal
+    finish_reason: str = "stop"
+    down_models: set[str] = field(default_factory=set)  # connection refused for these
+    status_by_model: dict[str, int] = field(default_factory=dict)  # answer this HTTP status
+    text_by_model: dict[str, str] = field(default_factory=dict)
     calls: list[tuple[str, str, dict]] = field(default_factory=list)
 
     async def post(self, base_url: str, path: str, body: bytes, *, stream: bool, timeout_s: float) -> UpstreamResponse:
@@ -27,24 +32,43 @@ class FakeUpstream:
         if self.fail_first_n > 0:
             self.fail_first_n -= 1
             raise EngineUnavailable(f"{base_url} refused")
-        if self.status != 200:
-            return UpstreamResponse(self.status, {}, self.error_body)
         model = payload["model"]
+        if model in self.down_models:
+            raise EngineUnavailable(f"{base_url} refused")
+        status = self.status_by_model.get(model, self.status)
+        if status != 200:
+            body = self.error_body or json.dumps({"error": {"message": f"fake {status}", "type": "X",
+                                                            "param": None, "code": status}}).encode()
+            return UpstreamResponse(status, {}, body)
+        text = self.text_by_model.get(model, self.text)
         if stream:
-            return UpstreamResponse(200, {}, chunks=self._chunks(model))
+            usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+            return UpstreamResponse(200, {}, chunks=self._chunks(model, text, usage))
+        words = text.split()
+        logprobs = None
+        if payload.get("logprobs"):
+            logprobs = {"content": [{"token": w, "logprob": self.logprob, "top_logprobs": []} for w in words]}
         body_out = {
-            "id": "cmpl-fake", "object": "chat.completion", "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": self.text},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+            "id": "cmpl-fake", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": logprobs, "finish_reason": self.finish_reason}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)},
         }
         return UpstreamResponse(200, {}, json.dumps(body_out).encode())
 
-    async def _chunks(self, model: str) -> AsyncIterator[bytes]:
-        for word in self.text.split():
-            chunk = {"id": "c", "object": "chat.completion.chunk", "model": model,
+    async def _chunks(self, model: str, text: str, usage: bool) -> AsyncIterator[bytes]:
+        words = text.split()
+        for word in words:
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model,
                      "choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}]}
             yield f"data: {json.dumps(chunk)}\n\n".encode()
+        end = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model,
+               "choices": [{"index": 0, "delta": {}, "finish_reason": self.finish_reason}]}
+        yield f"data: {json.dumps(end)}\n\n".encode()
+        if usage:
+            u = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [],
+                 "usage": {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}}
+            yield f"data: {json.dumps(u)}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
     async def close(self) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -20,10 +20,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serve.config import Config, ModelSpec
+from serve.cache.store import HeadCache
+from serve.config import Config, ModelSpec, RouteSpec
 from serve.gateway.backends import Backends, Endpoint
-from serve.gateway.errors import APIError, bad_request, model_not_found, normalize
+from serve.gateway.errors import APIError, bad_request, model_not_found
+from serve.gateway.metrics import Metrics
+from serve.gateway.routes import Outcome, RouteRunner
 from serve.gateway.upstream import EngineTimeout, EngineUnavailable, Upstream, UpstreamResponse
+from serve.policies.affinity import prefix_key
+from serve.policies.cost import Price, cost_usd, usage_tokens
 
 logger = logging.getLogger("llmserve.gateway")
 
@@ -34,17 +39,28 @@ ROUTE_TASK = {"/v1/chat/completions": "generate", "/v1/completions": "generate",
 class Gateway:
     """State shared by the handlers; injected, never global."""
 
-    def __init__(self, config: Config, backends: Backends, upstream: Upstream) -> None:
+    def __init__(self, config: Config, backends: Backends, upstream: Upstream,
+                 cache: HeadCache | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
         self.backends = backends
         self.upstream = upstream
+        self.metrics = metrics or Metrics()
+        self.cache = cache
         self.created = int(time.time())
         # Adapter name -> its base model spec: an adapter is served by its base model's replicas.
         self.names: dict[str, ModelSpec] = {}
+        self.prices: dict[str, Price] = {}
         for m in config.models:
             self.names[m.name] = m
+            self.prices[m.name] = Price(m.price.input_per_million, m.price.output_per_million)
             for a in m.adapters:
                 self.names[a.name] = m
+                p = a.price or m.price
+                self.prices[a.name] = Price(p.input_per_million, p.output_per_million)
+        # A plain model name is a route of its own: one target, no cache, no fallback.
+        self.routes: dict[str, RouteSpec] = {n: RouteSpec(name=n, target=n) for n in self.names}
+        self.routes.update({r.name: r for r in config.routes})
+        self.runner = RouteRunner(self.send, self.bill, self.metrics, cache)
 
     # ---- request parsing -------------------------------------------------------------------
     async def read_json(self, request: Request) -> tuple[bytes, dict[str, Any]]:
@@ -63,16 +79,18 @@ class Gateway:
             raise bad_request("The request body must be a JSON object.")
         return raw, payload
 
-    def resolve(self, payload: dict[str, Any], path: str) -> ModelSpec:
+    def resolve(self, payload: dict[str, Any], path: str) -> RouteSpec:
         model = payload.get("model")
         if model is None:
             raise bad_request("You must provide a model parameter.", param="model")
         if not isinstance(model, str):
             raise bad_request("`model` must be a string.", param="model")
-        spec = self.names.get(model)
-        if spec is None:
+        route = self.routes.get(model)
+        if route is None:
             raise model_not_found(model)
-        if spec.task != ROUTE_TASK[path]:
+        first = route.cascade.student if route.cascade else route.target
+        spec = self.names[first] if first else None
+        if spec is not None and spec.task != ROUTE_TASK[path]:
             raise bad_request(
                 f"The model `{model}` does not support {path} (it is a {spec.task} model).",
                 param="model", code="model_not_supported",
@@ -80,30 +98,37 @@ class Gateway:
         stream = payload.get("stream", False)
         if stream is not None and not isinstance(stream, bool):
             raise bad_request("`stream` must be a boolean.", param="stream")
-        return spec
+        return route
 
-    # ---- forwarding --------------------------------------------------------------------------
-    async def forward(self, spec: ModelSpec, path: str, raw: bytes, stream: bool) -> Response:
-        """Send to one replica of `spec`; on a refused connection try another, since nothing was
-        sent yet. Engine errors come back normalized; a stream is passed through untouched."""
+    # ---- I/O the policies ask for --------------------------------------------------------------
+    async def send(self, model: str, path: str, body: bytes, stream: bool,
+                   payload: dict[str, Any]) -> tuple[UpstreamResponse, str]:
+        """Send to one replica of `model`; on a refused connection try another, since nothing was
+        sent yet. Requests sharing a prompt prefix prefer one replica (its prefix cache is warm)."""
+        spec = self.names[model]
         tried: set[str] = set()
         timeout_s = self.config.gateway.request_timeout_s
+        affinity = prefix_key(payload)
         while True:
-            ep = self.backends.pick(spec.name, exclude=tried)
+            ep = self.backends.pick(spec.name, exclude=tried, affinity=affinity,
+                                    max_in_flight=spec.deployment.max_ongoing_requests)
             if ep is None:
                 if tried:
                     raise APIError(503, f"No replica of model `{spec.name}` could be reached.",
                                    code="engine_unavailable", headers={"Retry-After": "1"})
+                if self.backends.ready_count(spec.name):
+                    raise APIError(503, f"Model `{spec.name}` is at capacity; retry shortly.",
+                                   code="overloaded", headers={"Retry-After": "1"})
                 raise APIError(503, f"Model `{spec.name}` has no ready replica yet; try again shortly.",
                                code="model_not_ready", headers={"Retry-After": "5"})
             tried.add(ep.replica_id)
             ep.in_flight += 1
             try:
-                resp = await self.upstream.post(ep.url, path, raw, stream=stream, timeout_s=timeout_s)
+                resp = await self.upstream.post(ep.url, path, body, stream=stream, timeout_s=timeout_s)
             except EngineUnavailable:
+                ep.in_flight -= 1
                 self.backends.mark_down(ep)
                 logger.warning("engine %s unreachable; trying another replica", ep.replica_id)
-                ep.in_flight -= 1
                 continue
             except EngineTimeout as e:
                 ep.in_flight -= 1
@@ -112,19 +137,16 @@ class Gateway:
             except BaseException:
                 ep.in_flight -= 1
                 raise
-            headers = {"x-llmserve-served-by": spec.name, "x-llmserve-replica": ep.replica_id}
             if resp.chunks is None:
                 ep.in_flight -= 1
-                body = normalize(resp.status, resp.body) if resp.status >= 400 else resp.body
-                return Response(body, resp.status, media_type="application/json", headers=headers)
-            return StreamingResponse(self._relay(ep, resp), 200, media_type="text/event-stream",
-                                     headers={**headers, "Cache-Control": "no-cache"})
+            else:
+                resp.chunks = self._count_until_done(ep, resp.chunks)
+            return resp, ep.replica_id
 
     @staticmethod
-    async def _relay(ep: Endpoint, resp: UpstreamResponse) -> AsyncIterator[bytes]:
-        assert resp.chunks is not None
+    async def _count_until_done(ep: Endpoint, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:
-            async for chunk in resp.chunks:
+            async for chunk in chunks:
                 yield chunk
         except (EngineUnavailable, EngineTimeout, OSError, asyncio.TimeoutError) as e:
             # Bytes are already out: the only honest thing left is an error event.
@@ -133,19 +155,57 @@ class Gateway:
             yield f"data: {err}\n\n".encode()
         finally:
             ep.in_flight -= 1
-            await resp.aclose()
+            if hasattr(chunks, "aclose"):
+                await chunks.aclose()
+
+    def bill(self, out: Outcome, model: str, usage: Any) -> float:
+        prompt, completion = usage_tokens(usage)
+        self.metrics.tokens.labels(model, "prompt").inc(prompt)
+        self.metrics.tokens.labels(model, "completion").inc(completion)
+        cost = cost_usd(prompt, completion, self.prices.get(model, Price()))
+        self.metrics.cost.labels(out.route, model, out.key).inc(cost)
+        return cost
 
     # ---- handlers ----------------------------------------------------------------------------
     async def proxy(self, request: Request) -> Response:
+        started = time.perf_counter()
+        route_name = "-"
         try:
             raw, payload = await self.read_json(request)
-            spec = self.resolve(payload, request.url.path)
-            return await self.forward(spec, request.url.path, raw, bool(payload.get("stream")))
+            route = self.resolve(payload, request.url.path)
+            route_name = route.name
+            key_name = getattr(request.state, "key_name", "anonymous")
+            resp = await self.runner.handle(route, request.url.path, payload, key_name, raw)
         except APIError as e:
+            self.metrics.requests.labels(route_name, "-", str(e.status)).inc()
             return JSONResponse(e.body(), e.status, headers=e.headers)
+        served = resp.headers.get("x-llmserve-served-by", "-")
+        if isinstance(resp, StreamingResponse):
+            resp.body_iterator = self._timed(resp.body_iterator, route_name, served, started)
+        else:
+            self.metrics.latency.labels(route_name, served).observe(time.perf_counter() - started)
+        return resp
+
+    async def _timed(self, chunks: AsyncIterable[Any], route: str, model: str, started: float
+                     ) -> AsyncIterator[Any]:
+        """TTFT, TPOT and end-to-end latency of a stream, measured where the client sees it."""
+        first: float | None = None
+        n = 0
+        async for chunk in chunks:
+            if first is None:
+                first = time.perf_counter()
+                self.metrics.ttft.labels(route, model).observe(first - started)
+            n += 1
+            yield chunk
+        end = time.perf_counter()
+        self.metrics.latency.labels(route, model).observe(end - started)
+        if first is not None and n > 2:
+            # Chunks after the first approximate tokens (vLLM sends one chunk per decode step).
+            self.metrics.tpot.labels(route, model).observe((end - first) / (n - 2))
 
     async def list_models(self, request: Request) -> Response:
-        data = []
+        data = [{"id": r.name, "object": "model", "created": self.created, "owned_by": "llmserve",
+                 "llmserve_route": True} for r in self.config.routes]
         for m in self.config.models:
             data.append({"id": m.name, "object": "model", "created": self.created, "owned_by": "llmserve"})
             for a in m.adapters:
@@ -155,6 +215,9 @@ class Gateway:
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
+        if self.config.route(name) is not None:
+            return JSONResponse({"id": name, "object": "model", "created": self.created, "owned_by": "llmserve",
+                                 "llmserve_route": True})
         spec = self.names.get(name)
         if spec is not None:
             entry = {"id": name, "object": "model", "created": self.created, "owned_by": "llmserve"}
@@ -164,14 +227,23 @@ class Gateway:
         e = model_not_found(name)
         return JSONResponse(e.body(), e.status)
 
+    async def metrics_endpoint(self, request: Request) -> Response:
+        for m in self.config.models:
+            self.metrics.replicas.labels(m.name).set(self.backends.ready_count(m.name))
+            self.metrics.in_flight.labels(m.name).set(sum(e.in_flight for e in self.backends.endpoints(m.name)))
+        if self.cache is not None:
+            self.metrics.cache_redis_up.set(1 if self.cache.redis_up else 0)
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
     async def health(self, request: Request) -> Response:
         ready = {m.name: self.backends.ready_count(m.name) for m in self.config.models}
         ok = all(ready.values())
         return JSONResponse({"status": "ok" if ok else "starting", "replicas": ready}, 200 if ok else 503)
 
 
-def create_app(config: Config, backends: Backends, upstream: Upstream, *, lifespan: Any = None) -> Starlette:
-    gw = Gateway(config, backends, upstream)
+def create_app(config: Config, backends: Backends, upstream: Upstream, *, cache: HeadCache | None = None,
+               metrics: Metrics | None = None, lifespan: Any = None) -> Starlette:
+    gw = Gateway(config, backends, upstream, cache=cache, metrics=metrics)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         e = APIError(404, f"Unknown route {request.method} {request.url.path}.", code="unknown_route")
@@ -194,6 +266,7 @@ def create_app(config: Config, backends: Backends, upstream: Upstream, *, lifesp
         Route("/v1/completions", gw.proxy, methods=["POST"]),
         Route("/v1/embeddings", gw.proxy, methods=["POST"]),
         Route("/health", gw.health, methods=["GET"]),
+        Route("/metrics", gw.metrics_endpoint, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from serve.policies.affinity import rendezvous
+
 
 @dataclass
 class Endpoint:
@@ -28,7 +30,9 @@ class Backends:
         down_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        affinity_slack: int = 4,
     ) -> None:
+        self._affinity_slack = affinity_slack
         self._by_model: dict[str, dict[str, Endpoint]] = {}
         self._down_s = down_s
         self._clock = clock
@@ -52,12 +56,29 @@ class Backends:
         now = self._clock()
         return sum(1 for e in self.endpoints(model) if e.down_until <= now)
 
-    def pick(self, model: str, exclude: set[str] | frozenset[str] = frozenset()) -> Endpoint | None:
+    def pick(
+        self,
+        model: str,
+        exclude: set[str] | frozenset[str] = frozenset(),
+        affinity: str | None = None,
+        max_in_flight: int | None = None,
+    ) -> Endpoint | None:
+        """A replica for the next request, or None when none is live (or all are saturated).
+
+        With an affinity key (a prompt prefix) the key's rendezvous replica is preferred unless it
+        has ``affinity_slack`` more requests in flight than the least busy one."""
         now = self._clock()
         live = [e for e in self.endpoints(model) if e.down_until <= now and e.replica_id not in exclude]
+        if max_in_flight is not None:
+            live = [e for e in live if e.in_flight < max_in_flight]
         if not live:
             return None
         least = min(e.in_flight for e in live)
+        if affinity is not None and len(live) > 1:
+            by_id = {e.replica_id: e for e in live}
+            preferred = by_id[rendezvous(affinity, sorted(by_id))]
+            if preferred.in_flight <= least + self._affinity_slack:
+                return preferred
         return self._rng.choice([e for e in live if e.in_flight == least])
 
     def mark_down(self, endpoint: Endpoint) -> None:

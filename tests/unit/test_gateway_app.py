@@ -55,7 +55,7 @@ def test_routes_by_model_to_that_models_replicas():
     client, up, _ = make()
     for model, hosts in [("a", {"http://a1", "http://a2"}), ("b", {"http://b1"}), ("a-lora", {"http://a1", "http://a2"})]:
         r = client.post("/v1/chat/completions", json=chat(model))
-        assert r.status_code == 200 and r.headers["x-llmserve-served-by"] in ("a", "b")
+        assert r.status_code == 200 and r.headers["x-llmserve-served-by"] == model
         assert up.calls[-1][0] in hosts
         assert up.calls[-1][2]["model"] == model  # the body goes unchanged
 
@@ -65,7 +65,19 @@ def test_streaming_is_passed_through():
     with client.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         body = b"".join(r.iter_bytes()).decode()
-    assert body.count("data: ") == 4 and body.rstrip().endswith("data: [DONE]")
+    # words, the finish chunk and [DONE]; the usage chunk the gateway asked for (to bill the
+    # stream) is not passed on, since the client did not ask for it.
+    assert body.count("data: ") == 5 and body.rstrip().endswith("data: [DONE]")
+    assert '"usage"' not in body
+
+
+def test_stream_usage_chunk_carries_cost_when_asked():
+    client, _, _ = make(FakeUpstream(text="one two three"))
+    with client.stream("POST", "/v1/chat/completions",
+                       json=chat(stream=True, stream_options={"include_usage": True})) as r:
+        events = [e for e in b"".join(r.iter_bytes()).decode().split("\n\n") if e]
+    usage = json.loads(events[-2][len("data: "):])["usage"]
+    assert usage["completion_tokens"] == 3 and "cost_usd" in usage
 
 
 @pytest.mark.parametrize("body,status,code,param", [

@@ -1,0 +1,302 @@
+"""Routes: virtual models whose requests run through a policy chain.
+
+    cache -> (cascade(student, teacher) | target) -> fallback(next models)
+
+The decisions come from serve/policies (pure); this module performs the calls they imply, adds
+the accounting headers, and stores answers in the head cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from serve.cache.store import CacheEntry, HeadCache
+from serve.config import RouteSpec
+from serve.gateway.errors import APIError, normalize
+from serve.gateway.metrics import Metrics
+from serve.gateway.sse import StreamAssembler, replay
+from serve.gateway.upstream import UpstreamResponse
+from serve.policies.cache_key import Normalization, cache_key, is_deterministic
+from serve.policies.cascade import DEFAULT_REFUSALS, CascadePolicy, decide
+from serve.policies.fallback import Failure, FallbackPolicy, classify_status
+
+logger = logging.getLogger("llmserve.routes")
+
+# A chunk that carries usage (not `"usage":null`): the only chunks the relay looks inside.
+_USAGE = re.compile(rb'"usage":\s*\{')
+
+# (model, path, body, stream) -> (response, replica id); raises APIError. Provided by the Gateway.
+Sender = Callable[[str, str, bytes, bool, dict[str, Any]], Awaitable[tuple[UpstreamResponse, str]]]
+# (outcome, model, usage) -> cost in USD; records token and cost metrics.
+Biller = Callable[["Outcome", str, Any], float]
+
+
+@dataclass
+class Outcome:
+    """What one request through a route did, for headers and metrics."""
+
+    route: str
+    key: str = "anonymous"  # the API key's name, for per-key cost
+    served_by: str = ""
+    cache: str = "bypass"  # hit | miss | bypass
+    cost_usd: float = 0.0
+    escalated: str | None = None
+    models: list[str] = field(default_factory=list)
+
+    def headers(self) -> dict[str, str]:
+        h = {"x-llmserve-route": self.route, "x-llmserve-served-by": self.served_by,
+             "x-llmserve-cache": self.cache, "x-llmserve-cost-usd": f"{self.cost_usd:.10f}"}
+        if self.escalated:
+            h["x-llmserve-escalated"] = self.escalated
+        return h
+
+
+def _failure_of(e: APIError) -> Failure:
+    return {"model_not_ready": Failure.UNAVAILABLE, "engine_unavailable": Failure.UNAVAILABLE,
+            "overloaded": Failure.OVERLOADED, "timeout": Failure.TIMEOUT}.get(
+        e.code or "", classify_status(e.status) or Failure.ENGINE_ERROR)
+
+
+def with_cost(body: dict[str, Any], cost: float) -> dict[str, Any]:
+    """Put the cost into `usage` as an extra field; the SDK keeps unknown fields."""
+    usage = body.get("usage")
+    if isinstance(usage, dict):
+        usage["cost_usd"] = round(cost, 10)
+    return body
+
+
+class RouteRunner:
+    def __init__(self, send: Sender, bill: Biller, metrics: Metrics, cache: HeadCache | None) -> None:
+        self.send = send
+        self.bill = bill
+        self.metrics = metrics
+        self.cache = cache
+
+    # ---- entry ---------------------------------------------------------------------------------
+    async def handle(self, route: RouteSpec, path: str, payload: dict[str, Any], key_name: str,
+                     raw: bytes | None = None) -> Response:
+        out = Outcome(route=route.name, key=key_name)
+        stream = bool(payload.get("stream"))
+        include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+        ckey = self._cache_key(route, path, payload)
+        if ckey is not None and self.cache is not None:
+            entry = await self.cache.get(route.name, ckey)
+            self.metrics.cache_redis_up.set(1 if self.cache.redis_up else 0)
+            if entry is not None:
+                out.cache, out.served_by = "hit", f"cache:{entry.model}"
+                self.metrics.cache.labels(route.name, "hit").inc()
+                return self._answer_cached(entry, stream, include_usage, out)
+            out.cache = "miss"
+            self.metrics.cache.labels(route.name, "miss").inc()
+        elif route.cache is not None:
+            self.metrics.cache.labels(route.name, "bypass").inc()
+
+        store: Callable[[dict[str, Any], str], None] | None = None
+        if ckey is not None and self.cache is not None and route.cache is not None and route.cache.store_online:
+            cache, ttl = self.cache, route.cache.ttl_s
+
+            def store(body: dict[str, Any], model: str) -> None:
+                entry = CacheEntry(response=body, model=model, created_at=time.time(), route=route.name)
+                asyncio.get_running_loop().create_task(cache.put(route.name, ckey, entry, ttl))
+
+        chain: list[str] = []
+        if route.cascade is not None:
+            student = await self._try_student(route, path, payload, out)
+            if isinstance(student, Response):
+                return student
+            chain = [route.cascade.teacher]
+        else:
+            chain = [route.target] if route.target else []
+        chain += [m for m in route.fallback if m not in chain]
+        return await self._run_chain(route, path, payload, chain, out, store, raw)
+
+    def _cache_key(self, route: RouteSpec, path: str, payload: dict[str, Any]) -> str | None:
+        spec = route.cache
+        if spec is None or not spec.enabled or payload.get("n", 1) not in (1, None):
+            return None
+        if not is_deterministic(payload, spec.cacheable):
+            return None
+        norm = Normalization(whitespace=spec.normalize_whitespace, case=spec.normalize_case)
+        return cache_key(route.name, {**payload, "_path": path}, norm)
+
+    def _answer_cached(self, entry: CacheEntry, stream: bool, include_usage: bool, out: Outcome) -> Response:
+        body = dict(entry.response)
+        body["id"] = f"cache-{uuid.uuid4().hex[:24]}"
+        body["created"] = int(time.time())
+        # A hit spends no model tokens: usage and cost are zero; provenance says who produced it.
+        body["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost_usd": 0.0}
+        body["llmserve_provenance"] = {"model": entry.model, "created_at": entry.created_at,
+                                       "batch_id": entry.batch_id}
+        self.metrics.requests.labels(out.route, out.served_by, "200").inc()
+        if stream:
+            return StreamingResponse(iter(replay(body, include_usage)), media_type="text/event-stream",
+                                     headers=out.headers())
+        return JSONResponse(body, headers=out.headers())
+
+    # ---- cascade -------------------------------------------------------------------------------
+    async def _try_student(self, route: RouteSpec, path: str, payload: dict[str, Any], out: Outcome
+                           ) -> Response | None:
+        """Ask the student (buffered, with logprobs); answer with it if the policy accepts it.
+        Returns None when the request must go on to the teacher."""
+        cs = route.cascade
+        assert cs is not None
+        policy = CascadePolicy(min_mean_logprob=cs.min_mean_logprob, escalate_on_length=cs.escalate_on_length,
+                               escalate_on_schema_failure=cs.escalate_on_schema_failure,
+                               refusal_patterns=tuple(cs.refusal_patterns or DEFAULT_REFUSALS))
+        chat = path.endswith("/chat/completions")
+        asked_logprobs = bool(payload.get("logprobs"))
+        req = {k: v for k, v in payload.items() if k not in ("stream", "stream_options")}
+        req["model"] = cs.student
+        req["logprobs"] = True if chat else max(1, int(payload.get("logprobs") or 1))
+        limit_key = "max_completion_tokens" if chat and "max_completion_tokens" in payload else "max_tokens"
+        asked = payload.get(limit_key)
+        req[limit_key] = min(asked, cs.max_student_tokens) if isinstance(asked, int) else cs.max_student_tokens
+        try:
+            resp, _ = await self.send(cs.student, path, json.dumps(req).encode(), False, payload)
+        except APIError as e:
+            out.escalated = f"student_{_failure_of(e).value}"
+            self._count_escalation(route.name, out.escalated)
+            return None
+        if resp.status >= 400:
+            failure = classify_status(resp.status)
+            if failure == Failure.CLIENT_ERROR:  # the request is wrong; the teacher would say so too
+                self.metrics.requests.labels(route.name, cs.student, str(resp.status)).inc()
+                return Response(normalize(resp.status, resp.body), resp.status, media_type="application/json",
+                                headers=out.headers())
+            out.escalated = f"student_{failure.value if failure else 'error'}"
+            self._count_escalation(route.name, out.escalated)
+            return None
+        body = json.loads(resp.body)
+        out.cost_usd += self.bill(out, cs.student, body.get("usage"))
+        out.models.append(cs.student)
+        decision = decide(policy, payload, body)
+        self.metrics.cascade.labels(route.name, "escalate" if decision.escalate else "accept",
+                                    decision.reason).inc()
+        if decision.escalate:
+            out.escalated = decision.reason
+            self.metrics.escalations.labels(route.name, decision.reason).inc()
+            return None
+        if not asked_logprobs:
+            for c in body.get("choices", []):
+                c["logprobs"] = None
+        out.served_by = cs.student
+        with_cost(body, out.cost_usd)
+        self.metrics.requests.labels(route.name, cs.student, "200").inc()
+        # A student answer is not cached: the head cache holds answers of the route's best model.
+        if payload.get("stream"):
+            include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(iter(replay(body, include_usage)), media_type="text/event-stream",
+                                     headers=out.headers())
+        return JSONResponse(body, headers=out.headers())
+
+    def _count_escalation(self, route: str, reason: str) -> None:
+        self.metrics.cascade.labels(route, "escalate", reason).inc()
+        self.metrics.escalations.labels(route, reason).inc()
+
+    # ---- target + fallback ---------------------------------------------------------------------
+    async def _run_chain(self, route: RouteSpec, path: str, payload: dict[str, Any], chain: list[str],
+                         out: Outcome, store: Callable[[dict[str, Any], str], None] | None,
+                         raw: bytes | None) -> Response:
+        policy = FallbackPolicy(tuple(chain), route.max_attempts)
+        stream = bool(payload.get("stream"))
+        # Streams are billed from their usage chunk: ask for it, and drop it again if the client
+        # did not ask for it.
+        strip_usage = stream and not (payload.get("stream_options") or {}).get("include_usage")
+        sent = {**payload, "stream_options": {**(payload.get("stream_options") or {}), "include_usage": True}} \
+            if strip_usage else payload
+        model: str | None = chain[0] if chain else None
+        failures = 0
+        last: Response | None = None
+        while model is not None:
+            if raw is not None and sent is payload and model == payload.get("model"):
+                body = raw  # unchanged request: forward the client's own bytes
+            else:
+                body = json.dumps({**sent, "model": model}).encode()
+            try:
+                resp, _ = await self.send(model, path, body, stream, payload)
+                failure = classify_status(resp.status)
+            except APIError as e:
+                failure = _failure_of(e)
+                last = JSONResponse(e.body(), e.status, headers={**e.headers, **out.headers()})
+                self.metrics.requests.labels(route.name, model, str(e.status)).inc()
+            else:
+                if failure is None:
+                    return self._answer(route, model, resp, out, store, strip_usage)
+                last = Response(normalize(resp.status, resp.body), resp.status, media_type="application/json",
+                                headers=out.headers())
+                self.metrics.requests.labels(route.name, model, str(resp.status)).inc()
+            failures += 1
+            nxt = policy.next_target(failures, failure, bytes_sent=False)
+            if nxt is not None:
+                self.metrics.fallbacks.labels(route.name, model, failure.value).inc()
+                logger.info("route %s: %s failed (%s), falling back to %s", route.name, model, failure.value, nxt)
+            model = nxt
+        if last is None:
+            err = APIError(503, f"Route `{route.name}` has no model to send to.", code="engine_unavailable")
+            last = JSONResponse(err.body(), 503)
+        return last
+
+    def _answer(self, route: RouteSpec, model: str, resp: UpstreamResponse, out: Outcome,
+                store: Callable[[dict[str, Any], str], None] | None, strip_usage: bool) -> Response:
+        out.served_by = model
+        out.models.append(model)
+        self.metrics.requests.labels(route.name, model, str(resp.status)).inc()
+        if resp.chunks is None:
+            body = json.loads(resp.body)
+            out.cost_usd += self.bill(out, model, body.get("usage"))
+            if store is not None:
+                store(json.loads(resp.body), model)
+            return JSONResponse(with_cost(body, out.cost_usd), resp.status, headers=out.headers())
+        return StreamingResponse(self._relay(route.name, model, resp, out, store, strip_usage),
+                                 media_type="text/event-stream", headers=out.headers())
+
+    async def _relay(self, route: str, model: str, resp: UpstreamResponse, out: Outcome,
+                     store: Callable[[dict[str, Any], str], None] | None, strip_usage: bool
+                     ) -> AsyncIterator[bytes]:
+        """Pass the stream through; bill the usage chunk and rebuild the answer for the cache."""
+        assembler = StreamAssembler() if store is not None else None
+        assert resp.chunks is not None
+        try:
+            async for chunk in resp.chunks:
+                if assembler is not None:
+                    assembler.feed(chunk)
+                if _USAGE.search(chunk):
+                    chunk = self._bill_usage_chunk(route, model, chunk, out, strip_usage)
+                if chunk:
+                    yield chunk
+        finally:
+            await resp.aclose()
+        if assembler is not None and store is not None:
+            whole = assembler.response()
+            if whole is not None:
+                store(whole, model)
+
+    def _bill_usage_chunk(self, route: str, model: str, chunk: bytes, out: Outcome, strip: bool) -> bytes:
+        kept = []
+        for ev in chunk.split(b"\n\n"):
+            if ev.startswith(b"data: {") and _USAGE.search(ev):
+                try:
+                    obj = json.loads(ev[6:])
+                except ValueError:
+                    obj = None
+                if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                    out.cost_usd += self.bill(out, model, obj["usage"])
+                    if strip and not obj.get("choices"):
+                        continue  # the usage-only chunk the client did not ask for
+                    if strip:
+                        obj["usage"] = None
+                    else:
+                        with_cost(obj, out.cost_usd)
+                    ev = b"data: " + json.dumps(obj, separators=(",", ":")).encode()
+            kept.append(ev)
+        return b"\n\n".join(kept)
