@@ -27,6 +27,7 @@ def llm_config_for(spec: ModelSpec, namespace: str) -> Any:  # -> ray.serve.llm.
         engine_kwargs.setdefault("convert", "embed")
     if spec.adapters:
         engine_kwargs["enable_lora"] = True
+        engine_kwargs.setdefault("max_loras", len(spec.adapters))
     if spec.tokenizer:
         engine_kwargs["tokenizer"] = spec.tokenizer
 
@@ -45,6 +46,10 @@ def llm_config_for(spec: ModelSpec, namespace: str) -> Any:  # -> ray.serve.llm.
         deployment_config["num_replicas"] = dep.replicas
 
     env = {**(CPU_ENV if spec.accelerator == "cpu" else {}), **spec.env, "LLMSERVE_NAMESPACE": namespace}
+    if spec.adapters:
+        # Adapters are loaded through vLLM's own /v1/load_lora_adapter once the engine is up, the
+        # same call a later promotion uses to swap adapters without a restart.
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     kwargs: dict[str, Any] = {
         "model_loading_config": {"model_id": spec.name, "model_source": source},
         "engine_kwargs": engine_kwargs,
@@ -57,8 +62,6 @@ def llm_config_for(spec: ModelSpec, namespace: str) -> Any:  # -> ray.serve.llm.
         kwargs["placement_group_config"] = {"bundles": [{"CPU": 1}]}
     elif dep.accelerator_type:
         kwargs["accelerator_type"] = dep.accelerator_type
-    if spec.adapters:
-        kwargs["lora_config"] = {"max_num_adapters_per_replica": max(1, len(spec.adapters))}
     return LLMConfig(**kwargs)
 
 
@@ -71,4 +74,5 @@ def build_engine_app(spec: ModelSpec, namespace: str) -> Any:  # -> ray.serve.Ap
         llm_config_for(spec, namespace),
         name_prefix="engine:",
         deployment_cls=DirectLLMServer,
+        bind_kwargs={"adapters": [a.model_dump(include={"name", "path"}) for a in spec.adapters]},
     )

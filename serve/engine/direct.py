@@ -42,7 +42,9 @@ def _bind_socket(host: str) -> socket.socket:
 class DirectLLMServer(LLMServer):
     """LLMServer that also listens for HTTP itself and registers its address for the gateway."""
 
-    async def __init__(self, llm_config: Any, **kwargs: Any) -> None:  # type: ignore[misc]
+    async def __init__(  # type: ignore[misc]
+        self, llm_config: Any, adapters: list[dict[str, str]] | None = None, **kwargs: Any
+    ) -> None:
         await super().__init__(llm_config, **kwargs)
         self._model_name: str = llm_config.model_id
         self._namespace = os.environ.get("LLMSERVE_NAMESPACE", "llmserve")
@@ -53,6 +55,8 @@ class DirectLLMServer(LLMServer):
         self.url = f"http://{advertise}:{self._sock.getsockname()[1]}"
         app = await self.__serve_build_asgi_app__()
         await self._start_http(app)
+        for adapter in adapters or []:
+            await self.load_adapter(adapter["name"], adapter["path"])
         self._registry = get_registry(self._namespace)
         await self._registry.register.remote(self._model_name, self._replica_id, self.url, TTL_S)
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
@@ -95,6 +99,19 @@ class DirectLLMServer(LLMServer):
 
     async def endpoint(self) -> str:
         return self.url
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load a LoRA adapter under `name` through vLLM's own runtime-LoRA endpoint."""
+        import aiohttp
+
+        local = f"http://127.0.0.1:{self._sock.getsockname()[1]}" if self._sock.getsockname()[0] in (
+            "0.0.0.0", "127.0.0.1") else self.url
+        async with aiohttp.ClientSession() as s, s.post(
+            f"{local}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
+        ) as r:
+            if r.status != 200:
+                raise RuntimeError(f"loading LoRA adapter {name} from {path} failed: {r.status} {await r.text()}")
+        logger.info("LoRA adapter %s loaded from %s", name, path)
 
     async def __del__(self) -> None:
         # Serve calls this on graceful replica shutdown: leave the table first so the gateway stops

@@ -10,6 +10,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 
+from serve.cache.store import HeadCache
 from serve.config import Config
 from serve.gateway.app import create_app
 from serve.gateway.backends import Backends
@@ -48,6 +49,8 @@ def build_gateway(
 ) -> Starlette:
     backends = backends or Backends()
     upstream = upstream or HttpUpstream(connect_timeout_s=config.gateway.connect_timeout_s)
+    cache = HeadCache(config.cache.redis_url, lru_size=config.cache.lru_size,
+                      op_timeout_s=config.cache.op_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -61,8 +64,9 @@ def build_gateway(
         finally:
             task.cancel()
             await upstream.close()
+            await cache.close()
 
-    return create_app(config, backends, upstream, lifespan=lifespan)
+    return create_app(config, backends, upstream, cache=cache, lifespan=lifespan)
 
 
 def uvicorn_config(app: Starlette, config: Config) -> Any:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 
@@ -22,14 +24,33 @@ ENGINE = {"dtype": "float32", "max_model_len": 512, "enforce_eager": True, "max_
           "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}
 
 
-def stack_config(port: int) -> Config:
+PRICE_A = {"input_per_million": 0.1, "output_per_million": 0.2}
+PRICE_B = {"input_per_million": 1.0, "output_per_million": 2.0}
+
+
+def stack_config(port: int, redis_url: str, lora_dir: str) -> Config:
+    """Student tiny-a (two replicas, with a LoRA adapter) and teacher tiny-b, an embedding model,
+    and routes that force each policy outcome."""
     return Config.model_validate({
         "models": [
-            {"name": "tiny-a", "source": "builtin://tiny?seed=1", "accelerator": "cpu", "engine": ENGINE},
-            {"name": "tiny-b", "source": "builtin://tiny?seed=2", "accelerator": "cpu", "engine": ENGINE},
+            {"name": "tiny-a", "source": "builtin://tiny?seed=1", "accelerator": "cpu",
+             "engine": {**ENGINE, "max_lora_rank": 8}, "deployment": {"replicas": 2}, "price": PRICE_A,
+             "adapters": [{"name": "tiny-a-lora", "path": lora_dir}]},
+            {"name": "tiny-b", "source": "builtin://tiny?seed=2", "accelerator": "cpu", "engine": ENGINE,
+             "price": PRICE_B},
             {"name": "tiny-embed", "source": "builtin://tiny?seed=1", "accelerator": "cpu", "task": "embed",
              "engine": {"dtype": "float32", "max_model_len": 512, "enforce_eager": True}},
         ],
+        "routes": [
+            # min_mean_logprob -1000: the student is always confident enough.
+            {"name": "cascade-accept", "cascade": {"student": "tiny-a-lora", "teacher": "tiny-b",
+                                                   "min_mean_logprob": -1000, "escalate_on_length": False}},
+            # 1.0: no mean logprob can reach it, so every answer escalates.
+            {"name": "cascade-escalate", "cascade": {"student": "tiny-a", "teacher": "tiny-b",
+                                                     "min_mean_logprob": 1.0, "escalate_on_length": False}},
+            {"name": "head", "target": "tiny-b", "fallback": ["tiny-a"], "cache": {"ttl_s": 600}},
+        ],
+        "cache": {"redis_url": redis_url},
         "gateway": {"host": "127.0.0.1", "port": port, "request_timeout_s": 60},
         "ray": {"num_cpus": 8, "namespace": "llmserve-test"},
     })
@@ -42,8 +63,9 @@ def free_port() -> int:
 
 
 class Stack:
-    def __init__(self, config: Config, registry, server, thread):
+    def __init__(self, config: Config, registry, server, thread, redis: RedisServer):
         self.config = config
+        self.redis = redis
         self.registry = registry
         self.server = server
         self.thread = thread
@@ -54,16 +76,83 @@ class Stack:
 
         return OpenAI(base_url=self.base_url, api_key="test", max_retries=0, timeout=120, **kw)
 
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.config.gateway.port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, in a temp dir, no persistence."""
+
+    def __init__(self, workdir) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        assert exe, "redis-server is not installed (make system-deps installs it)"
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self._workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory):
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def make_lora_adapter(base_dir: str, out_dir: str, seed: int = 7) -> str:
+    """A random rank-8 LoRA adapter for the tiny model, written by peft as a real adapter is."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():  # big enough to change greedy output visibly
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.3)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, redis_server):
     import uvicorn
 
+    from serve.config import ModelSpec
     from serve.engine.cluster import deploy_models, shutdown, wait_for_engines
+    from serve.engine.models import resolve_source
     from serve.gateway.server import build_gateway, ray_snapshot_source, uvicorn_config
 
     os.environ.setdefault("LLMSERVE_CACHE_DIR", str(tmp_path_factory.getbasetemp().parent / "llmserve-cache"))
-    config = stack_config(free_port())
+    base = resolve_source(ModelSpec(name="x", source="builtin://tiny?seed=1"))
+    lora = make_lora_adapter(base, str(tmp_path_factory.mktemp("lora") / "tiny-a-lora"))
+    config = stack_config(free_port(), redis_server.url, lora)
     registry = deploy_models(config)
     try:
         wait_for_engines(registry, [m.name for m in config.models], timeout_s=900)
@@ -75,7 +164,7 @@ def stack(tmp_path_factory):
         while not server.started:
             assert time.monotonic() < deadline, "gateway did not start"
             time.sleep(0.1)
-        yield Stack(config, registry, server, thread)
+        yield Stack(config, registry, server, thread, redis_server)
         server.should_exit = True
         thread.join(timeout=40)
     finally:
