@@ -144,6 +144,10 @@ class GatewaySpec(_Strict):
     discovery_interval_s: float = Field(
         1.0, gt=0, description="How often the gateway refreshes the list of engine replicas."
     )
+    max_messages: int = Field(2048, gt=0, description="Most chat messages one request may carry.")
+    drain_timeout_s: float = Field(
+        30, ge=0, description="On SIGTERM, how long in-flight requests and streams may take to finish."
+    )
 
 
 class CacheSpec(_Strict):
@@ -202,6 +206,33 @@ class CacheStoreSpec(_Strict):
     op_timeout_s: float = Field(0.2, gt=0, description="Longest a Redis call may take before it counts as down.")
 
 
+class ApiKey(_Strict):
+    name: str = Field(description="Who the key belongs to; used in metrics and logs (never the key itself).")
+    sha256: str = Field(
+        description="Hex SHA-256 of the key (`llmserve hash-key`); keys are never stored in clear.",
+        pattern=r"^[0-9a-f]{64}$",
+    )
+    models: list[str] = Field(
+        default_factory=lambda: ["*"], description="Models and routes the key may use; '*' for all."
+    )
+    requests_per_minute: int | None = Field(None, gt=0, description="Request rate limit; none: the default.")
+    tokens_per_minute: int | None = Field(None, gt=0, description="Token rate limit; none: the default.")
+
+
+class AuthSpec(_Strict):
+    enabled: bool = Field(True, description="Require `Authorization: Bearer <key>` on /v1/*.")
+    keys: list[ApiKey] = Field(default_factory=list, description="Keys given inline.")
+    keys_file: str | None = Field(
+        None, description="YAML/JSON list of keys (a mounted Kubernetes Secret); read at start."
+    )
+    default_requests_per_minute: int | None = Field(
+        None, gt=0, description="Request limit for keys without their own; none: unlimited."
+    )
+    default_tokens_per_minute: int | None = Field(
+        None, gt=0, description="Token limit for keys without their own; none: unlimited."
+    )
+
+
 class RaySpec(_Strict):
     address: str | None = Field(
         None, description="Ray cluster to join ('auto' in a cluster); none starts a local one."
@@ -218,6 +249,7 @@ class Config(_Strict):
     ray: RaySpec = Field(default_factory=lambda: RaySpec(), description="Where engines run.")
     routes: list[RouteSpec] = Field(default_factory=list, description="Virtual models with policy chains.")
     cache: CacheStoreSpec = Field(default_factory=lambda: CacheStoreSpec(), description="Head-cache storage.")
+    auth: AuthSpec = Field(default_factory=lambda: AuthSpec(), description="API keys and per-key rate limits.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
@@ -263,6 +295,8 @@ def default_config() -> Config:
                 }
             ],
             "ray": {"num_cpus": 8},
+            # Only the local default runs without keys; `llmserve run` says so loudly.
+            "auth": {"enabled": False},
         }
     )
 

@@ -16,27 +16,18 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import uuid
 from typing import Any
 
 from ray.serve.llm import LLMServer
 
+from serve.asgi import bind_socket, start_in_loop
 from serve.engine.registry import get_registry
 
 logger = logging.getLogger("llmserve.engine")
 
 HEARTBEAT_S = 2.0
 TTL_S = 8.0
-
-
-def _bind_socket(host: str) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
 
 
 class DirectLLMServer(LLMServer):
@@ -51,10 +42,10 @@ class DirectLLMServer(LLMServer):
         bind_host = os.environ.get("LLMSERVE_BIND_HOST", "127.0.0.1")
         advertise = os.environ.get("LLMSERVE_ADVERTISE_HOST") or self._node_ip(bind_host)
         self._replica_id = f"{self._model_name}#{uuid.uuid4().hex[:8]}"
-        self._sock = _bind_socket(bind_host)
+        self._sock = bind_socket(bind_host)
         self.url = f"http://{advertise}:{self._sock.getsockname()[1]}"
         app = await self.__serve_build_asgi_app__()
-        await self._start_http(app)
+        self._server, self._serve_task = await start_in_loop(app, self._sock)
         for adapter in adapters or []:
             await self.load_adapter(adapter["name"], adapter["path"])
         self._registry = get_registry(self._namespace)
@@ -69,25 +60,6 @@ class DirectLLMServer(LLMServer):
         import ray
 
         return str(ray.util.get_node_ip_address())
-
-    async def _start_http(self, app: Any) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            access_log=False,
-            timeout_keep_alive=300,
-            loop="none",  # run on the replica's own event loop
-        )
-        self._server = uvicorn.Server(config)
-        # The replica already handles signals; uvicorn must not install its own.
-        self._server.install_signal_handlers = lambda: None
-        self._serve_task = asyncio.get_running_loop().create_task(self._server.serve([self._sock]))
-        while not self._server.started:
-            if self._serve_task.done():
-                self._serve_task.result()
-            await asyncio.sleep(0.05)
 
     async def _beat(self) -> None:
         while True:

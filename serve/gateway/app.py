@@ -9,10 +9,11 @@ byte goes out, so streaming pays no per-chunk cost here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -22,13 +23,17 @@ from starlette.routing import Route
 
 from serve.cache.store import HeadCache
 from serve.config import Config, ModelSpec, RouteSpec
+from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends, Endpoint
 from serve.gateway.errors import APIError, bad_request, model_not_found
 from serve.gateway.metrics import Metrics
+from serve.gateway.ratelimit import RateLimiter
 from serve.gateway.routes import Outcome, RouteRunner
 from serve.gateway.upstream import EngineTimeout, EngineUnavailable, Upstream, UpstreamResponse
+from serve.gateway.validate import validate
 from serve.policies.affinity import prefix_key
 from serve.policies.cost import Price, cost_usd, usage_tokens
+from serve.policies.ratelimit import estimate_tokens
 
 logger = logging.getLogger("llmserve.gateway")
 
@@ -36,12 +41,20 @@ logger = logging.getLogger("llmserve.gateway")
 ROUTE_TASK = {"/v1/chat/completions": "generate", "/v1/completions": "generate", "/v1/embeddings": "embed"}
 
 
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN/Infinity; JSON (and every engine) does not.
+    raise ValueError(f"{name} is not valid JSON")
+
+
 class Gateway:
     """State shared by the handlers; injected, never global."""
 
     def __init__(self, config: Config, backends: Backends, upstream: Upstream,
-                 cache: HeadCache | None = None, metrics: Metrics | None = None) -> None:
+                 cache: HeadCache | None = None, metrics: Metrics | None = None,
+                 keys: KeyStore | None = None, limiter: RateLimiter | None = None) -> None:
         self.config = config
+        self.keys = keys or KeyStore(config.auth)
+        self.limiter = limiter or RateLimiter(None)
         self.backends = backends
         self.upstream = upstream
         self.metrics = metrics or Metrics()
@@ -72,9 +85,11 @@ class Gateway:
         if len(raw) > limit:
             raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
         try:
-            payload = json.loads(raw)
+            payload = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as e:
             raise bad_request(f"We could not parse the JSON body of your request: {e}") from e
+        except RecursionError as e:
+            raise bad_request("The JSON body of your request is nested too deeply.") from e
         if not isinstance(payload, dict):
             raise bad_request("The request body must be a JSON object.")
         return raw, payload
@@ -167,18 +182,46 @@ class Gateway:
         return cost
 
     # ---- handlers ----------------------------------------------------------------------------
+    async def admit(self, request: Request) -> tuple[bytes, dict[str, Any], RouteSpec, str, dict[str, str]]:
+        """Everything before an engine is involved: key, body, validation, model access, limits."""
+        key = self.keys.authenticate(request.headers.get("authorization"))
+        raw, payload = await self.read_json(request)
+        route = self.resolve(payload, request.url.path)
+        if not KeyStore.allows(key, route.name):
+            raise model_not_found(route.name)
+        validate(request.url.path, payload, self.config.gateway.max_messages)
+        if key is None:
+            return raw, payload, route, "anonymous", {}
+        auth = self.config.auth
+        rpm = key.requests_per_minute or auth.default_requests_per_minute
+        tpm = key.tokens_per_minute or auth.default_tokens_per_minute
+        if rpm is None and tpm is None:
+            return raw, payload, route, key.name, {}
+        tokens = estimate_tokens(len(raw), payload.get("max_tokens") or payload.get("max_completion_tokens"))
+        verdict = await self.limiter.check(key.name, rpm, tpm, tokens)
+        if not verdict.allowed:
+            self.metrics.rate_limited.labels(key.name, verdict.limit_name).inc()
+            raise APIError(429, f"Rate limit reached for {verdict.limit_name} per minute on key `{key.name}`. "
+                                f"Retry after {verdict.headers['Retry-After']}s.",
+                           code="rate_limit_exceeded", headers=verdict.headers)
+        return raw, payload, route, key.name, verdict.headers
+
     async def proxy(self, request: Request) -> Response:
         started = time.perf_counter()
         route_name = "-"
         try:
-            raw, payload = await self.read_json(request)
-            route = self.resolve(payload, request.url.path)
+            raw, payload, route, key_name, limit_headers = await self.admit(request)
             route_name = route.name
-            key_name = getattr(request.state, "key_name", "anonymous")
-            resp = await self.runner.handle(route, request.url.path, payload, key_name, raw)
+            resp = await until_disconnect(
+                request, self.runner.handle(route, request.url.path, payload, key_name, raw))
         except APIError as e:
             self.metrics.requests.labels(route_name, "-", str(e.status)).inc()
             return JSONResponse(e.body(), e.status, headers=e.headers)
+        except ClientGone:
+            # Cancelling the call closed the engine connection, which makes vLLM abort the request.
+            self.metrics.requests.labels(route_name, "-", "499").inc()
+            return Response(status_code=499)
+        resp.headers.update(limit_headers)
         served = resp.headers.get("x-llmserve-served-by", "-")
         if isinstance(resp, StreamingResponse):
             resp.body_iterator = self._timed(resp.body_iterator, route_name, served, started)
@@ -241,9 +284,36 @@ class Gateway:
         return JSONResponse({"status": "ok" if ok else "starting", "replicas": ready}, 200 if ok else 503)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its (non-streamed) answer was ready."""
+
+
+async def until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+    """Run `work`, cancelling it if the client goes away first. (Streams need no help: Starlette
+    stops a StreamingResponse on disconnect, which closes the engine connection in turn.)"""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientGone
+
+
 def create_app(config: Config, backends: Backends, upstream: Upstream, *, cache: HeadCache | None = None,
-               metrics: Metrics | None = None, lifespan: Any = None) -> Starlette:
-    gw = Gateway(config, backends, upstream, cache=cache, metrics=metrics)
+               metrics: Metrics | None = None, keys: KeyStore | None = None, limiter: RateLimiter | None = None,
+               lifespan: Any = None) -> Starlette:
+    gw = Gateway(config, backends, upstream, cache=cache, metrics=metrics, keys=keys, limiter=limiter)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         e = APIError(404, f"Unknown route {request.method} {request.url.path}.", code="unknown_route")

@@ -12,7 +12,7 @@ from typing import Any
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
-    401: "authentication_error",
+    401: "invalid_request_error",  # what OpenAI sends with code invalid_api_key
     403: "permission_error",
     404: "invalid_request_error",
     408: "timeout_error",

@@ -13,7 +13,9 @@ from starlette.applications import Starlette
 from serve.cache.store import HeadCache
 from serve.config import Config
 from serve.gateway.app import create_app
+from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends
+from serve.gateway.ratelimit import RateLimiter
 from serve.gateway.upstream import HttpUpstream, Upstream
 
 logger = logging.getLogger("llmserve.gateway")
@@ -51,6 +53,8 @@ def build_gateway(
     upstream = upstream or HttpUpstream(connect_timeout_s=config.gateway.connect_timeout_s)
     cache = HeadCache(config.cache.redis_url, lru_size=config.cache.lru_size,
                       op_timeout_s=config.cache.op_timeout_s)
+    limiter = RateLimiter(config.cache.redis_url, op_timeout_s=config.cache.op_timeout_s)
+    keys = KeyStore(config.auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -65,8 +69,9 @@ def build_gateway(
             task.cancel()
             await upstream.close()
             await cache.close()
+            await limiter.close()
 
-    return create_app(config, backends, upstream, cache=cache, lifespan=lifespan)
+    return create_app(config, backends, upstream, cache=cache, keys=keys, limiter=limiter, lifespan=lifespan)
 
 
 def uvicorn_config(app: Starlette, config: Config) -> Any:
@@ -80,5 +85,5 @@ def uvicorn_config(app: Starlette, config: Config) -> Any:
         access_log=False,
         timeout_keep_alive=75,
         # Graceful drain: on SIGTERM stop accepting and give in-flight streams this long.
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=config.gateway.drain_timeout_s,
     )

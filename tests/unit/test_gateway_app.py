@@ -11,6 +11,7 @@ from serve.gateway.backends import Backends
 from tests.fakes import FakeUpstream
 
 CONFIG = Config.model_validate({
+    "auth": {"enabled": False},
     "models": [
         {"name": "a", "source": "x", "adapters": [{"name": "a-lora", "path": "/tmp/l"}]},
         {"name": "b", "source": "y"},

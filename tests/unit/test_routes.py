@@ -12,6 +12,7 @@ from serve.gateway.backends import Backends
 from tests.fakes import FakeUpstream
 
 CONFIG = Config.model_validate({
+    "auth": {"enabled": False},
     "models": [
         {"name": "student", "source": "x", "price": {"input_per_million": 1, "output_per_million": 2}},
         {"name": "teacher", "source": "y", "price": {"input_per_million": 10, "output_per_million": 20}},

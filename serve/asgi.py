@@ -1,0 +1,39 @@
+"""Serve an ASGI app with uvicorn on the current event loop, from inside a Ray Serve replica.
+
+Both kinds of replica (engines and the gateway) listen for HTTP themselves, so requests skip
+Serve's proxy and handle hops; this is the one place that knows how.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+
+def bind_socket(host: str, port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+async def start_in_loop(app: Any, sock: socket.socket, graceful_s: float = 30, **uvicorn_kw: Any
+                        ) -> tuple[Any, asyncio.Task]:
+    """Start uvicorn on `sock` in the running loop; returns (server, task) once it accepts."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=300,
+                            timeout_graceful_shutdown=graceful_s, loop="none", **uvicorn_kw)
+    server = uvicorn.Server(config)
+    # The replica already handles signals; uvicorn must not install its own.
+    server.install_signal_handlers = lambda: None
+    task = asyncio.get_running_loop().create_task(server.serve([sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("uvicorn stopped before it started")
+        await asyncio.sleep(0.05)
+    return server, task

@@ -1,0 +1,184 @@
+"""API keys, rate limits and input validation (fake engine; pure bucket arithmetic)."""
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.testclient import TestClient
+
+from serve.config import Config, ConfigError
+from serve.gateway.app import create_app
+from serve.gateway.auth import KeyStore, hash_key
+from serve.gateway.backends import Backends
+from serve.gateway.ratelimit import RateLimiter
+from serve.gateway.validate import validate
+from serve.policies.ratelimit import Bucket, take
+from tests.fakes import FakeUpstream
+
+
+def config(**auth):
+    return Config.model_validate({
+        "models": [{"name": "a", "source": "x"}, {"name": "b", "source": "y"}],
+        "auth": {"keys": [
+            {"name": "alice", "sha256": hash_key("sk-alice"), "requests_per_minute": 3},
+            {"name": "bob", "sha256": hash_key("sk-bob"), "models": ["b"], "tokens_per_minute": 300},
+        ], **auth},
+        "gateway": {"max_messages": 4},
+    })
+
+
+def make(cfg=None):
+    cfg = cfg or config()
+    backends = Backends()
+    backends.update({"a": [("a#1", "http://a")], "b": [("b#1", "http://b")]})
+    up = FakeUpstream()
+    return TestClient(create_app(cfg, backends, up, limiter=RateLimiter(None))), up
+
+
+def chat(model="a", **kw):
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+def post(client, body, key="sk-alice"):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return client.post("/v1/chat/completions", json=body, headers=headers)
+
+
+def test_missing_or_wrong_key_is_401_invalid_api_key():
+    client, up = make()
+    for key in [None, "sk-wrong"]:
+        r = post(client, chat(), key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    r = client.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Basic x"})
+    assert r.status_code == 401
+    assert up.calls == []
+    assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def test_key_limited_to_models():
+    client, _ = make()
+    assert post(client, chat("b"), "sk-bob").status_code == 200
+    r = post(client, chat("a"), "sk-bob")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_requests_per_minute_gives_429_with_headers():
+    client, _ = make()
+    codes = [post(client, chat()).status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    r = post(client, chat())
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(r.headers["retry-after"]) >= 1 and r.headers["x-ratelimit-limit-requests"] == "3"
+    assert r.headers["x-ratelimit-remaining-requests"] == "0"
+    assert 'llmserve_rate_limited_total{key="alice",limit="requests"}' in client.get("/metrics").text
+
+
+def test_tokens_per_minute_counts_max_tokens():
+    client, _ = make()
+    assert post(client, chat("b", max_tokens=200), "sk-bob").status_code == 200
+    r = post(client, chat("b", max_tokens=200), "sk-bob")
+    assert r.status_code == 429 and "tokens" in r.json()["error"]["message"]
+
+
+def test_auth_on_without_keys_fails_at_start(tmp_path):
+    with pytest.raises(ConfigError, match="no API keys"):
+        KeyStore(Config.model_validate({"models": [{"name": "a", "source": "x"}]}).auth)
+
+
+def test_keys_file(tmp_path):
+    f = tmp_path / "keys.yaml"
+    f.write_text(f"- name: carol\n  sha256: {hash_key('sk-carol')}\n")
+    client, _ = make(config(keys=[], keys_file=str(f)))
+    assert post(client, chat(), "sk-carol").status_code == 200
+    f.write_text("- name: x\n  sha256: nothex\n")
+    with pytest.raises(ConfigError, match="keys_file"):
+        KeyStore(config(keys=[], keys_file=str(f)).auth)
+
+
+def test_bucket_arithmetic():
+    v, b = take(None, capacity=10, per_minute=60, cost=4, now=0)
+    assert v.allowed and v.remaining == 6
+    v, b = take(b, 10, 60, 7, now=0)
+    assert not v.allowed and v.retry_after_s == pytest.approx(1.0)
+    v, b = take(b, 10, 60, 7, now=1)
+    assert v.allowed and v.remaining == pytest.approx(0)
+    v, _ = take(Bucket(0, 0), 10, 60, 50, now=0)  # bigger than the bucket: finite retry
+    assert not v.allowed and v.retry_after_s == pytest.approx(10)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": "hi"}, "messages"), ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}] * 5}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.[0].role"),
+    ({"messages": [{"role": "user"}]}, "messages.[0].content"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.[0].content"),
+    ({"messages": [1]}, "messages.[0]"),
+    (chat(max_tokens=0), "max_tokens"), (chat(max_tokens="5"), "max_tokens"), (chat(n=0), "n"),
+    (chat(temperature=3), "temperature"), (chat(temperature=True), "temperature"), (chat(top_p=-1), "top_p"),
+    (chat(stop=[1]), "stop"), (chat(stop=["a"] * 20), "stop"), (chat(logprobs="yes"), "logprobs"),
+    (chat(top_logprobs=50), "top_logprobs"), (chat(response_format={"type": "xml"}), "response_format"),
+    (chat(stream_options={"include_usage": "y"}), "stream_options"), (chat(user=3), "user"),
+])
+def test_invalid_chat_parameters(body, param):
+    client, up = make()
+    r = post(client, {"model": "a", **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert up.calls == []
+
+
+def test_invalid_utf8_and_deep_nesting():
+    client, _ = make()
+    h = {"Authorization": "Bearer sk-bob", "Content-Type": "application/json"}
+    assert client.post("/v1/chat/completions", content=b'{"model": "b", "x": "\xff\xfe"}', headers=h).status_code == 400
+    nan = client.post("/v1/chat/completions", content=b'{"model": "b", "temperature": NaN}', headers=h)
+    assert nan.status_code == 400
+    deep = b'{"model": "b", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = client.post("/v1/chat/completions", content=deep, headers=h)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_validate_completions_and_embeddings():
+    validate("/v1/completions", {"prompt": [1, 2, 3]}, 10)
+    validate("/v1/embeddings", {"input": ["a", "b"]}, 10)
+    for path, body in [("/v1/completions", {"prompt": None}), ("/v1/completions", {"prompt": []}),
+                       ("/v1/completions", {"prompt": "x", "echo": 1}), ("/v1/embeddings", {"input": 3}),
+                       ("/v1/embeddings", {"input": "x", "encoding_format": "hex"})]:
+        with pytest.raises(Exception) as e:
+            validate(path, body, 10)
+        assert getattr(e.value, "status", None) == 400
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+FIELDS = ["messages", "max_tokens", "temperature", "top_p", "n", "stop", "stream", "logprobs", "top_logprobs",
+          "response_format", "stream_options", "seed", "user", "model"]
+
+
+@st.composite
+def malformed(draw):
+    """A chat request with one field replaced by an arbitrary JSON value of a wrong kind."""
+    body = chat("b")
+    field = draw(st.sampled_from(FIELDS))
+    value = draw(json_values)
+    body[field] = value
+    return body
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=malformed())
+def test_malformed_requests_never_reach_the_engine_as_errors(body):
+    """Whatever the gateway lets through must be well-formed; whatever it refuses is a 4xx."""
+    client, up = make(config(default_requests_per_minute=None))
+    r = post(client, body, "sk-bob")
+    if r.status_code >= 400:
+        assert 400 <= r.status_code < 500
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    else:
+        sent = up.calls[-1][2]
+        assert isinstance(sent["messages"], list) and sent["messages"]
+    json.dumps(r.json() if r.headers.get("content-type", "").startswith("application/json") else {})
