@@ -65,6 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.port is not None:
         config.gateway.port = args.port
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _warn_if_open(config)
     print("llmserve: starting Ray and the engines (the first start builds the tiny model)...", flush=True)
     registry = deploy_models(config)
     try:
@@ -92,6 +93,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def _warn_if_open(config: Config) -> None:
+    if not config.auth.enabled:
+        bar = "!" * 78
+        print(f"{bar}\nllmserve: API KEYS ARE OFF - anyone who reaches {config.gateway.host}:{config.gateway.port} "
+              f"can use every model.\nThis is only for a local run; set auth.enabled and keys for anything else.\n"
+              f"{bar}", file=sys.stderr, flush=True)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    """Only the gateway, joining engines that already run in a Ray cluster (`ray.address`)."""
+    import ray
+    import uvicorn
+
+    from serve.engine.cluster import connect_ray
+    from serve.engine.registry import get_registry
+    from serve.gateway.server import build_gateway, ray_snapshot_source, uvicorn_config
+
+    config = load_config(args.config)
+    if args.port is not None:
+        config.gateway.port = args.port
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _warn_if_open(config)
+    connect_ray(config)
+    try:
+        app = build_gateway(config, ray_snapshot_source(get_registry(config.ray.namespace)))
+        server = uvicorn.Server(uvicorn_config(app, config))
+        print(f"llmserve: gateway on http://{config.gateway.host}:{config.gateway.port}/v1", flush=True)
+        server.run()
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    from serve.gateway.auth import hash_key
+
+    key = args.key if args.key else sys.stdin.readline().strip()
+    print(hash_key(key))
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from serve.model.tiny import build_tiny_model
 
@@ -115,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="override gateway.host")
     run.add_argument("--port", type=int, help="override gateway.port")
     run.set_defaults(func=cmd_run)
+
+    gw = sub.add_parser("gateway", help="run only the gateway against engines already in a Ray cluster")
+    gw.add_argument("--config", help="YAML configuration (ray.address names the cluster)")
+    gw.add_argument("--port", type=int, help="override gateway.port")
+    gw.set_defaults(func=cmd_gateway)
+
+    hk = sub.add_parser("hash-key", help="print the SHA-256 to put in auth.keys for an API key")
+    hk.add_argument("key", nargs="?", help="the key (read from stdin when omitted)")
+    hk.set_defaults(func=cmd_hash_key)
 
     tiny = sub.add_parser("tiny-model", help="write the tiny random Llama model to DIR")
     tiny.add_argument("dir")

@@ -45,6 +45,7 @@ class DirectLLMServer(LLMServer):
         self._sock = bind_socket(bind_host)
         self.url = f"http://{advertise}:{self._sock.getsockname()[1]}"
         app = await self.__serve_build_asgi_app__()
+        app.add_api_route("/llmserve/stats", self._stats, methods=["GET"])
         self._server, self._serve_task = await start_in_loop(app, self._sock)
         for adapter in adapters or []:
             await self.load_adapter(adapter["name"], adapter["path"])
@@ -68,6 +69,14 @@ class DirectLLMServer(LLMServer):
                 await self._registry.register.remote(self._model_name, self._replica_id, self.url, TTL_S)
             except Exception:  # the registry restarts on its own; keep beating
                 logger.warning("registry heartbeat failed", exc_info=True)
+
+    async def _stats(self) -> dict[str, Any]:
+        """Requests the engine still holds (running or waiting): what must drop to zero after a
+        client disconnects. Read from vLLM's AsyncLLM through Ray's engine wrapper."""
+        client = getattr(self.engine, "_engine_client", None)
+        unfinished = client.get_num_unfinished_requests() if client is not None else -1
+        return {"replica": self._replica_id, "model": self._model_name, "unfinished_requests": unfinished,
+                "pid": os.getpid()}
 
     async def endpoint(self) -> str:
         return self.url

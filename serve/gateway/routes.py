@@ -48,6 +48,7 @@ class Outcome:
     route: str
     key: str = "anonymous"  # the API key's name, for per-key cost
     served_by: str = ""
+    replica: str = ""  # the engine replica that answered (prefix affinity is visible here)
     cache: str = "bypass"  # hit | miss | bypass
     cost_usd: float = 0.0
     escalated: str | None = None
@@ -58,6 +59,8 @@ class Outcome:
              "x-llmserve-cache": self.cache, "x-llmserve-cost-usd": f"{self.cost_usd:.10f}"}
         if self.escalated:
             h["x-llmserve-escalated"] = self.escalated
+        if self.replica:
+            h["x-llmserve-replica"] = self.replica
         return h
 
 
@@ -162,7 +165,7 @@ class RouteRunner:
         asked = payload.get(limit_key)
         req[limit_key] = min(asked, cs.max_student_tokens) if isinstance(asked, int) else cs.max_student_tokens
         try:
-            resp, _ = await self.send(cs.student, path, json.dumps(req).encode(), False, payload)
+            resp, replica = await self.send(cs.student, path, json.dumps(req).encode(), False, payload)
         except APIError as e:
             out.escalated = f"student_{_failure_of(e).value}"
             self._count_escalation(route.name, out.escalated)
@@ -189,7 +192,7 @@ class RouteRunner:
         if not asked_logprobs:
             for c in body.get("choices", []):
                 c["logprobs"] = None
-        out.served_by = cs.student
+        out.served_by, out.replica = cs.student, replica
         with_cost(body, out.cost_usd)
         self.metrics.requests.labels(route.name, cs.student, "200").inc()
         # A student answer is not cached: the head cache holds answers of the route's best model.
@@ -223,7 +226,7 @@ class RouteRunner:
             else:
                 body = json.dumps({**sent, "model": model}).encode()
             try:
-                resp, _ = await self.send(model, path, body, stream, payload)
+                resp, out.replica = await self.send(model, path, body, stream, payload)
                 failure = classify_status(resp.status)
             except APIError as e:
                 failure = _failure_of(e)

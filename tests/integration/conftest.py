@@ -7,6 +7,7 @@ generate models with different seeds (a student and a teacher) and a tiny embedd
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import socket
@@ -51,6 +52,11 @@ def stack_config(port: int, redis_url: str, lora_dir: str) -> Config:
             {"name": "head", "target": "tiny-b", "fallback": ["tiny-a"], "cache": {"ttl_s": 600}},
         ],
         "cache": {"redis_url": redis_url},
+        "auth": {"keys": [
+            {"name": "test", "sha256": hashlib.sha256(b"test").hexdigest()},
+            {"name": "limited", "sha256": hashlib.sha256(b"limited").hexdigest(), "requests_per_minute": 2,
+             "models": ["tiny-a"]},
+        ]},
         "gateway": {"host": "127.0.0.1", "port": port, "request_timeout_s": 60},
         "ray": {"num_cpus": 8, "namespace": "llmserve-test"},
     })
@@ -71,10 +77,26 @@ class Stack:
         self.thread = thread
         self.base_url = f"http://127.0.0.1:{config.gateway.port}/v1"
 
-    def client(self, **kw):
+    def client(self, api_key: str = "test", **kw):
         from openai import OpenAI
 
-        return OpenAI(base_url=self.base_url, api_key="test", max_retries=0, timeout=120, **kw)
+        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=120, **kw)
+
+    def replicas(self, model: str) -> list[tuple[str, str]]:
+        import ray
+
+        return ray.get(self.registry.snapshot.remote()).get(model, [])
+
+    def engine_unfinished(self, model: str) -> int:
+        """Requests still held by the model's engines (vLLM's own count)."""
+        import json
+        import urllib.request
+
+        total = 0
+        for _, url in self.replicas(model):
+            with urllib.request.urlopen(f"{url}/llmserve/stats", timeout=10) as r:
+                total += json.loads(r.read())["unfinished_requests"]
+        return total
 
     def metrics(self) -> str:
         import urllib.request

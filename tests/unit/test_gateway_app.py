@@ -58,6 +58,7 @@ def test_routes_by_model_to_that_models_replicas():
         r = client.post("/v1/chat/completions", json=chat(model))
         assert r.status_code == 200 and r.headers["x-llmserve-served-by"] == model
         assert up.calls[-1][0] in hosts
+        assert r.headers["x-llmserve-replica"].split("#")[0] == model.split("-")[0]
         assert up.calls[-1][2]["model"] == model  # the body goes unchanged
 
 
