@@ -17,8 +17,10 @@ import sys
 import time
 from typing import Any
 
-WORDS = ("order status refund account password delivery invoice price shipping return warranty "
-         "address payment card login email phone store hours product size colour stock").split()
+WORDS = (
+    "order status refund account password delivery invoice price shipping return warranty address "
+    "payment card login email phone store hours product size colour stock"
+).split()
 
 
 def prompts(n: int, seed: int, words: int = 24) -> list[str]:
