@@ -17,7 +17,11 @@ import sys
 import time
 from typing import Any
 
-WORDS = ["order", "status", "refund", "account", "password", "delivery", "invoice", "price", "shipping", "return", "warranty", "address", "payment", "card", "login", "email", "phone", "store", "hours", "product", "size", "colour", "stock"]
+WORDS = [
+    "order", "status", "refund", "account", "password", "delivery", "invoice", "price", "shipping",
+    "return", "warranty", "address", "payment", "card", "login", "email", "phone", "store",
+    "hours", "product", "size", "colour", "stock",
+]
 
 
 def prompts(n: int, seed: int, words: int = 24) -> list[str]:
