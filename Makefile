@@ -68,5 +68,9 @@ integration: install system-deps
 test: install system-deps k8s-tools lint
 	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# Side-by-side benchmark against bare vLLM: writes bench/results/<date>.json and .png (minutes).
+bench: install system-deps
+	$(PY) -m bench.run $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
