@@ -1,0 +1,138 @@
+"""Locust users that call llmserve the way OpenAI SDK clients do.
+
+    locust -f loadtests/locustfile.py --headless -u 16 -r 4 -t 2m --host http://127.0.0.1:8000 \\
+        --csv out/llmserve --json > out/llmserve.json
+
+Scenarios (pick with class names on the command line, or with --tags):
+  ChatUser        streaming chat (the default), records TTFT and TPOT as their own metrics   tag: chat
+  HeadHeavyUser   deterministic questions drawn from a Zipf distribution (head-cache traffic) tag: head
+  LongPromptUser  long prompts (prefill-heavy)                                               tag: long
+  BatchUser       uploads a small batch file and submits it to /v1/batches                   tag: batch
+Environment: LLMSERVE_API_KEY (default "none"), LLMSERVE_MODEL (default "tiny"), LLMSERVE_HEAD_MODEL
+(route with a head cache; default LLMSERVE_MODEL), LLMSERVE_MAX_TOKENS (default 32), LLMSERVE_ZIPF_S
+(default 1.1), LLMSERVE_DISTINCT_QUERIES (default 1000).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+from locust import FastHttpUser, between, tag, task
+
+API_KEY = os.environ.get("LLMSERVE_API_KEY", "none")
+MODEL = os.environ.get("LLMSERVE_MODEL", "tiny")
+HEAD_MODEL = os.environ.get("LLMSERVE_HEAD_MODEL", MODEL)
+MAX_TOKENS = int(os.environ.get("LLMSERVE_MAX_TOKENS", "32"))
+ZIPF_S = float(os.environ.get("LLMSERVE_ZIPF_S", "1.1"))
+DISTINCT = int(os.environ.get("LLMSERVE_DISTINCT_QUERIES", "1000"))
+TOPICS = ["order", "refund", "password", "delivery", "invoice", "warranty", "address", "payment", "login"]
+
+
+def zipf_weights(n: int, s: float) -> list[float]:
+    return [1.0 / (rank ** s) for rank in range(1, n + 1)]
+
+
+def head_query(rng: random.Random, weights: list[float]) -> str:
+    rank = rng.choices(range(len(weights)), weights=weights)[0]
+    return f"How do I handle my {TOPICS[rank % len(TOPICS)]} (question {rank})?"
+
+
+class _OpenAIUser(FastHttpUser):
+    abstract = True
+    wait_time = between(0.0, 0.2)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+
+    def stream_chat(self, name: str, model: str, messages: list[dict], temperature: float = 0.7) -> None:
+        body = {"model": model, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": temperature,
+                "stream": True, "stream_options": {"include_usage": True}}
+        start = time.perf_counter()
+        first = None
+        tokens = 0
+        with self.client.post("/v1/chat/completions", data=json.dumps(body), headers=self.headers(),
+                              name=name, stream=True, catch_response=True) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"{resp.status_code}: {resp.text[:200]}")
+                return
+            buf = b""
+            for chunk in resp.iter_content(chunk_size=512, decode_content=False):
+                buf += chunk if isinstance(chunk, bytes) else chunk.encode()
+                while b"\n\n" in buf:
+                    event, buf = buf.split(b"\n\n", 1)
+                    if not event.startswith(b"data: {"):
+                        continue
+                    obj = json.loads(event[6:])
+                    if obj.get("choices") and first is None:
+                        first = time.perf_counter()
+                    if obj.get("usage"):
+                        tokens = obj["usage"].get("completion_tokens", 0)
+            resp.success()
+        end = time.perf_counter()
+        fire = self.environment.events.request.fire
+        if first is not None:
+            fire(request_type="METRIC", name=f"{name} TTFT", response_time=(first - start) * 1000,
+                 response_length=0, exception=None, context={})
+            if tokens > 1:
+                fire(request_type="METRIC", name=f"{name} TPOT", response_time=(end - first) * 1000 / (tokens - 1),
+                     response_length=tokens, exception=None, context={})
+
+
+class ChatUser(_OpenAIUser):
+    weight = 3
+
+    @tag("chat")
+    @task
+    def chat(self) -> None:
+        q = random.choice(TOPICS)
+        self.stream_chat("chat", MODEL, [{"role": "user", "content": f"Tell me about my {q}."}])
+
+
+class HeadHeavyUser(_OpenAIUser):
+    weight = 2
+
+    def on_start(self) -> None:
+        self.rng = random.Random(hash(self) & 0xFFFF)
+        self.weights = zipf_weights(DISTINCT, ZIPF_S)
+
+    @tag("head")
+    @task
+    def head(self) -> None:
+        self.stream_chat("head", HEAD_MODEL, [{"role": "user", "content": head_query(self.rng, self.weights)}],
+                         temperature=0.0)
+
+
+class LongPromptUser(_OpenAIUser):
+    weight = 1
+
+    @tag("long")
+    @task
+    def long(self) -> None:
+        context = " ".join(random.choice(TOPICS) for _ in range(300))
+        self.stream_chat("long", MODEL, [{"role": "system", "content": context},
+                                         {"role": "user", "content": "Summarise the above."}])
+
+
+class BatchUser(FastHttpUser):
+    weight = 0  # opt in: `locust ... BatchUser` or --tags batch
+    wait_time = between(5, 10)
+
+    @tag("batch")
+    @task
+    def submit(self) -> None:
+        lines = [json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+                             "body": {"model": MODEL, "max_tokens": 8,
+                                      "messages": [{"role": "user", "content": f"question {i}"}]}})
+                 for i in range(10)]
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        up = self.client.post("/v1/files", headers=headers, name="files.create",
+                              files={"file": ("batch.jsonl", "\n".join(lines).encode())}, data={"purpose": "batch"})
+        if up.status_code != 200:
+            return
+        self.client.post("/v1/batches", headers={**headers, "Content-Type": "application/json"},
+                         name="batches.create", data=json.dumps({"input_file_id": up.json()["id"],
+                                                                 "endpoint": "/v1/chat/completions",
+                                                                 "completion_window": "24h"}))
