@@ -233,6 +233,19 @@ class AuthSpec(_Strict):
     )
 
 
+class BatchSpec(_Strict):
+    enabled: bool = Field(True, description="Serve /v1/files and /v1/batches and run a batch worker.")
+    db_path: str | None = Field(
+        None, description="SQLite file for file and batch metadata; default: <cache dir>/batch/batch.db."
+    )
+    storage_dir: str | None = Field(
+        None, description="Directory for uploaded and result files; default: <cache dir>/batch/files."
+    )
+    concurrency: int = Field(
+        4, ge=1, description="Batch lines in flight at once (kept low so online requests keep priority)."
+    )
+
+
 class RaySpec(_Strict):
     address: str | None = Field(
         None, description="Ray cluster to join ('auto' in a cluster); none starts a local one."
@@ -250,6 +263,7 @@ class Config(_Strict):
     routes: list[RouteSpec] = Field(default_factory=list, description="Virtual models with policy chains.")
     cache: CacheStoreSpec = Field(default_factory=lambda: CacheStoreSpec(), description="Head-cache storage.")
     auth: AuthSpec = Field(default_factory=lambda: AuthSpec(), description="API keys and per-key rate limits.")
+    batch: BatchSpec = Field(default_factory=lambda: BatchSpec(), description="The Batch API and its worker.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:

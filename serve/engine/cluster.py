@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -48,6 +49,10 @@ def deploy_models(config: Config) -> Any:
         ],
         wait_for_applications_running=False,
     )
+    if config.batch.enabled:
+        from serve.batch.actor import start_batch_worker
+
+        start_batch_worker(config)
     return registry
 
 
@@ -95,6 +100,11 @@ def shutdown(config: Config) -> None:
         for spec in config.models:
             serve.delete(spec.name)
         serve.shutdown()
+        if config.batch.enabled:
+            from serve.batch.actor import WORKER_NAME
+
+            with contextlib.suppress(ValueError):  # ValueError: it is not running
+                ray.kill(ray.get_actor(WORKER_NAME, namespace=config.ray.namespace))
     finally:
         if not config.ray.address:
             ray.shutdown()

@@ -21,6 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from serve.batch.api import BatchAPI
+from serve.batch.store import BatchStore
 from serve.cache.store import HeadCache
 from serve.config import Config, ModelSpec, RouteSpec
 from serve.gateway.auth import KeyStore
@@ -312,7 +314,7 @@ async def until_disconnect(request: Request, work: Awaitable[Response]) -> Respo
 
 def create_app(config: Config, backends: Backends, upstream: Upstream, *, cache: HeadCache | None = None,
                metrics: Metrics | None = None, keys: KeyStore | None = None, limiter: RateLimiter | None = None,
-               lifespan: Any = None) -> Starlette:
+               batch_store: BatchStore | None = None, lifespan: Any = None) -> Starlette:
     gw = Gateway(config, backends, upstream, cache=cache, metrics=metrics, keys=keys, limiter=limiter)
 
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -338,6 +340,8 @@ def create_app(config: Config, backends: Backends, upstream: Upstream, *, cache:
         Route("/health", gw.health, methods=["GET"]),
         Route("/metrics", gw.metrics_endpoint, methods=["GET"]),
     ]
+    if batch_store is not None:
+        routes += BatchAPI(batch_store, lambda r: gw.keys.authenticate(r.headers.get("authorization"))).routes()
     app = Starlette(
         routes=routes,
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},

@@ -10,6 +10,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 
+from serve.batch.actor import open_store
 from serve.cache.store import HeadCache
 from serve.config import Config
 from serve.gateway.app import create_app
@@ -55,6 +56,7 @@ def build_gateway(
                       op_timeout_s=config.cache.op_timeout_s)
     limiter = RateLimiter(config.cache.redis_url, op_timeout_s=config.cache.op_timeout_s)
     keys = KeyStore(config.auth)
+    batch_store = open_store(config) if config.batch.enabled else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -71,7 +73,8 @@ def build_gateway(
             await cache.close()
             await limiter.close()
 
-    return create_app(config, backends, upstream, cache=cache, keys=keys, limiter=limiter, lifespan=lifespan)
+    return create_app(config, backends, upstream, cache=cache, keys=keys, limiter=limiter,
+                      batch_store=batch_store, lifespan=lifespan)
 
 
 def uvicorn_config(app: Starlette, config: Config) -> Any:
