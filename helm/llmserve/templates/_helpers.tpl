@@ -169,11 +169,11 @@ spec:
       {{- if eq $v.modelCache.type "pvc" }}
       persistentVolumeClaim:
         claimName: {{ $v.modelCache.existingClaim | default (printf "%s-model-cache" (include "llmserve.fullname" $root)) }}
-      {{- else }}
+      {{- else if $v.modelCache.sizeLimit }}
       emptyDir:
-        {{- with $v.modelCache.sizeLimit }}
-        sizeLimit: {{ . }}
-        {{- end }}
+        sizeLimit: {{ $v.modelCache.sizeLimit }}
+      {{- else }}
+      emptyDir: {}
       {{- end }}
     - name: config
       configMap:

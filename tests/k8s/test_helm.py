@@ -1,0 +1,253 @@
+"""The Helm chart: lints, renders with each values file, and every rendered object validates; the
+serveConfigV2 is what Serve and llmserve will accept; the pieces reference each other correctly."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from tests.k8s.support import (
+    CHART,
+    by_kind,
+    check_gateway_wiring,
+    check_pod_references,
+    check_serve_config_v2,
+    helm_template,
+    one,
+    pod_templates,
+    tool,
+    validate,
+)
+
+CPU_DEV = str(CHART / "values-cpu-dev.yaml")
+PRODUCTION = str(CHART / "values-production.yaml")
+EVERYTHING = ("ingress.enabled=true,metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,"
+              "metrics.prometheusRule.enabled=true,batchJob.enabled=true,modelCache.type=pvc")
+CASES = {
+    "default": (),
+    "cpu-dev": ("-f", CPU_DEV),
+    "production": ("-f", PRODUCTION),
+    "cpu-dev-everything": ("-f", CPU_DEV, "--set", EVERYTHING),
+    "production-batch": ("-f", PRODUCTION, "--set", "batchJob.enabled=true"),
+}
+VALUES_FILES = {"default": None, "cpu-dev": CPU_DEV, "production": PRODUCTION}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Helm's values merge: mappings merge, anything else replaces, null deletes."""
+    out = dict(base)
+    for k, v in over.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _values(case: str) -> dict:
+    """The values a case renders with (without its --set overrides)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    file = VALUES_FILES[case.split("-everything")[0].split("-batch")[0]]
+    return _merge(values, yaml.safe_load(open(file))) if file else values
+
+
+@pytest.mark.parametrize("case", list(VALUES_FILES))
+def test_helm_lint_strict(case: str) -> None:
+    file = VALUES_FILES[case]
+    proc = subprocess.run([tool("helm"), "lint", "--strict", str(CHART), *(["-f", file] if file else [])],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_rendered_object_validates(case: str) -> None:
+    objs = helm_template(*CASES[case])
+    kinds = {o["kind"] for o in objs}
+    assert {"RayService", "Service", "ConfigMap", "PodDisruptionBudget", "Pod"} <= kinds, kinds
+    for obj in objs:
+        validate(obj)
+
+
+def test_optional_objects_render_when_enabled() -> None:
+    kinds = [o["kind"] for o in helm_template(*CASES["cpu-dev-everything"])]
+    for kind in ("Ingress", "ServiceMonitor", "PodMonitor", "PrometheusRule", "RayJob", "PersistentVolumeClaim"):
+        assert kinds.count(kind) == 1, kind
+    assert not {"Ingress", "ServiceMonitor", "RayJob"} & {o["kind"] for o in helm_template(*CASES["cpu-dev"])}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_serve_config_v2_is_what_serve_and_llmserve_accept(case: str) -> None:
+    from serve.config import Config
+
+    objs = helm_template(*CASES[case])
+    raw, config = check_serve_config_v2(one(objs, "RayService")["spec"]["serveConfigV2"])
+    values = _values(case)
+    # The gateway gets the whole `serve:` values, unchanged.
+    assert config == Config.model_validate(values["serve"])
+    gateway = next(a for a in raw["applications"] if a["name"] == "gateway")
+    assert gateway["args"]["replicas"] == values["gateway"]["replicas"]
+    # The mounted config file holds the same configuration.
+    cm = next(c for c in by_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("-config"))
+    assert Config.model_validate(yaml.safe_load(cm["data"]["config.yaml"])) == config
+    check_gateway_wiring(objs, raw, config)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_pods_reference_rendered_or_declared_objects(case: str) -> None:
+    objs = helm_template(*CASES[case])
+    values = _values(case)
+    names = {k: {o["metadata"]["name"] for o in by_kind(objs, k)}
+             for k in ("ConfigMap", "Secret", "PersistentVolumeClaim")}
+    names["Secret"] |= {values.get("existingSecret") or "", values["hfToken"]["existingSecret"]} - {""}
+    names["PersistentVolumeClaim"].add(values["modelCache"].get("existingClaim") or "")
+    for kind in ("RayService", "RayJob"):
+        for obj in by_kind(objs, kind):
+            spec = obj["spec"]["rayClusterConfig" if kind == "RayService" else "rayClusterSpec"]
+            check_pod_references(spec, names)
+
+
+def test_production_gpu_cluster() -> None:
+    from serve.config import Config
+
+    objs = helm_template(*CASES["production"])
+    service = one(objs, "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    _, config = check_serve_config_v2(service["spec"]["serveConfigV2"])
+    assert config == Config.model_validate(_values("production")["serve"])
+    gpu_groups = []
+    for group, tpl in pod_templates(cluster):
+        spec = tpl["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
+        assert "persistentVolumeClaim" in volumes["model-cache"]
+        [container] = spec["containers"]
+        assert any(m["mountPath"] == "/dev/shm" for m in container["volumeMounts"])
+        limits = container["resources"].get("limits", {})
+        if "nvidia.com/gpu" in limits:
+            gpu_groups.append(limits["nvidia.com/gpu"])
+            assert container["resources"]["requests"]["nvidia.com/gpu"] == limits["nvidia.com/gpu"]
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+            assert spec.get("nodeSelector") or spec.get("affinity")
+            assert group["maxReplicas"] > group["minReplicas"] or group["maxReplicas"] == 1
+    assert len(gpu_groups) == 2
+    for model in config.models:
+        assert model.accelerator == "gpu" and "/" in model.source, "real hub models"
+        assert model.deployment.autoscaling is not None, f"{model.name}: Serve autoscaling_config"
+        need = model.engine.tensor_parallel_size * max(model.deployment.num_gpus, 1)
+        assert any(g >= need for g in gpu_groups), f"{model.name} needs a pod with {need} GPUs"
+
+
+def test_cpu_dev_requests_no_gpu() -> None:
+    objs = helm_template(*CASES["cpu-dev"])
+    assert "nvidia.com/gpu" not in yaml.safe_dump(list(objs))
+    _, config = check_serve_config_v2(one(objs, "RayService")["spec"]["serveConfigV2"])
+    for model in config.models:
+        assert model.source.startswith("builtin://tiny?seed=") and model.accelerator == "cpu"
+        assert model.engine.dtype == "float32" and model.engine.enforce_eager is True
+    assert one(objs, "RayService")["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+
+
+def test_api_keys_are_hashed_into_the_secret() -> None:
+    from serve.config import ApiKey
+
+    objs = helm_template(*CASES["cpu-dev"])
+    [keys_secret] = [s for s in by_kind(objs, "Secret") if "keys.yaml" in s.get("data", {})]
+    text = base64.b64decode(keys_secret["data"]["keys.yaml"]).decode()
+    assert "sk-llmserve-dev" not in text
+    keys = [ApiKey.model_validate(k) for k in yaml.safe_load(text)["keys"]]
+    assert [(k.name, k.sha256) for k in keys] == [("dev", hashlib.sha256(b"sk-llmserve-dev").hexdigest())]
+    # `helm test` sends the clear key from a hook Secret, to the gateway Service.
+    [test_key] = [s for s in by_kind(objs, "Secret") if "api-key" in s.get("data", {})]
+    assert test_key["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    pod = one(objs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    script = pod["spec"]["containers"][0]["args"][0]
+    svc = one(objs, "Service")
+    assert f"http://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}/v1/models" in script
+    assert re.search(r"grep -q '\"id\": \*\"tiny-a\"'", script)
+
+
+def test_production_uses_the_existing_secret() -> None:
+    objs = helm_template(*CASES["production"])
+    assert not [s for s in by_kind(objs, "Secret") if "keys.yaml" in s.get("data", {})]
+    pod = one(objs, "Pod")
+    assert "env" not in pod["spec"]["containers"][0], "no clear key in values: the test sends none"
+
+
+def test_prometheus_rule_carries_the_alert_file() -> None:
+    from tests.k8s.support import OBSERVABILITY
+
+    rule = one(helm_template(*CASES["cpu-dev-everything"]), "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load((OBSERVABILITY / "alerts.yaml").read_text())["groups"]
+    dashboard = next(c for c in by_kind(helm_template(), "ConfigMap") if c["metadata"]["name"].endswith("dashboard"))
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["data"]["llmserve.json"].strip() == (OBSERVABILITY / "dashboard.json").read_text().strip()
+
+
+def test_batch_job_runs_the_configured_entrypoint_without_gateways() -> None:
+    job = one(helm_template(*CASES["production-batch"]), "RayJob")
+    assert job["spec"]["entrypoint"].startswith("llmserve cache build ")
+    groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert [g["groupName"] for g in groups] == ["l4", "a100x2"]
+    for _, tpl in pod_templates(job["spec"]["rayClusterSpec"]):
+        assert tpl["metadata"]["labels"]["app.kubernetes.io/component"] == "batch"
+        assert "llmserve.io/gateway" not in tpl["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--set", "serve.gateway.host=127.0.0.1"), "0.0.0.0"),
+    (("--set", "gateway.replicas=2"), "gateway.replicas (2) exceeds"),
+    (("--set", "head.gateway=false"), "no pod can host the gateway"),
+    (("--set", "imageTag=1"), "additional properties 'imageTag' not allowed"),
+    (("--set", "serve.models=null"), "models"),
+])
+def test_bad_values_are_refused(args: tuple[str, ...], message: str) -> None:
+    proc = subprocess.run([tool("helm"), "template", "llm", str(CHART), "-f", CPU_DEV, *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def _value_keys(text: str) -> list[tuple[str, bool]]:
+    """(dotted path, has a `# --` comment) of every key of values.yaml that is a value: a key with a
+    `# --` comment, or an undocumented key that has no keys below it and is not inside a documented
+    value (the contents of a documented value are its default, not values of their own)."""
+    lines = text.splitlines()
+    out: list[tuple[str, bool]] = []
+    stack: list[tuple[int, str, bool]] = []  # indent, path, documented
+    for i, line in enumerate(lines):
+        m = re.match(r"^( *)([A-Za-z0-9_.-]+):", line)
+        if not m:
+            continue
+        indent, key = len(m.group(1)), m.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        j = i - 1
+        while j >= 0 and lines[j].strip().startswith("#") and not lines[j].strip().startswith("# --"):
+            j -= 1
+        documented = j >= 0 and lines[j].strip().startswith("# --")
+        if not documented and any(doc for _, _, doc in stack):
+            continue
+        path = ".".join([p for _, p, _ in stack[-1:]] + [key])
+        nxt = next((ln for ln in lines[i + 1:] if ln.strip() and not ln.strip().startswith("#")), "")
+        is_parent = line.rstrip().endswith(":") and re.match(rf"^ {{{indent + 1},}}[A-Za-z0-9_.-]+:", nxt)
+        if documented or not is_parent:
+            out.append((path, documented))
+        stack.append((indent, path, documented))
+    return out
+
+
+def test_every_value_is_documented_in_values_and_readme() -> None:
+    keys = _value_keys((CHART / "values.yaml").read_text())
+    assert len(keys) > 50
+    assert [p for p, doc in keys if not doc] == [], "values without a `# --` comment"
+    readme = (CHART / "README.md").read_text()
+    assert [p for p, _ in keys if f"| `{p}` |" not in readme] == [], "values missing from the README table"
