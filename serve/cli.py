@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny_model)
 
+    from serve.cli_tools import add_commands
+
+    add_commands(sub)
+
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("config")
     check.set_defaults(func=cmd_check_config)

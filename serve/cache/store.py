@@ -150,6 +150,25 @@ class HeadCache:
                 self._failed("put", e)
         return len(pairs)
 
+    async def record(self, route: str, hit: bool) -> None:
+        """Count a lookup in Redis, so `llmserve cache stats` sees every gateway replica's hit rate."""
+        if not self.redis_up:
+            return
+        try:
+            await self._redis.hincrby(f"llmserve:cachestats:{route}", "hits" if hit else "misses", 1)
+        except Exception as e:
+            self._failed("record", e)
+
+    async def stats(self, route: str) -> dict[str, int]:
+        if not self.redis_up:
+            return {}
+        try:
+            raw = await self._redis.hgetall(f"llmserve:cachestats:{route}")
+        except Exception as e:
+            self._failed("stats", e)
+            return {}
+        return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+
     async def list_keys(self, route: str, limit: int = 10_000) -> list[str]:
         if not self.redis_up:
             return []

@@ -84,6 +84,12 @@ class RouteRunner:
         self.bill = bill
         self.metrics = metrics
         self.cache = cache
+        self._background: set[asyncio.Task] = set()  # held so the loop does not drop them mid-flight
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ---- entry ---------------------------------------------------------------------------------
     async def handle(self, route: RouteSpec, path: str, payload: dict[str, Any], key_name: str,
@@ -95,6 +101,8 @@ class RouteRunner:
         if ckey is not None and self.cache is not None:
             entry = await self.cache.get(route.name, ckey)
             self.metrics.cache_redis_up.set(1 if self.cache.redis_up else 0)
+            if self.cache.redis_configured:  # off the request path: the answer does not wait for it
+                self._spawn(self.cache.record(route.name, entry is not None))
             if entry is not None:
                 out.cache, out.served_by = "hit", f"cache:{entry.model}"
                 self.metrics.cache.labels(route.name, "hit").inc()
@@ -110,7 +118,7 @@ class RouteRunner:
 
             def store(body: dict[str, Any], model: str) -> None:
                 entry = CacheEntry(response=body, model=model, created_at=time.time(), route=route.name)
-                asyncio.get_running_loop().create_task(cache.put(route.name, ckey, entry, ttl))
+                self._spawn(cache.put(route.name, ckey, entry, ttl))
 
         chain: list[str] = []
         if route.cascade is not None:
@@ -130,7 +138,7 @@ class RouteRunner:
         if not is_deterministic(payload, spec.cacheable):
             return None
         norm = Normalization(whitespace=spec.normalize_whitespace, case=spec.normalize_case)
-        return cache_key(route.name, {**payload, "_path": path}, norm)
+        return cache_key(route.name, payload, norm)
 
     def _answer_cached(self, entry: CacheEntry, stream: bool, include_usage: bool, out: Outcome) -> Response:
         body = dict(entry.response)

@@ -29,7 +29,7 @@ PRICE_A = {"input_per_million": 0.1, "output_per_million": 0.2}
 PRICE_B = {"input_per_million": 1.0, "output_per_million": 2.0}
 
 
-def stack_config(port: int, redis_url: str, lora_dir: str) -> Config:
+def stack_config(port: int, redis_url: str, lora_dir: str, batch_dir: str) -> Config:
     """Student tiny-a (two replicas, with a LoRA adapter) and teacher tiny-b, an embedding model,
     and routes that force each policy outcome."""
     return Config.model_validate({
@@ -52,6 +52,7 @@ def stack_config(port: int, redis_url: str, lora_dir: str) -> Config:
             {"name": "head", "target": "tiny-b", "fallback": ["tiny-a"], "cache": {"ttl_s": 600}},
         ],
         "cache": {"redis_url": redis_url},
+        "batch": {"db_path": f"{batch_dir}/batch.db", "storage_dir": f"{batch_dir}/files", "concurrency": 4},
         "auth": {"keys": [
             {"name": "test", "sha256": hashlib.sha256(b"test").hexdigest()},
             {"name": "limited", "sha256": hashlib.sha256(b"limited").hexdigest(), "requests_per_minute": 2,
@@ -174,7 +175,7 @@ def stack(tmp_path_factory, redis_server):
     os.environ.setdefault("LLMSERVE_CACHE_DIR", str(tmp_path_factory.getbasetemp().parent / "llmserve-cache"))
     base = resolve_source(ModelSpec(name="x", source="builtin://tiny?seed=1"))
     lora = make_lora_adapter(base, str(tmp_path_factory.mktemp("lora") / "tiny-a-lora"))
-    config = stack_config(free_port(), redis_server.url, lora)
+    config = stack_config(free_port(), redis_server.url, lora, str(tmp_path_factory.mktemp("batch")))
     registry = deploy_models(config)
     try:
         wait_for_engines(registry, [m.name for m in config.models], timeout_s=900)

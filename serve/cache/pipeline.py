@@ -1,0 +1,90 @@
+"""The head-cache pipeline: pick the most frequent queries of a log, have the teacher answer them
+in a batch, and load the answers into a route's cache with provenance.
+
+Keys are computed exactly as the gateway computes them online (serve/policies/cache_key.py), from
+the logged request bodies, so a cached head query is a hit the next time a client sends it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from serve.policies.cache_key import Normalization, cache_key
+
+TOPICS = ["order", "refund", "password", "delivery", "invoice", "warranty", "address", "payment", "login",
+          "account", "shipping", "return", "subscription", "coupon", "store hours"]
+
+
+@dataclass(frozen=True)
+class HeadQuery:
+    key: str
+    count: int
+    request: dict[str, Any]  # one representative logged body
+
+
+def read_log(lines: Iterable[str | bytes]) -> list[dict[str, Any]]:
+    """Logged request bodies; lines that are not JSON objects with messages or a prompt are skipped."""
+    out = []
+    for raw in lines:
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and (isinstance(obj.get("messages"), list) or "prompt" in obj):
+            out.append(obj)
+    return out
+
+
+def select_head(requests: list[dict[str, Any]], route: str, top: int, norm: Normalization | None = None
+                ) -> tuple[list[HeadQuery], int]:
+    """The `top` most frequent normalised queries (ties: first seen first) and the log's size."""
+    counts: Counter[str] = Counter()
+    first: dict[str, dict[str, Any]] = {}
+    for r in requests:
+        k = cache_key(route, r, norm or Normalization())
+        counts[k] += 1
+        first.setdefault(k, r)
+    order = {k: i for i, k in enumerate(first)}
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], order[kv[0]]))[:top]
+    return [HeadQuery(k, n, first[k]) for k, n in ranked], len(requests)
+
+
+def coverage(requests: list[dict[str, Any]], route: str, cached: set[str], norm: Normalization | None = None
+             ) -> float:
+    """Share of logged traffic whose key is in the cache."""
+    if not requests:
+        return 0.0
+    n = norm or Normalization()
+    return sum(1 for r in requests if cache_key(route, r, n) in cached) / len(requests)
+
+
+def batch_lines(head: list[HeadQuery], teacher: str) -> list[str]:
+    """Batch API input: each head query, sent to the teacher, with the key as custom_id."""
+    lines = []
+    for q in head:
+        body = {k: v for k, v in q.request.items() if k not in ("stream", "stream_options", "model")}
+        body["model"] = teacher
+        url = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        lines.append(json.dumps({"custom_id": q.key, "method": "POST", "url": url, "body": body}))
+    return lines
+
+
+def synth_log(requests: int, distinct: int, s: float = 1.1, seed: int = 0, max_tokens: int = 16,
+              model: str = "assistant") -> list[dict[str, Any]]:
+    """A Zipf-distributed query log: query rank r is drawn with weight 1/r^s (head-heavy traffic).
+    Whitespace and case vary between repeats, as real users type them."""
+    rng = random.Random(seed)
+    weights = [1.0 / (r ** s) for r in range(1, distinct + 1)]
+    out = []
+    for rank in rng.choices(range(distinct), weights=weights, k=requests):
+        text = f"How do I change my {TOPICS[rank % len(TOPICS)]} (case {rank})?"
+        if rng.random() < 0.3:
+            text = "  " + text.replace(" ", "  ") + " "
+        out.append({"model": model, "messages": [{"role": "user", "content": text}], "temperature": 0,
+                    "max_tokens": max_tokens})
+    return out

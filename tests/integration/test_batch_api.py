@@ -1,0 +1,109 @@
+"""The Batch API through the `openai` SDK on real engines, a killed worker, and the head-cache build."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+EP = "/v1/chat/completions"
+
+
+def line(cid, model="tiny-a", max_tokens=6, text=None):
+    return json.dumps({"custom_id": cid, "method": "POST", "url": EP, "body": {
+        "model": model, "max_tokens": max_tokens, "temperature": 0,
+        "messages": [{"role": "user", "content": text or f"question {cid}"}]}})
+
+
+def wait(client, batch_id, timeout_s=240, until=("completed", "failed", "expired", "cancelled")):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        b = client.batches.retrieve(batch_id)
+        if b.status in until:
+            return b
+        assert time.monotonic() < deadline, f"batch still {b.status}: {b.request_counts}"
+        time.sleep(0.5)
+
+
+def submit(client, lines):
+    f = client.files.create(file=("in.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
+    return client.batches.create(input_file_id=f.id, endpoint=EP, completion_window="24h")
+
+
+def test_batch_lifecycle_with_a_broken_line(stack):
+    client = stack.client()
+    good = [line(f"ok-{i}") for i in range(6)]
+    lines = [*good[:3], "{this is not json", line("bad-model", model="no-such-model"), *good[3:]]
+    b = submit(client, lines)
+    assert b.status == "validating" and b.endpoint == EP
+    b = wait(client, b.id)
+    assert b.status == "completed", b
+    assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (8, 6, 2)
+    out = [json.loads(x) for x in client.files.content(b.output_file_id).text.splitlines()]
+    err = [json.loads(x) for x in client.files.content(b.error_file_id).text.splitlines()]
+    assert sorted(o["custom_id"] for o in out) == sorted(f"ok-{i}" for i in range(6))
+    assert all(o["response"]["status_code"] == 200 and o["response"]["body"]["choices"] for o in out)
+    assert {e["custom_id"] for e in err} == {"line-3", "bad-model"}
+    assert any(e["error"]["code"] == "model_not_found" for e in err)
+    assert b.id in [x.id for x in client.batches.list()]
+    assert client.files.retrieve(b.output_file_id).purpose == "batch_output"
+
+
+def test_cancel_keeps_finished_results(stack):
+    client = stack.client()
+    b = submit(client, [line(f"c-{i}", max_tokens=24) for i in range(60)])
+    wait(client, b.id, until=("in_progress",))
+    client.batches.cancel(b.id)
+    b = wait(client, b.id)
+    assert b.status == "cancelled" and b.request_counts.completed < 60
+
+
+def test_killed_worker_resumes_with_one_result_per_custom_id(stack):
+    import ray
+
+    from serve.batch.actor import WORKER_NAME
+
+    client = stack.client()
+    ids = [f"k-{i}" for i in range(40)]
+    b = submit(client, [line(c, max_tokens=16) for c in ids])
+    deadline = time.monotonic() + 120
+    while client.batches.retrieve(b.id).request_counts.completed < 10:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    worker = ray.get_actor(WORKER_NAME, namespace=stack.config.ray.namespace)
+    ray.kill(worker, no_restart=False)  # the process dies; Ray starts a new one
+    b = wait(client, b.id, timeout_s=300)
+    assert b.status == "completed"
+    out = [json.loads(x)["custom_id"] for x in client.files.content(b.output_file_id).text.splitlines()]
+    assert sorted(out) == sorted(ids) and b.request_counts.completed == 40
+
+
+def test_cache_build_makes_head_query_a_hit(stack, tmp_path):
+    log = tmp_path / "log.jsonl"
+    cli = [sys.executable, "-m", "serve.cli"]
+    subprocess.run([*cli, "cache", "synth-log", "-o", str(log), "--requests", "300", "--distinct", "40",
+                    "--seed", "5", "--max-tokens", "6", "--model", "head"], check=True, timeout=60)
+    env_args = ["--url", stack.base_url, "--api-key", "test", "--redis-url", stack.redis.url, "--timeout", "300"]
+    built = subprocess.run([*cli, "cache", "build", "--log", str(log), "--top", "5", "--model", "tiny-b",
+                            "--route", "head", *env_args], capture_output=True, text=True, timeout=400)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert "loaded 5 answers" in built.stdout
+    top = json.loads(log.read_text().splitlines()[0])  # the log's first line; check it is in the head
+    from serve.cache.pipeline import read_log, select_head
+
+    head, _ = select_head(read_log(log.read_text().splitlines()), "head", 5)
+    query = head[0].request
+    raw = stack.client().chat.completions.with_raw_response.create(
+        model="head", messages=query["messages"], max_tokens=query["max_tokens"], temperature=0)
+    assert raw.headers["x-llmserve-cache"] == "hit" and raw.headers["x-llmserve-served-by"] == "cache:tiny-b"
+    assert raw.parse().model_extra["llmserve_provenance"]["batch_id"].startswith("batch-")
+    stats = subprocess.run([*cli, "cache", "stats", "--route", "head", "--log", str(log), "--redis-url",
+                            stack.redis.url], capture_output=True, text=True, timeout=60, check=True)
+    s = json.loads(stats.stdout)
+    assert s["entries"] >= 5 and s["log_coverage"] > 0.3 and s["hits"] >= 1
+    assert top["model"] == "head"
