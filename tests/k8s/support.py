@@ -62,8 +62,8 @@ def docs(text: str) -> list[dict[str, Any]]:
 
 
 @functools.cache
-def helm_template(*args: str) -> tuple[dict[str, Any], ...]:
-    out = run([tool("helm"), "template", "llm", str(CHART), "--namespace", "llm", *args])
+def helm_template(*args: str, release: str = "llm") -> tuple[dict[str, Any], ...]:
+    out = run([tool("helm"), "template", release, str(CHART), "--namespace", "llm", *args])
     return tuple(docs(out))
 
 
