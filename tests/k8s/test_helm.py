@@ -251,3 +251,14 @@ def test_every_value_is_documented_in_values_and_readme() -> None:
     assert [p for p, doc in keys if not doc] == [], "values without a `# --` comment"
     readme = (CHART / "README.md").read_text()
     assert [p for p, _ in keys if f"| `{p}` |" not in readme] == [], "values missing from the README table"
+
+
+@pytest.mark.parametrize("case, warns", [("default", True), ("cpu-dev", False), ("production", False)])
+def test_notes_render_and_warn_about_missing_keys(case: str, warns: bool) -> None:
+    file = VALUES_FILES[case]
+    proc = subprocess.run([tool("helm"), "install", "llm", str(CHART), "--dry-run=client", "--namespace", "llm",
+                           *(["-f", file] if file else [])], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    notes = proc.stdout.split("NOTES:", 1)[1]
+    assert "helm test llm -n llm" in notes
+    assert ("no API keys are configured" in notes) == warns
