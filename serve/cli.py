@@ -86,6 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     watch.cancel()
             return watch.result() if watch.done() and not watch.cancelled() else 0
 
+        _exit_cleanly_on_sigterm()
         code = asyncio.run(main())
     finally:
         print("llmserve: shutting down engines...", flush=True)
@@ -99,6 +100,14 @@ def _warn_if_open(config: Config) -> None:
         print(f"{bar}\nllmserve: API KEYS ARE OFF - anyone who reaches {config.gateway.host}:{config.gateway.port} "
               f"can use every model.\nThis is only for a local run; set auth.enabled and keys for anything else.\n"
               f"{bar}", file=sys.stderr, flush=True)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """uvicorn drains on SIGTERM, then re-raises it to the previous handler (Ray's driver handler
+    exits with status 15). A drained gateway has done what SIGTERM asked: exit 0."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -120,6 +129,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         app = build_gateway(config, ray_snapshot_source(get_registry(config.ray.namespace)))
         server = uvicorn.Server(uvicorn_config(app, config))
         print(f"llmserve: gateway on http://{config.gateway.host}:{config.gateway.port}/v1", flush=True)
+        _exit_cleanly_on_sigterm()
         server.run()
     finally:
         ray.shutdown()

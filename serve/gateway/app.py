@@ -236,17 +236,19 @@ class Gateway:
         """TTFT, TPOT and end-to-end latency of a stream, measured where the client sees it."""
         first: float | None = None
         n = 0
-        async for chunk in chunks:
-            if first is None:
-                first = time.perf_counter()
-                self.metrics.ttft.labels(route, model).observe(first - started)
-            n += 1
-            yield chunk
-        end = time.perf_counter()
-        self.metrics.latency.labels(route, model).observe(end - started)
-        if first is not None and n > 2:
-            # Chunks after the first approximate tokens (vLLM sends one chunk per decode step).
-            self.metrics.tpot.labels(route, model).observe((end - first) / (n - 2))
+        try:
+            async for chunk in chunks:
+                if first is None:
+                    first = time.perf_counter()
+                    self.metrics.ttft.labels(route, model).observe(first - started)
+                n += 1
+                yield chunk
+        finally:  # also when the client hangs up after the last chunk
+            end = time.perf_counter()
+            self.metrics.latency.labels(route, model).observe(end - started)
+            if first is not None and n > 2:
+                # Chunks after the first approximate tokens (vLLM sends one chunk per decode step).
+                self.metrics.tpot.labels(route, model).observe((end - first) / (n - 2))
 
     async def list_models(self, request: Request) -> Response:
         data = [{"id": r.name, "object": "model", "created": self.created, "owned_by": "llmserve",
@@ -338,6 +340,8 @@ def create_app(config: Config, backends: Backends, upstream: Upstream, *, cache:
         Route("/v1/completions", gw.proxy, methods=["POST"]),
         Route("/v1/embeddings", gw.proxy, methods=["POST"]),
         Route("/health", gw.health, methods=["GET"]),
+        # Ray Serve proxies answer this; KubeRay and load balancers probe it.
+        Route("/-/healthz", gw.health, methods=["GET"]),
         Route("/metrics", gw.metrics_endpoint, methods=["GET"]),
     ]
     if batch_store is not None:

@@ -279,18 +279,21 @@ class RouteRunner:
         assert resp.chunks is not None
         try:
             async for chunk in resp.chunks:
-                if assembler is not None:
+                if assembler is not None and store is not None:
                     assembler.feed(chunk)
+                    if assembler.done:
+                        # Store before the last bytes go out: a client that hangs up right after
+                        # [DONE] cancels this generator before it would run past the loop.
+                        whole = assembler.response()
+                        if whole is not None:
+                            store(whole, model)
+                        assembler = None
                 if _USAGE.search(chunk):
                     chunk = self._bill_usage_chunk(route, model, chunk, out, strip_usage)
                 if chunk:
                     yield chunk
         finally:
             await resp.aclose()
-        if assembler is not None and store is not None:
-            whole = assembler.response()
-            if whole is not None:
-                store(whole, model)
 
     def _bill_usage_chunk(self, route: str, model: str, chunk: bytes, out: Outcome, strip: bool) -> bytes:
         kept = []

@@ -51,13 +51,17 @@ class StreamAssembler:
         self.finish: dict[int, Any] = {}
         self.usage: dict[str, Any] | None = None
         self.broken = False
+        self.done = False  # saw `data: [DONE]`
 
     def feed(self, chunk: bytes) -> None:
         self._buf += chunk
         while b"\n\n" in self._buf:
             event, self._buf = self._buf.split(b"\n\n", 1)
             for line in event.split(b"\n"):
-                if not line.startswith(b"data: ") or line == DONE.strip():
+                if line == DONE.strip():
+                    self.done = True
+                    continue
+                if not line.startswith(b"data: "):
                     continue
                 try:
                     obj = json.loads(line[6:])
