@@ -183,8 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_tiny_model)
 
     from serve.cli_tools import add_commands
+    from serve.students.cli import add_commands as add_student_commands
 
     add_commands(sub)
+    add_student_commands(sub)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("config")

@@ -181,6 +181,18 @@ class CascadeSpec(_Strict):
     )
 
 
+class ShadowSpec(_Strict):
+    model: str = Field(description="Candidate model or adapter that gets a copy of live requests.")
+    fraction: float = Field(0.1, ge=0, le=1, description="Share of the route's requests mirrored to it.")
+
+
+class GateSpec(_Strict):
+    metric: Literal["exact_match", "token_overlap", "json_valid"] = Field(
+        "token_overlap", description="Evaluation metric a candidate student is judged on."
+    )
+    min_score: float = Field(0.5, ge=0, le=1, description="Score the latest evaluation must reach to promote.")
+
+
 class RouteSpec(_Strict):
     name: str = Field(description="Virtual model name clients put in `model`.", min_length=1)
     target: str | None = Field(None, description="Model that serves the route (when there is no cascade).")
@@ -190,6 +202,8 @@ class RouteSpec(_Strict):
     )
     max_attempts: int = Field(3, ge=1, description="Most models tried for one request.")
     cache: CacheSpec | None = Field(None, description="Head cache in front of the route; none disables it.")
+    shadow: ShadowSpec | None = Field(None, description="Mirror live traffic to a candidate (answers unaffected).")
+    gate: GateSpec | None = Field(None, description="What a student must score to be promoted on this route.")
 
     @model_validator(mode="after")
     def _one_target(self) -> RouteSpec:
@@ -217,6 +231,7 @@ class ApiKey(_Strict):
     )
     requests_per_minute: int | None = Field(None, gt=0, description="Request rate limit; none: the default.")
     tokens_per_minute: int | None = Field(None, gt=0, description="Token rate limit; none: the default.")
+    admin: bool = Field(False, description="May load adapters at runtime (student promotion).")
 
 
 class AuthSpec(_Strict):
@@ -282,7 +297,8 @@ class Config(_Strict):
         models = {n for m in self.models for n in [m.name, *(a.name for a in m.adapters)]}
         for r in self.routes:
             refs = [*r.fallback, *([r.target] if r.target else []),
-                    *([r.cascade.student, r.cascade.teacher] if r.cascade else [])]
+                    *([r.cascade.student, r.cascade.teacher] if r.cascade else []),
+                    *([r.shadow.model] if r.shadow else [])]
             for ref in refs:
                 if ref not in models:
                     raise ValueError(f"route {r.name!r} names unknown model {ref!r}")

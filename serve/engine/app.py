@@ -16,4 +16,4 @@ from serve.engine.deployments import build_engine_app
 
 def build(args: dict[str, Any]) -> Any:  # -> ray.serve.Application
     spec = ModelSpec.model_validate(args["model"])
-    return build_engine_app(spec, str(args.get("namespace", "llmserve")))
+    return build_engine_app(spec, str(args.get("namespace", "llmserve")), args.get("redis_url"))

@@ -44,7 +44,8 @@ def deploy_models(config: Config) -> Any:
     # One call for all models so their engines load in parallel rather than one after another.
     serve.run_many(
         [
-            serve.RunTarget(build_engine_app(spec, config.ray.namespace), name=spec.name, route_prefix=None)
+            serve.RunTarget(build_engine_app(spec, config.ray.namespace, config.cache.redis_url), name=spec.name,
+                           route_prefix=None)
             for spec in config.models
         ],
         wait_for_applications_running=False,

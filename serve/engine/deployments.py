@@ -17,7 +17,7 @@ CPU_ENV = {
 }
 
 
-def llm_config_for(spec: ModelSpec, namespace: str) -> Any:  # -> ray.serve.llm.LLMConfig
+def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None) -> Any:  # -> LLMConfig
     from ray.serve.llm import LLMConfig
 
     source = resolve_source(spec)
@@ -46,7 +46,10 @@ def llm_config_for(spec: ModelSpec, namespace: str) -> Any:  # -> ray.serve.llm.
         deployment_config["num_replicas"] = dep.replicas
 
     env = {**(CPU_ENV if spec.accelerator == "cpu" else {}), **spec.env, "LLMSERVE_NAMESPACE": namespace}
-    if spec.adapters:
+    if redis_url:
+        # Adapters promoted at runtime are registered there; a new replica loads them too.
+        env["LLMSERVE_REDIS_URL"] = redis_url
+    if spec.adapters or spec.engine.enable_lora:
         # Adapters are loaded through vLLM's own /v1/load_lora_adapter once the engine is up, the
         # same call a later promotion uses to swap adapters without a restart.
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
@@ -65,13 +68,13 @@ def llm_config_for(spec: ModelSpec, namespace: str) -> Any:  # -> ray.serve.llm.
     return LLMConfig(**kwargs)
 
 
-def build_engine_app(spec: ModelSpec, namespace: str) -> Any:  # -> ray.serve.Application
+def build_engine_app(spec: ModelSpec, namespace: str, redis_url: str | None = None) -> Any:  # -> Application
     from ray.serve.llm import build_llm_deployment
 
     from serve.engine.direct import DirectLLMServer
 
     return build_llm_deployment(
-        llm_config_for(spec, namespace),
+        llm_config_for(spec, namespace, redis_url),
         name_prefix="engine:",
         deployment_cls=DirectLLMServer,
         bind_kwargs={"adapters": [a.model_dump(include={"name", "path"}) for a in spec.adapters]},

@@ -47,7 +47,7 @@ class DirectLLMServer(LLMServer):
         app = await self.__serve_build_asgi_app__()
         app.add_api_route("/llmserve/stats", self._stats, methods=["GET"])
         self._server, self._serve_task = await start_in_loop(app, self._sock)
-        for adapter in adapters or []:
+        for adapter in [*(adapters or []), *self._runtime_adapters()]:
             await self.load_adapter(adapter["name"], adapter["path"])
         self._registry = get_registry(self._namespace)
         await self._registry.register.remote(self._model_name, self._replica_id, self.url, TTL_S)
@@ -77,6 +77,27 @@ class DirectLLMServer(LLMServer):
         unfinished = client.get_num_unfinished_requests() if client is not None else -1
         return {"replica": self._replica_id, "model": self._model_name, "unfinished_requests": unfinished,
                 "pid": os.getpid()}
+
+    def _runtime_adapters(self) -> list[dict[str, str]]:
+        """Adapters promoted while the service ran (registered in Redis for this base model)."""
+        url = os.environ.get("LLMSERVE_REDIS_URL")
+        if not url or not os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
+            return []
+        import json
+
+        import redis
+
+        try:
+            entries = redis.Redis.from_url(url, socket_timeout=5).hgetall("llmserve:adapters")
+        except redis.RedisError:
+            logger.warning("could not read runtime adapters from redis", exc_info=True)
+            return []
+        out = []
+        for name, raw in entries.items():
+            meta = json.loads(raw)
+            if meta.get("base") == self._model_name:
+                out.append({"name": name.decode() if isinstance(name, bytes) else name, "path": meta["path"]})
+        return out
 
     async def endpoint(self) -> str:
         return self.url

@@ -28,6 +28,7 @@ from serve.config import Config, ModelSpec, RouteSpec
 from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends, Endpoint
 from serve.gateway.errors import APIError, bad_request, model_not_found
+from serve.gateway.lifecycle import load_adapter
 from serve.gateway.metrics import Metrics
 from serve.gateway.ratelimit import RateLimiter
 from serve.gateway.routes import Outcome, RouteRunner
@@ -342,6 +343,7 @@ def create_app(config: Config, backends: Backends, upstream: Upstream, *, cache:
         Route("/health", gw.health, methods=["GET"]),
         # Ray Serve proxies answer this; KubeRay and load balancers probe it.
         Route("/-/healthz", gw.health, methods=["GET"]),
+        Route("/v1/llmserve/adapters", lambda r: load_adapter(gw, r), methods=["POST"]),
         Route("/metrics", gw.metrics_endpoint, methods=["GET"]),
     ]
     if batch_store is not None:

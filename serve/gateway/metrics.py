@@ -39,6 +39,11 @@ class Metrics:
                                    ["route", "reason"], registry=r)
         self.fallbacks = Counter("llmserve_fallbacks", "Requests moved to the next model of a route.",
                                  ["route", "from_model", "failure"], registry=r)
+        self.shadow = Counter("llmserve_shadow_requests", "Requests mirrored to a route's candidate, by result.",
+                              ["route", "model", "result"], registry=r)
+        self.shadow_agreement = Histogram("llmserve_shadow_agreement",
+                                          "Token-overlap agreement of a shadow answer with the live one.",
+                                          ["route", "model"], buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=r)
         self.rate_limited = Counter("llmserve_rate_limited", "Requests rejected by a rate limit.",
                                     ["key", "limit"], registry=r)
         self.in_flight = Gauge("llmserve_in_flight_requests", "Requests in flight to engines, by model.",

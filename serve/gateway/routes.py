@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import re
 import time
 import uuid
@@ -27,7 +28,7 @@ from serve.gateway.metrics import Metrics
 from serve.gateway.sse import StreamAssembler, replay
 from serve.gateway.upstream import UpstreamResponse
 from serve.policies.cache_key import Normalization, cache_key, is_deterministic
-from serve.policies.cascade import DEFAULT_REFUSALS, CascadePolicy, decide
+from serve.policies.cascade import DEFAULT_REFUSALS, CascadePolicy, choice_text, decide
 from serve.policies.fallback import Failure, FallbackPolicy, classify_status
 
 logger = logging.getLogger("llmserve.routes")
@@ -53,7 +54,8 @@ class Outcome:
     cost_usd: float = 0.0
     escalated: str | None = None
     models: list[str] = field(default_factory=list)
-
+    path: str = ""
+    request: dict[str, Any] | None = None  # kept for shadow traffic
     def headers(self) -> dict[str, str]:
         h = {"x-llmserve-route": self.route, "x-llmserve-served-by": self.served_by,
              "x-llmserve-cache": self.cache, "x-llmserve-cost-usd": f"{self.cost_usd:.10f}"}
@@ -85,6 +87,7 @@ class RouteRunner:
         self.metrics = metrics
         self.cache = cache
         self._background: set[asyncio.Task] = set()  # held so the loop does not drop them mid-flight
+        self._rng = random.Random()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -94,7 +97,7 @@ class RouteRunner:
     # ---- entry ---------------------------------------------------------------------------------
     async def handle(self, route: RouteSpec, path: str, payload: dict[str, Any], key_name: str,
                      raw: bytes | None = None) -> Response:
-        out = Outcome(route=route.name, key=key_name)
+        out = Outcome(route=route.name, key=key_name, path=path, request=payload)
         stream = bool(payload.get("stream"))
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
         ckey = self._cache_key(route, path, payload)
@@ -267,6 +270,7 @@ class RouteRunner:
             out.cost_usd += self.bill(out, model, body.get("usage"))
             if store is not None:
                 store(json.loads(resp.body), model)
+            self._maybe_shadow(route, out, body)
             return JSONResponse(with_cost(body, out.cost_usd), resp.status, headers=out.headers())
         return StreamingResponse(self._relay(route.name, model, resp, out, store, strip_usage),
                                  media_type="text/event-stream", headers=out.headers())
@@ -294,6 +298,32 @@ class RouteRunner:
                     yield chunk
         finally:
             await resp.aclose()
+
+    def _maybe_shadow(self, route: RouteSpec, out: Outcome, answer: dict[str, Any]) -> None:
+        """Mirror a share of answered requests to the route's candidate, off the request path."""
+        shadow = route.shadow
+        if shadow is None or self._rng.random() >= shadow.fraction or out.request is None:
+            return
+        self._spawn(self._shadow(route.name, shadow.model, out.path, out.request, answer))
+
+    async def _shadow(self, route: str, model: str, path: str, request: dict[str, Any],
+                      answer: dict[str, Any]) -> None:
+        from serve.students.metrics import token_overlap
+
+        body = {k: v for k, v in request.items() if k not in ("stream", "stream_options")}
+        body["model"] = model
+        try:
+            resp, _ = await self.send(model, path, json.dumps(body).encode(), False, request)
+            if resp.status != 200:
+                self.metrics.shadow.labels(route, model, "error").inc()
+                return
+            theirs = json.loads(resp.body)
+        except Exception:  # a shadow never affects anything but its own counters
+            self.metrics.shadow.labels(route, model, "error").inc()
+            return
+        agree = token_overlap(choice_text(theirs["choices"][0]), choice_text(answer["choices"][0]))
+        self.metrics.shadow.labels(route, model, "ok").inc()
+        self.metrics.shadow_agreement.labels(route, model).observe(agree)
 
     def _bill_usage_chunk(self, route: str, model: str, chunk: bytes, out: Outcome, strip: bool) -> bytes:
         kept = []

@@ -16,8 +16,10 @@ from serve.config import Config
 from serve.gateway.app import create_app
 from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends
+from serve.gateway.lifecycle import lifecycle_loop
 from serve.gateway.ratelimit import RateLimiter
 from serve.gateway.upstream import HttpUpstream, Upstream
+from serve.students.registry import LifecycleStore
 
 logger = logging.getLogger("llmserve.gateway")
 
@@ -62,13 +64,19 @@ def build_gateway(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         with contextlib.suppress(Exception):
             backends.update(await fetch())
-        task = asyncio.get_running_loop().create_task(
-            discovery_loop(fetch, backends, config.gateway.discovery_interval_s)
-        )
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(discovery_loop(fetch, backends, config.gateway.discovery_interval_s))]
+        lifecycle = LifecycleStore(config.cache.redis_url) if config.cache.redis_url else None
+        if lifecycle is not None:
+            tasks.append(loop.create_task(
+                lifecycle_loop(app.state.gateway, lifecycle, config.gateway.discovery_interval_s)))
         try:
             yield
         finally:
-            task.cancel()
+            for task in tasks:
+                task.cancel()
+            if lifecycle is not None:
+                await lifecycle.close()
             await upstream.close()
             await cache.close()
             await limiter.close()

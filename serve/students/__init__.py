@@ -1,0 +1,1 @@
+"""Student lifecycle: teacher labels, evaluation, calibration, shadow traffic, promotion."""
