@@ -27,7 +27,7 @@ def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None
         engine_kwargs.setdefault("convert", "embed")
     if spec.adapters:
         engine_kwargs["enable_lora"] = True
-        engine_kwargs.setdefault("max_loras", len(spec.adapters))
+        engine_kwargs.setdefault("max_loras", max(4, len(spec.adapters)))  # room for promoted ones
     if spec.tokenizer:
         engine_kwargs["tokenizer"] = spec.tokenizer
 

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from serve.config import GateSpec, load_config
 
 
@@ -171,7 +173,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
                       f"{gate.min_score}", file=sys.stderr)
                 return 1
             client = _client(args)
-            client.post("/llmserve/adapters", cast_to=object,
+            client.post("/llmserve/adapters", cast_to=httpx.Response,
                         body={"name": args.adapter, "path": args.path, "base": args.base})
             await store.register_adapter(args.adapter, args.base, args.path)
             previous = (await store.overrides()).get(args.route, {}).get(field, configured)

@@ -50,11 +50,16 @@ def stack_config(port: int, redis_url: str, lora_dir: str, batch_dir: str) -> Co
             {"name": "cascade-escalate", "cascade": {"student": "tiny-a", "teacher": "tiny-b",
                                                      "min_mean_logprob": 1.0, "escalate_on_length": False}},
             {"name": "head", "target": "tiny-b", "fallback": ["tiny-a"], "cache": {"ttl_s": 600}},
+            # The student lifecycle moves this route's student; the gate decides who may take it.
+            {"name": "student-route", "cascade": {"student": "tiny-a-lora", "teacher": "tiny-b",
+                                                  "min_mean_logprob": -1000, "escalate_on_length": False},
+             "gate": {"metric": "token_overlap", "min_score": 0.5}},
+            {"name": "shadowed", "target": "tiny-a", "shadow": {"model": "tiny-a-lora", "fraction": 1.0}},
         ],
         "cache": {"redis_url": redis_url},
         "batch": {"db_path": f"{batch_dir}/batch.db", "storage_dir": f"{batch_dir}/files", "concurrency": 4},
         "auth": {"keys": [
-            {"name": "test", "sha256": hashlib.sha256(b"test").hexdigest()},
+            {"name": "test", "sha256": hashlib.sha256(b"test").hexdigest(), "admin": True},
             {"name": "limited", "sha256": hashlib.sha256(b"limited").hexdigest(), "requests_per_minute": 2,
              "models": ["tiny-a"]},
         ]},
@@ -145,7 +150,7 @@ def redis_server(tmp_path_factory):
     server.stop()
 
 
-def make_lora_adapter(base_dir: str, out_dir: str, seed: int = 7) -> str:
+def make_lora_adapter(base_dir: str, out_dir: str, seed: int = 7, std: float = 0.3) -> str:
     """A random rank-8 LoRA adapter for the tiny model, written by peft as a real adapter is."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -158,7 +163,7 @@ def make_lora_adapter(base_dir: str, out_dir: str, seed: int = 7) -> str:
     with torch.no_grad():  # big enough to change greedy output visibly
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
-                p.normal_(0.0, 0.3)
+                p.normal_(0.0, std)
     peft_model.save_pretrained(out_dir)
     return out_dir
 
