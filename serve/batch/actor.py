@@ -69,6 +69,8 @@ class BatchWorker:
         gw = Gateway(cfg, backends, HttpUpstream(cfg.gateway.connect_timeout_s), cache=cache,
                      keys=KeyStore(AuthSpec(enabled=False)))
         fetch = ray_snapshot_source(get_registry(cfg.ray.namespace))
+        with contextlib.suppress(Exception):  # start with the replicas known, not an empty pool
+            backends.update(await fetch())
         discovery = asyncio.get_running_loop().create_task(
             discovery_loop(fetch, backends, cfg.gateway.discovery_interval_s))
         runner = BatchRunner(open_store(cfg), make_call(gw), concurrency=cfg.batch.concurrency)

@@ -28,12 +28,28 @@ Call = Callable[[str, dict[str, Any]], Awaitable[tuple[int, dict[str, Any]]]]
 
 class BatchRunner:
     def __init__(self, store: BatchStore, call: Call, concurrency: int = 4, poll_s: float = 1.0,
-                 progress_every: int = 5) -> None:
+                 progress_every: int = 5, retry_s: float = 1.0, max_retries: int = 120) -> None:
         self.store = store
         self.call = call
         self.concurrency = concurrency
         self.poll_s = poll_s
         self.progress_every = progress_every
+        self.retry_s = retry_s
+        self.max_retries = max_retries
+
+    async def _call(self, line: Line) -> tuple[int, dict[str, Any]]:
+        """Answer one line. Busy or not-yet-ready engines (429/503) are waited for, not failed:
+        a batch has hours, and a restarting replica is not the line's fault."""
+        body = {**line.body, "stream": False}
+        for attempt in range(self.max_retries + 1):
+            try:
+                status, resp = await self.call(line.url, body)
+            except Exception as e:  # a failing request goes to the error file; the rest go on
+                status, resp = 500, {"error": {"message": str(e), "code": "batch_worker_error"}}
+            if status not in (429, 503) or attempt == self.max_retries:
+                return status, resp
+            await asyncio.sleep(self.retry_s)
+        raise AssertionError("unreachable")
 
     async def run_forever(self) -> None:
         while True:
@@ -95,11 +111,7 @@ class BatchRunner:
                 if self._cancelled(batch_id):
                     return
                 line = todo.get_nowait()
-                body = {**line.body, "stream": False}
-                try:
-                    status, resp = await self.call(line.url, body)
-                except Exception as e:  # a failing request goes to the error file; the rest go on
-                    status, resp = 500, {"error": {"message": str(e), "code": "batch_worker_error"}}
+                status, resp = await self._call(line)
                 ok = 200 <= status < 300
                 await asyncio.to_thread(s.put_result, batch_id, line.line_no, line.custom_id, ok,
                                         output_record(line.custom_id, status, resp))

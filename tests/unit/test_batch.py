@@ -135,3 +135,19 @@ def test_files_and_batches_http_api(tmp_path):
     assert client.post("/v1/files", files={"file": ("x", b"x")}, data={"purpose": "nope"}).status_code == 400
     assert client.delete(f"/v1/files/{fid}").json()["deleted"] is True
     assert client.get(f"/v1/files/{fid}").json()["error"]["code"] == "file_not_found"
+
+
+def test_busy_engines_are_waited_for_not_failed(tmp_path):
+    store = BatchStore(tmp_path / "b.db", tmp_path / "f")
+    attempts = []
+
+    async def call(path, body):
+        attempts.append(1)
+        if len(attempts) <= 3:
+            return 503, {"error": {"message": "no ready replica", "code": "model_not_ready"}}
+        return 200, {"ok": 1}
+
+    runner = run_batch(store, [line("a")], call, concurrency=1)
+    runner.retry_s = 0.01
+    asyncio.run(runner.run_once())
+    assert store.get_batch("batch-x")["request_counts"]["completed"] == 1 and len(attempts) == 4
