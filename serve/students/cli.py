@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
 import os
 import random
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,17 @@ def _redis_url(args: argparse.Namespace) -> str:
     if not url:
         raise SystemExit("llmserve: the student lifecycle keeps its records in Redis: pass --redis-url")
     return str(url)
+
+
+@contextlib.asynccontextmanager
+async def _store(args: argparse.Namespace) -> AsyncIterator[Any]:
+    from serve.students.registry import LifecycleStore
+
+    store = LifecycleStore(_redis_url(args))
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def _run_batch(client: Any, lines: list[str], timeout_s: float) -> tuple[str, dict[str, dict[str, Any]]]:
@@ -99,7 +112,6 @@ def _adapter_version(path: str | None) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from serve.students.metrics import score
-    from serve.students.registry import LifecycleStore
 
     labels = _read_labels(args.labels)
     batch_id, answers = _run_batch(_client(args), _lines(labels, args.adapter), args.timeout)
@@ -111,11 +123,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "batch_id": batch_id, "scores": score(pairs, metrics)}
 
     async def save() -> None:
-        store = LifecycleStore(_redis_url(args))
-        try:
+        async with _store(args) as store:
             await store.record_eval(args.adapter, record)
-        finally:
-            await store.close()
 
     asyncio.run(save())
     print(json.dumps({"adapter": args.adapter, **record}))
@@ -159,13 +168,10 @@ def _route_field(args: argparse.Namespace) -> tuple[str, str, GateSpec]:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from serve.students.registry import LifecycleStore
-
     field, configured, gate = _route_field(args)
 
     async def go() -> int:
-        store = LifecycleStore(_redis_url(args))
-        try:
+        async with _store(args) as store:
             latest = await store.latest_eval(args.adapter)
             got = (latest or {}).get("scores", {}).get(gate.metric)
             if got is None or got < gate.min_score:
@@ -181,18 +187,13 @@ def cmd_promote(args: argparse.Namespace) -> int:
                              f"{gate.metric}={got:.3f} >= {gate.min_score} (eval {(latest or {}).get('version')})")
             print(f"promoted {args.adapter} on route {args.route} ({field}; was {previous})")
             return 0
-        finally:
-            await store.close()
 
     return asyncio.run(go())
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from serve.students.registry import LifecycleStore
-
     async def go() -> int:
-        store = LifecycleStore(_redis_url(args))
-        try:
+        async with _store(args) as store:
             history = await store.history(args.route)
             if not history:
                 print(f"nothing to roll back on route {args.route}", file=sys.stderr)
@@ -202,21 +203,14 @@ def cmd_rollback(args: argparse.Namespace) -> int:
                              f"rollback of {last['action']} to {last['to']}")
             print(f"route {args.route}: {last['field']} back to {last['from']}")
             return 0
-        finally:
-            await store.close()
 
     return asyncio.run(go())
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from serve.students.registry import LifecycleStore
-
     async def go() -> list[dict[str, Any]]:
-        store = LifecycleStore(_redis_url(args))
-        try:
-            return await store.history(args.route)
-        finally:
-            await store.close()
+        async with _store(args) as store:
+            return list(await store.history(args.route))
 
     print(json.dumps(asyncio.run(go()), indent=1))
     return 0
