@@ -32,6 +32,8 @@ class FakeUpstream:
         if self.fail_first_n > 0:
             self.fail_first_n -= 1
             raise EngineUnavailable(f"{base_url} refused")
+        if path == "/v1/load_lora_adapter":
+            return UpstreamResponse(200, {}, b"Success: LoRA adapter loaded")
         model = payload["model"]
         if model in self.down_models:
             raise EngineUnavailable(f"{base_url} refused")

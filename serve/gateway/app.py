@@ -275,6 +275,9 @@ class Gateway:
         e = model_not_found(name)
         return JSONResponse(e.body(), e.status)
 
+    async def load_adapter(self, request: Request) -> Response:
+        return await load_adapter(self, request)
+
     async def metrics_endpoint(self, request: Request) -> Response:
         for m in self.config.models:
             self.metrics.replicas.labels(m.name).set(self.backends.ready_count(m.name))
@@ -343,7 +346,7 @@ def create_app(config: Config, backends: Backends, upstream: Upstream, *, cache:
         Route("/health", gw.health, methods=["GET"]),
         # Ray Serve proxies answer this; KubeRay and load balancers probe it.
         Route("/-/healthz", gw.health, methods=["GET"]),
-        Route("/v1/llmserve/adapters", lambda r: load_adapter(gw, r), methods=["POST"]),
+        Route("/v1/llmserve/adapters", gw.load_adapter, methods=["POST"]),
         Route("/metrics", gw.metrics_endpoint, methods=["GET"]),
     ]
     if batch_store is not None:

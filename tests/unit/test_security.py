@@ -182,3 +182,11 @@ def test_malformed_requests_never_reach_the_engine_as_errors(body):
         sent = up.calls[-1][2]
         assert isinstance(sent["messages"], list) and sent["messages"]
     json.dumps(r.json() if r.headers.get("content-type", "").startswith("application/json") else {})
+
+
+def test_adapter_loading_needs_an_admin_key():
+    client, _ = make()
+    body = {"name": "x", "path": "/p", "base": "a"}
+    r = client.post("/v1/llmserve/adapters", json=body, headers={"Authorization": "Bearer sk-alice"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "not_admin"
+    assert client.post("/v1/llmserve/adapters", json=body).status_code == 401
