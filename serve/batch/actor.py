@@ -71,13 +71,20 @@ class BatchWorker:
         fetch = ray_snapshot_source(get_registry(cfg.ray.namespace))
         with contextlib.suppress(Exception):  # start with the replicas known, not an empty pool
             backends.update(await fetch())
-        discovery = asyncio.get_running_loop().create_task(
-            discovery_loop(fetch, backends, cfg.gateway.discovery_interval_s))
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(discovery_loop(fetch, backends, cfg.gateway.discovery_interval_s))]
+        if cfg.cache.redis_url:  # adapters and routes changed at runtime apply to batches too
+            from serve.gateway.lifecycle import lifecycle_loop
+            from serve.students.registry import LifecycleStore
+
+            tasks.append(loop.create_task(
+                lifecycle_loop(gw, LifecycleStore(cfg.cache.redis_url), cfg.gateway.discovery_interval_s)))
         runner = BatchRunner(open_store(cfg), make_call(gw), concurrency=cfg.batch.concurrency)
         try:
             await runner.run_forever()
         finally:
-            discovery.cancel()
+            for task in tasks:
+                task.cancel()
 
     def alive(self) -> bool:
         return self._thread.is_alive()

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from serve.config import ModelSpec
@@ -16,4 +17,6 @@ from serve.engine.deployments import build_engine_app
 
 def build(args: dict[str, Any]) -> Any:  # -> ray.serve.Application
     spec = ModelSpec.model_validate(args["model"])
-    return build_engine_app(spec, str(args.get("namespace", "llmserve")), args.get("redis_url"))
+    # The Redis URL (runtime-promoted adapters) comes with the args or the pod's environment.
+    redis_url = args.get("redis_url") or os.environ.get("LLMSERVE_REDIS_URL")
+    return build_engine_app(spec, str(args.get("namespace", "llmserve")), redis_url)

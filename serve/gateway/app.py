@@ -57,6 +57,7 @@ class Gateway:
                  keys: KeyStore | None = None, limiter: RateLimiter | None = None) -> None:
         self.config = config
         self.keys = keys or KeyStore(config.auth)
+        self.lifecycle: Any = None  # the student lifecycle store (Redis), when configured
         self.limiter = limiter or RateLimiter(None)
         self.backends = backends
         self.upstream = upstream

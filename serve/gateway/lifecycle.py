@@ -89,6 +89,8 @@ async def load_adapter(gw: Any, request: Request) -> Response:
             raise APIError(502, f"Loading {name} failed on {len(failed)} of {len(eps)} replicas: {failed}",
                            code="adapter_load_failed")
         apply(gw, {str(name): {"base": str(base), "path": str(path)}}, {})
+        if gw.lifecycle is not None:  # every gateway, the batch worker and future replicas learn it
+            await gw.lifecycle.register_adapter(str(name), str(base), str(path))
         return JSONResponse({"name": name, "base": base, "replicas": len(eps)})
     except APIError as e:
         return JSONResponse(e.body(), e.status, headers=e.headers)

@@ -67,6 +67,7 @@ def build_gateway(
         loop = asyncio.get_running_loop()
         tasks = [loop.create_task(discovery_loop(fetch, backends, config.gateway.discovery_interval_s))]
         lifecycle = LifecycleStore(config.cache.redis_url) if config.cache.redis_url else None
+        app.state.gateway.lifecycle = lifecycle
         if lifecycle is not None:
             tasks.append(loop.create_task(
                 lifecycle_loop(app.state.gateway, lifecycle, config.gateway.discovery_interval_s)))
