@@ -20,7 +20,7 @@ help:
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@test -x $(UV) || { $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip -q; $(PY) -m pip install -q uv; }
+	@test -x $(UV) || { $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip >/dev/null; $(PY) -m pip install -q uv; }
 	$(UV) pip install --python $(PY) $(FIND_LINKS) -e '.[$(EXTRAS)]'
 	@# The PyPI builds of these break the CPU torch ("operator torchvision::nms does not exist").
 	$(UV) pip uninstall --python $(PY) torchvision torchaudio torchcodec 2>/dev/null || true
