@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ def ratio(a: float, b: float) -> float:
 def summarize(rounds: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[int, dict[str, Any]]:
     """Per concurrency: medians over rounds of each system's figures, and llmserve/bare ratios."""
     def med(xs: list[float]) -> float:
-        xs = sorted(x for x in xs if not math.isnan(x))
-        return xs[len(xs) // 2] if xs else float("nan")
+        xs = [x for x in xs if not math.isnan(x)]
+        return statistics.median(xs) if xs else float("nan")
 
     out: dict[int, dict[str, Any]] = {}
     for conc in sorted(rounds["bare"]):

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(ROOT / "bench" / "config.yaml"), help="llmserve config (model `tiny`)")
     p.add_argument("--model-path", help="checkpoint for bare vLLM (default: the tiny model llmserve builds)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--requests-per-stream", type=int, default=12, help="requests = this x concurrency")
     p.add_argument("--min-requests", type=int, default=40)
