@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "soak-llmserve.log", "w") as log:
-        gw = subprocess.Popen([sys.executable, "-m", "serve.cli", "run", "--config", str(ROOT / "bench" / "config.yaml"),
-                               "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+        cmd = [sys.executable, "-m", "serve.cli", "run", "--config", str(ROOT / "bench" / "config.yaml"),
+               "--port", str(port)]
+        gw = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}/v1"
         wait_ready(base, "tiny", gw, 900, "llmserve")
