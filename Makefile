@@ -12,7 +12,7 @@ FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 EXTRAS ?= cpu,test,load
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps k8s-tools run test lint unit integration bench clean
+.PHONY: help install system-deps k8s-tools run test lint unit integration bench soak clean
 
 help:
 	@echo "make run    - install and start the gateway on the tiny local model (http://127.0.0.1:8000/v1)"
@@ -73,6 +73,10 @@ test: install system-deps k8s-tools lint
 # Side-by-side benchmark against bare vLLM: writes bench/results/<date>.json and .png (minutes).
 bench: install system-deps
 	$(PY) -m bench.run $(ARGS)
+
+# Bounded soak at twice the configured concurrency: status codes, stuck requests, gateway memory.
+soak: install system-deps
+	$(PY) -m bench.soak $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
