@@ -57,8 +57,11 @@ async def drive(base: str, requests: int, concurrency: int, max_tokens: int) -> 
                 async with session.post(f"{base}/chat/completions", json=body) as r:
                     await r.read()
                     codes[str(r.status)] += 1
-                    if r.status in (429, 503) and "Retry-After" not in r.headers:
-                        missing_retry_after += 1
+                    if r.status in (429, 503):
+                        if "Retry-After" not in r.headers:
+                            missing_retry_after += 1
+                        # A well-behaved client backs off (bounded here, so the soak stays short).
+                        await asyncio.sleep(min(float(r.headers.get("Retry-After", 1)), 0.1))
             except Exception as e:
                 codes[type(e).__name__] += 1
             finally:
