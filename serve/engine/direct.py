@@ -99,17 +99,12 @@ class DirectLLMServer(LLMServer):
                 out.append({"name": name.decode() if isinstance(name, bytes) else name, "path": meta["path"]})
         return out
 
-    async def endpoint(self) -> str:
-        return self.url
-
     async def load_adapter(self, name: str, path: str) -> None:
         """Load a LoRA adapter under `name` through vLLM's own runtime-LoRA endpoint."""
         import aiohttp
 
-        local = f"http://127.0.0.1:{self._sock.getsockname()[1]}" if self._sock.getsockname()[0] in (
-            "0.0.0.0", "127.0.0.1") else self.url
         async with aiohttp.ClientSession() as s, s.post(
-            f"{local}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
+            f"{self.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
         ) as r:
             if r.status != 200:
                 raise RuntimeError(f"loading LoRA adapter {name} from {path} failed: {r.status} {await r.text()}")

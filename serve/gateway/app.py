@@ -252,29 +252,27 @@ class Gateway:
                 # Chunks after the first approximate tokens (vLLM sends one chunk per decode step).
                 self.metrics.tpot.labels(route, model).observe((end - first) / (n - 2))
 
+    def _model_entry(self, name: str) -> dict[str, Any] | None:
+        """One `/v1/models` object: a route, a model, or an adapter (with its base as parent)."""
+        entry: dict[str, Any] = {"id": name, "object": "model", "created": self.created, "owned_by": "llmserve"}
+        if self.config.route(name) is not None:
+            return {**entry, "llmserve_route": True}
+        spec = self.names.get(name)
+        if spec is None:
+            return None
+        return {**entry, "parent": spec.name} if name != spec.name else entry
+
     async def list_models(self, request: Request) -> Response:
-        data = [{"id": r.name, "object": "model", "created": self.created, "owned_by": "llmserve",
-                 "llmserve_route": True} for r in self.config.routes]
-        for m in self.config.models:
-            data.append({"id": m.name, "object": "model", "created": self.created, "owned_by": "llmserve"})
-            for a in m.adapters:
-                data.append({"id": a.name, "object": "model", "created": self.created,
-                             "owned_by": "llmserve", "parent": m.name})
-        return JSONResponse({"object": "list", "data": data})
+        names = [*(r.name for r in self.config.routes), *self.names]
+        return JSONResponse({"object": "list", "data": [self._model_entry(n) for n in names]})
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        if self.config.route(name) is not None:
-            return JSONResponse({"id": name, "object": "model", "created": self.created, "owned_by": "llmserve",
-                                 "llmserve_route": True})
-        spec = self.names.get(name)
-        if spec is not None:
-            entry = {"id": name, "object": "model", "created": self.created, "owned_by": "llmserve"}
-            if name != spec.name:
-                entry["parent"] = spec.name
-            return JSONResponse(entry)
-        e = model_not_found(name)
-        return JSONResponse(e.body(), e.status)
+        entry = self._model_entry(name)
+        if entry is None:
+            e = model_not_found(name)
+            return JSONResponse(e.body(), e.status)
+        return JSONResponse(entry)
 
     async def load_adapter(self, request: Request) -> Response:
         return await load_adapter(self, request)

@@ -269,7 +269,8 @@ class RouteRunner:
             body = json.loads(resp.body)
             out.cost_usd += self.bill(out, model, body.get("usage"))
             if store is not None:
-                store(json.loads(resp.body), model)
+                # The same dict is then given its cost; harmless, a hit replaces `usage` anyway.
+                store(body, model)
             self._maybe_shadow(route, out, body)
             return JSONResponse(with_cost(body, out.cost_usd), resp.status, headers=out.headers())
         return StreamingResponse(self._relay(route.name, model, resp, out, store, strip_usage),
