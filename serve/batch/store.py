@@ -16,6 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from serve.config import Config
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
   id TEXT PRIMARY KEY, purpose TEXT NOT NULL, filename TEXT NOT NULL, bytes INTEGER NOT NULL,
@@ -152,3 +154,13 @@ class BatchStore:
     def results(self, batch_id: str, ok: bool) -> list[dict[str, Any]]:
         rows = self._q("SELECT body FROM results WHERE batch_id=? AND ok=? ORDER BY line_no", (batch_id, int(ok)))
         return [json.loads(r[0]) for r in rows]
+
+
+def open_store(config: Config) -> BatchStore:
+    """The store a configuration names (default: under the project's cache directory)."""
+    from serve.engine.models import cache_dir
+
+    base = cache_dir() / "batch"
+    db = Path(config.batch.db_path).expanduser() if config.batch.db_path else base / "batch.db"
+    files = Path(config.batch.storage_dir).expanduser() if config.batch.storage_dir else base / "files"
+    return BatchStore(db, files)

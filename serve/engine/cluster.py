@@ -51,7 +51,7 @@ def deploy_models(config: Config) -> Any:
         wait_for_applications_running=False,
     )
     if config.batch.enabled:
-        from serve.batch.actor import start_batch_worker
+        from serve.gateway.batch_actor import start_batch_worker
 
         start_batch_worker(config)
     return registry
@@ -102,7 +102,7 @@ def shutdown(config: Config) -> None:
             serve.delete(spec.name)
         serve.shutdown()
         if config.batch.enabled:
-            from serve.batch.actor import WORKER_NAME
+            from serve.gateway.batch_actor import WORKER_NAME
 
             with contextlib.suppress(ValueError):  # ValueError: it is not running
                 ray.kill(ray.get_actor(WORKER_NAME, namespace=config.ray.namespace))

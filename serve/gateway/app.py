@@ -21,12 +21,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serve.batch.api import BatchAPI
 from serve.batch.store import BatchStore
 from serve.cache.store import HeadCache
-from serve.config import Config, ModelSpec, RouteSpec
+from serve.config import Config, RouteSpec
 from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends, Endpoint
+from serve.gateway.batch_api import BatchAPI
+from serve.gateway.catalog import Catalog
 from serve.gateway.errors import APIError, bad_request, model_not_found
 from serve.gateway.lifecycle import load_adapter
 from serve.gateway.metrics import Metrics
@@ -35,7 +36,7 @@ from serve.gateway.routes import Outcome, RouteRunner
 from serve.gateway.upstream import EngineTimeout, EngineUnavailable, Upstream, UpstreamResponse
 from serve.gateway.validate import validate
 from serve.policies.affinity import prefix_key
-from serve.policies.cost import Price, cost_usd, usage_tokens
+from serve.policies.cost import cost_usd, usage_tokens
 from serve.policies.ratelimit import estimate_tokens
 
 logger = logging.getLogger("llmserve.gateway")
@@ -64,19 +65,7 @@ class Gateway:
         self.metrics = metrics or Metrics()
         self.cache = cache
         self.created = int(time.time())
-        # Adapter name -> its base model spec: an adapter is served by its base model's replicas.
-        self.names: dict[str, ModelSpec] = {}
-        self.prices: dict[str, Price] = {}
-        for m in config.models:
-            self.names[m.name] = m
-            self.prices[m.name] = Price(m.price.input_per_million, m.price.output_per_million)
-            for a in m.adapters:
-                self.names[a.name] = m
-                p = a.price or m.price
-                self.prices[a.name] = Price(p.input_per_million, p.output_per_million)
-        # A plain model name is a route of its own: one target, no cache, no fallback.
-        self.routes: dict[str, RouteSpec] = {n: RouteSpec(name=n, target=n) for n in self.names}
-        self.routes.update({r.name: r for r in config.routes})
+        self.catalog = Catalog(config)
         self.runner = RouteRunner(self.send, self.bill, self.metrics, cache)
 
     # ---- request parsing -------------------------------------------------------------------
@@ -104,11 +93,11 @@ class Gateway:
             raise bad_request("You must provide a model parameter.", param="model")
         if not isinstance(model, str):
             raise bad_request("`model` must be a string.", param="model")
-        route = self.routes.get(model)
+        route = self.catalog.route(model)
         if route is None:
             raise model_not_found(model)
         first = route.cascade.student if route.cascade else route.target
-        spec = self.names[first] if first else None
+        spec = self.catalog.spec(first) if first else None
         if spec is not None and spec.task != ROUTE_TASK[path]:
             raise bad_request(
                 f"The model `{model}` does not support {path} (it is a {spec.task} model).",
@@ -124,7 +113,8 @@ class Gateway:
                    payload: dict[str, Any]) -> tuple[UpstreamResponse, str]:
         """Send to one replica of `model`; on a refused connection try another, since nothing was
         sent yet. Requests sharing a prompt prefix prefer one replica (its prefix cache is warm)."""
-        spec = self.names[model]
+        spec = self.catalog.spec(model)
+        assert spec is not None, model  # routes only name known models (config validation)
         tried: set[str] = set()
         timeout_s = self.config.gateway.request_timeout_s
         affinity = prefix_key(payload)
@@ -181,7 +171,7 @@ class Gateway:
         prompt, completion = usage_tokens(usage)
         self.metrics.tokens.labels(model, "prompt").inc(prompt)
         self.metrics.tokens.labels(model, "completion").inc(completion)
-        cost = cost_usd(prompt, completion, self.prices.get(model, Price()))
+        cost = cost_usd(prompt, completion, self.catalog.price(model))
         self.metrics.cost.labels(out.route, model, out.key).inc(cost)
         return cost
 
@@ -255,15 +245,15 @@ class Gateway:
     def _model_entry(self, name: str) -> dict[str, Any] | None:
         """One `/v1/models` object: a route, a model, or an adapter (with its base as parent)."""
         entry: dict[str, Any] = {"id": name, "object": "model", "created": self.created, "owned_by": "llmserve"}
-        if self.config.route(name) is not None:
+        if self.catalog.is_configured_route(name):
             return {**entry, "llmserve_route": True}
-        spec = self.names.get(name)
+        spec = self.catalog.spec(name)
         if spec is None:
             return None
         return {**entry, "parent": spec.name} if name != spec.name else entry
 
     async def list_models(self, request: Request) -> Response:
-        names = [*(r.name for r in self.config.routes), *self.names]
+        names = [*(r.name for r in self.config.routes), *self.catalog.model_names()]
         return JSONResponse({"object": "list", "data": [self._model_entry(n) for n in names]})
 
     async def get_model(self, request: Request) -> Response:

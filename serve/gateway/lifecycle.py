@@ -11,7 +11,6 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve.config import RouteSpec
 from serve.gateway.errors import APIError, bad_request
 
 logger = logging.getLogger("llmserve.lifecycle")
@@ -19,30 +18,18 @@ logger = logging.getLogger("llmserve.lifecycle")
 
 def apply(gw: Any, adapters: dict[str, dict[str, str]], overrides: dict[str, dict[str, str]]) -> None:
     """Register runtime adapters under their base model, then point overridden routes at their
-    new model. Each route is replaced by one dict assignment, so a request sees the old or the new
-    route, never half of each."""
+    new model (the catalog swaps each route whole)."""
+    catalog = gw.catalog
     for name, meta in adapters.items():
-        base = gw.names.get(meta.get("base", ""))
-        if base is not None and name not in gw.names:
-            gw.names[name] = base
-            gw.prices[name] = gw.prices[base.name]
-            gw.routes[name] = RouteSpec(name=name, target=name)
+        if catalog.spec(name) is None:
+            catalog.add_adapter(name, meta.get("base", ""), meta.get("path", ""))
     for route_name, change in overrides.items():
-        original = gw.config.route(route_name)
-        if original is None:
-            continue
-        model = change.get("student") or change.get("target")
-        if model not in gw.names:
+        field = "student" if "student" in change else "target"
+        model = change.get(field, "")
+        if catalog.spec(model) is None:
             logger.warning("route %s override names unknown model %s; ignored", route_name, model)
             continue
-        if "student" in change and original.cascade is not None:
-            new = original.model_copy(update={"cascade": original.cascade.model_copy(update={"student": model})})
-        elif "target" in change and original.target is not None:
-            new = original.model_copy(update={"target": model})
-        else:
-            continue
-        if gw.routes.get(route_name) != new:
-            gw.routes[route_name] = new
+        if catalog.override_route(route_name, field, model):
             logger.info("route %s now uses %s", route_name, model)
 
 
@@ -71,7 +58,7 @@ async def load_adapter(gw: Any, request: Request) -> Response:
         name, path, base = (body.get(k) if isinstance(body, dict) else None for k in ("name", "path", "base"))
         if not all(isinstance(v, str) and v for v in (name, path, base)):
             raise bad_request("`name`, `path` and `base` are required strings.")
-        spec = gw.names.get(base)
+        spec = gw.catalog.spec(base)
         if spec is None or spec.name != base:
             raise bad_request(f"`base` must be a served model, not {base!r}.", param="base")
         payload = json.dumps({"lora_name": name, "lora_path": path}).encode()

@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 
-from serve.batch.actor import open_store
+from serve.batch.store import open_store
 from serve.cache.store import HeadCache
 from serve.config import Config
 from serve.gateway.app import create_app

@@ -6,24 +6,14 @@ import asyncio
 import contextlib
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
-from serve.batch.store import BatchStore
+from serve.batch.store import open_store
 from serve.batch.worker import BatchRunner, response_json
 from serve.config import AuthSpec, Config
 
 logger = logging.getLogger("llmserve.batch")
 WORKER_NAME = "llmserve-batch-worker"
-
-
-def open_store(config: Config) -> BatchStore:
-    from serve.engine.models import cache_dir
-
-    base = cache_dir() / "batch"
-    db = Path(config.batch.db_path).expanduser() if config.batch.db_path else base / "batch.db"
-    files = Path(config.batch.storage_dir).expanduser() if config.batch.storage_dir else base / "files"
-    return BatchStore(db, files)
 
 
 def make_call(gateway: Any) -> Any:

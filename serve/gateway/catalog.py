@@ -1,0 +1,89 @@
+"""What one gateway serves: models, LoRA adapters and routes, as configured and as changed at run time.
+
+Every change goes through a method (an adapter loaded after start, a route moved to a promoted
+student), so a test can make the change the lifecycle loop makes, and no caller edits the maps.
+Each route is swapped by one dict assignment: a request sees the old route or the new, never half.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from serve.config import Config, ModelSpec, RouteSpec
+from serve.policies.cost import Price
+
+
+def _price(p: object) -> Price:
+    return Price(p.input_per_million, p.output_per_million)  # type: ignore[attr-defined]
+
+
+class Catalog:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        # Model or adapter name -> the base model spec whose replicas serve it.
+        self._spec: dict[str, ModelSpec] = {}
+        self._price: dict[str, Price] = {}
+        # Adapter name -> the path its weights were loaded from (configured or runtime).
+        self._adapter_path: dict[str, str] = {}
+        for m in config.models:
+            self._spec[m.name] = m
+            self._price[m.name] = _price(m.price)
+            for a in m.adapters:
+                self._spec[a.name] = m
+                self._price[a.name] = _price(a.price or m.price)
+                self._adapter_path[a.name] = a.path
+        # A plain model name is a route of its own: one target, no cache, no fallback.
+        self._routes: dict[str, RouteSpec] = {n: RouteSpec(name=n, target=n) for n in self._spec}
+        self._routes.update({r.name: r for r in config.routes})
+
+    # ---- reads ---------------------------------------------------------------------------------
+    def spec(self, name: str) -> ModelSpec | None:
+        """The base model serving `name` (a model or an adapter)."""
+        return self._spec.get(name)
+
+    def price(self, name: str) -> Price:
+        return self._price.get(name, Price())
+
+    def route(self, name: str) -> RouteSpec | None:
+        return self._routes.get(name)
+
+    def adapter_path(self, name: str) -> str | None:
+        return self._adapter_path.get(name)
+
+    def model_names(self) -> list[str]:
+        """Models and adapters (configured first, then runtime ones), for /v1/models."""
+        return list(self._spec)
+
+    def is_configured_route(self, name: str) -> bool:
+        return self.config.route(name) is not None
+
+    # ---- changes -------------------------------------------------------------------------------
+    def add_adapter(self, name: str, base: str, path: str) -> bool:
+        """Serve adapter `name` (weights at `path`) on `base`'s replicas. False if `base` is not a
+        served model or `name` is taken by something else."""
+        spec = self._spec.get(base)
+        if spec is None or spec.name != base:
+            return False
+        if name in self._spec and self._adapter_path.get(name) is None:
+            return False  # a model's own name
+        self._spec[name] = spec
+        self._price[name] = self._price[base]
+        self._adapter_path[name] = path
+        self._routes.setdefault(name, RouteSpec(name=name, target=name))
+        return True
+
+    def override_route(self, route: str, field: Literal["student", "target"], model: str) -> bool:
+        """Point a configured route's student (cascade) or target at `model`. True if it changed."""
+        original = self.config.route(route)
+        if original is None or model not in self._spec:
+            return False
+        if field == "student" and original.cascade is not None:
+            new = original.model_copy(update={"cascade": original.cascade.model_copy(update={"student": model})})
+        elif field == "target" and original.target is not None:
+            new = original.model_copy(update={"target": model})
+        else:
+            return False
+        if self._routes.get(route) == new:
+            return False
+        self._routes[route] = new
+        return True
