@@ -121,13 +121,34 @@ def test_no_replica_yet_is_503_and_health_says_starting():
     assert h.status_code == 503 and h.json()["replicas"]["b"] == 0
 
 
-def test_engine_errors_are_normalized():
-    raw = json.dumps({"error": {"message": "max_tokens must be at least 1", "type": "BadRequestError",
-                                "param": "max_tokens", "code": 400}}).encode()
-    client, _, _ = make(FakeUpstream(status=400, error_body=raw))
-    r = client.post("/v1/chat/completions", json=chat(max_tokens=0))
-    assert_openai_error(r, 400, None, "max_tokens")
-    assert r.json()["error"]["type"] == "invalid_request_error"
+# What vLLM's OpenAI server answers when a prompt does not fit: flat, not under "error", with its
+# own type name and a numeric code.
+VLLM_CONTEXT_ERROR = json.dumps({
+    "object": "error", "type": "BadRequestError", "param": "input_tokens", "code": 400,
+    "message": "This model's maximum context length is 512 tokens. However, you requested 900 tokens "
+               "(850 in the messages, 50 in the completion). Please reduce the length of the messages or "
+               "completion."}).encode()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_errors_are_normalized(stream):
+    """A request the gateway lets through, refused by the engine: the client gets OpenAI's shape."""
+    client, up, _ = make(FakeUpstream(status_by_model={"b": 400}, error_body=VLLM_CONTEXT_ERROR))
+    r = client.post("/v1/chat/completions", json=chat("b", max_tokens=50, stream=stream))
+    assert [c[2]["model"] for c in up.calls] == ["b"]  # it reached the engine, once (a 400 is not retried)
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/json")
+    assert r.json() == {"error": {
+        "message": json.loads(VLLM_CONTEXT_ERROR)["message"], "type": "invalid_request_error",
+        "param": "messages", "code": "context_length_exceeded"}}
+
+
+def test_engine_error_that_is_not_json_is_still_an_openai_error():
+    client, up, _ = make(FakeUpstream(status_by_model={"a": 502}, error_body=b"<html>Bad Gateway</html>"))
+    r = client.post("/v1/chat/completions", json=chat("a"))
+    assert up.calls and {c[2]["model"] for c in up.calls} == {"a"}
+    assert r.json() == {"error": {"message": "<html>Bad Gateway</html>", "type": "server_error",
+                                  "param": None, "code": None}}
+    assert r.status_code == 502
 
 
 def test_unknown_route_and_method():
