@@ -20,7 +20,8 @@ def bind_socket(host: str, port: int = 0) -> socket.socket:
     return sock
 
 
-async def start_in_loop(app: Any, sock: socket.socket, graceful_s: float = 30, **uvicorn_kw: Any
+async def start_in_loop(app: Any, sock: socket.socket | list[socket.socket], graceful_s: float = 30,
+                        **uvicorn_kw: Any
                         ) -> tuple[Any, asyncio.Task]:
     """Start uvicorn on `sock` in the running loop; returns (server, task) once it accepts."""
     import uvicorn
@@ -30,7 +31,7 @@ async def start_in_loop(app: Any, sock: socket.socket, graceful_s: float = 30, *
     server = uvicorn.Server(config)
     # The replica already handles signals; uvicorn must not install its own.
     server.install_signal_handlers = lambda: None
-    task = asyncio.get_running_loop().create_task(server.serve([sock]))
+    task = asyncio.get_running_loop().create_task(server.serve(sock if isinstance(sock, list) else [sock]))
     while not server.started:
         if task.done():
             task.result()

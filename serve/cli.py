@@ -57,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serve.engine.cluster import deploy_models, shutdown
-    from serve.gateway.server import build_gateway, ray_snapshot_source, uvicorn_config
+    from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
 
     config = load_config(args.config)
     if args.host:
@@ -71,6 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         app = build_gateway(config, ray_snapshot_source(registry))
         server = uvicorn.Server(uvicorn_config(app, config))
+        sockets = listen(app, config)
         base = f"http://{config.gateway.host}:{config.gateway.port}/v1"
         first = next((m.name for m in config.models if m.task == "generate"), config.models[0].name)
         print(f"llmserve: gateway on {base} (engines are loading; /health says when)", flush=True)
@@ -80,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         async def main() -> int:
             watch = asyncio.get_running_loop().create_task(_watch_startup(config, registry, base, server))
             try:
-                await server.serve()
+                await server.serve(sockets=sockets)
             finally:
                 if not watch.done():
                     watch.cancel()
@@ -117,7 +118,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     from serve.engine.cluster import connect_ray
     from serve.engine.registry import get_registry
-    from serve.gateway.server import build_gateway, ray_snapshot_source, uvicorn_config
+    from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
 
     config = load_config(args.config)
     if args.port is not None:
@@ -130,7 +131,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         server = uvicorn.Server(uvicorn_config(app, config))
         print(f"llmserve: gateway on http://{config.gateway.host}:{config.gateway.port}/v1", flush=True)
         _exit_cleanly_on_sigterm()
-        server.run()
+        server.run(sockets=listen(app, config))
     finally:
         ray.shutdown()
     return 0

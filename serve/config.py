@@ -134,6 +134,12 @@ class ModelSpec(_Strict):
 class GatewaySpec(_Strict):
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port the gateway listens on (0: any free port).")
+    metrics_port: int = Field(
+        9464, ge=0, le=65535,
+        description="Port of the separate /metrics listener for Prometheus (key names and per-key spend "
+                    "are not served on the public port); 0: any free port.",
+    )
+    metrics_host: str | None = Field(None, description="Address of the metrics listener; default: `host`.")
     request_timeout_s: float = Field(
         300, gt=0, description="Longest a request may wait for an engine before it gets a 504."
     )

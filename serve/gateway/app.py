@@ -18,12 +18,14 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serve.batch.store import BatchStore
 from serve.cache.store import HeadCache
-from serve.config import Config, RouteSpec
+from serve.config import ApiKey, Config
+from serve.gateway.admission import Admission
+from serve.gateway.answer import Answer, to_response
 from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends, Endpoint
 from serve.gateway.batch_api import BatchAPI
@@ -34,16 +36,10 @@ from serve.gateway.metrics import Metrics
 from serve.gateway.ratelimit import RateLimiter
 from serve.gateway.routes import Outcome, RouteRunner
 from serve.gateway.upstream import EngineTimeout, EngineUnavailable, Upstream, UpstreamResponse
-from serve.gateway.validate import validate
 from serve.policies.affinity import prefix_key
 from serve.policies.cost import cost_usd, usage_tokens
-from serve.policies.ratelimit import estimate_tokens
 
 logger = logging.getLogger("llmserve.gateway")
-
-# Which engine task serves which route: a generate model has no /v1/embeddings and vice versa.
-ROUTE_TASK = {"/v1/chat/completions": "generate", "/v1/completions": "generate", "/v1/embeddings": "embed"}
-
 
 def _reject_constant(name: str) -> Any:
     # Python's json accepts NaN/Infinity; JSON (and every engine) does not.
@@ -59,13 +55,13 @@ class Gateway:
         self.config = config
         self.keys = keys or KeyStore(config.auth)
         self.lifecycle: Any = None  # the student lifecycle store (Redis), when configured
-        self.limiter = limiter or RateLimiter(None)
         self.backends = backends
         self.upstream = upstream
         self.metrics = metrics or Metrics()
         self.cache = cache
         self.created = int(time.time())
         self.catalog = Catalog(config)
+        self.admission = Admission(config, self.catalog, limiter or RateLimiter(None), self.metrics)
         self.runner = RouteRunner(self.send, self.bill, self.metrics, cache)
 
     # ---- request parsing -------------------------------------------------------------------
@@ -86,27 +82,6 @@ class Gateway:
         if not isinstance(payload, dict):
             raise bad_request("The request body must be a JSON object.")
         return raw, payload
-
-    def resolve(self, payload: dict[str, Any], path: str) -> RouteSpec:
-        model = payload.get("model")
-        if model is None:
-            raise bad_request("You must provide a model parameter.", param="model")
-        if not isinstance(model, str):
-            raise bad_request("`model` must be a string.", param="model")
-        route = self.catalog.route(model)
-        if route is None:
-            raise model_not_found(model)
-        first = route.cascade.student if route.cascade else route.target
-        spec = self.catalog.spec(first) if first else None
-        if spec is not None and spec.task != ROUTE_TASK[path]:
-            raise bad_request(
-                f"The model `{model}` does not support {path} (it is a {spec.task} model).",
-                param="model", code="model_not_supported",
-            )
-        stream = payload.get("stream", False)
-        if stream is not None and not isinstance(stream, bool):
-            raise bad_request("`stream` must be a boolean.", param="stream")
-        return route
 
     # ---- I/O the policies ask for --------------------------------------------------------------
     async def send(self, model: str, path: str, body: bytes, stream: bool,
@@ -175,53 +150,38 @@ class Gateway:
         self.metrics.cost.labels(out.route, model, out.key).inc(cost)
         return cost
 
-    # ---- handlers ----------------------------------------------------------------------------
-    async def admit(self, request: Request) -> tuple[bytes, dict[str, Any], RouteSpec, str, dict[str, str]]:
-        """Everything before an engine is involved: key, body, validation, model access, limits."""
-        key = self.keys.authenticate(request.headers.get("authorization"))
-        raw, payload = await self.read_json(request)
-        route = self.resolve(payload, request.url.path)
-        if not KeyStore.allows(key, route.name):
-            raise model_not_found(route.name)
-        validate(request.url.path, payload, self.config.gateway.max_messages)
-        if key is None:
-            return raw, payload, route, "anonymous", {}
-        auth = self.config.auth
-        rpm = key.requests_per_minute or auth.default_requests_per_minute
-        tpm = key.tokens_per_minute or auth.default_tokens_per_minute
-        if rpm is None and tpm is None:
-            return raw, payload, route, key.name, {}
-        tokens = estimate_tokens(len(raw), payload.get("max_tokens") or payload.get("max_completion_tokens"))
-        verdict = await self.limiter.check(key.name, rpm, tpm, tokens)
-        if not verdict.allowed:
-            self.metrics.rate_limited.labels(key.name, verdict.limit_name).inc()
-            raise APIError(429, f"Rate limit reached for {verdict.limit_name} per minute on key `{key.name}`. "
-                                f"Retry after {verdict.headers['Retry-After']}s.",
-                           code="rate_limit_exceeded", headers=verdict.headers)
-        return raw, payload, route, key.name, verdict.headers
+    # ---- the one way in ------------------------------------------------------------------------
+    async def handle(self, key: ApiKey | None, path: str, payload: dict[str, Any],
+                     raw: bytes | None = None) -> Answer:
+        """Admit a request with the caller's key, then run its route. Every entry calls this: an
+        HTTP request, a batch line (with its owner's key), a replay. Errors come back as answers."""
+        try:
+            body_bytes = len(raw) if raw is not None else len(json.dumps(payload))
+            ticket = await self.admission.admit(key, path, payload, body_bytes)
+        except APIError as e:
+            self.metrics.requests.labels("-", "-", str(e.status)).inc()
+            return Answer.error(e)
+        answer = await self.runner.handle(ticket.route, path, payload, ticket.key_name, raw)
+        answer.headers.update(ticket.headers)
+        return answer
 
+    # ---- HTTP edge -----------------------------------------------------------------------------
     async def proxy(self, request: Request) -> Response:
         started = time.perf_counter()
-        route_name = "-"
+        key = self.keys.authenticate(request.headers.get("authorization"))
+        raw, payload = await self.read_json(request)
         try:
-            raw, payload, route, key_name, limit_headers = await self.admit(request)
-            route_name = route.name
-            resp = await until_disconnect(
-                request, self.runner.handle(route, request.url.path, payload, key_name, raw))
-        except APIError as e:
-            self.metrics.requests.labels(route_name, "-", str(e.status)).inc()
-            return JSONResponse(e.body(), e.status, headers=e.headers)
+            answer = await until_disconnect(request, self.handle(key, request.url.path, payload, raw))
         except ClientGone:
             # Cancelling the call closed the engine connection, which makes vLLM abort the request.
-            self.metrics.requests.labels(route_name, "-", "499").inc()
+            self.metrics.requests.labels("-", "-", "499").inc()
             return Response(status_code=499)
-        resp.headers.update(limit_headers)
-        served = resp.headers.get("x-llmserve-served-by", "-")
-        if isinstance(resp, StreamingResponse):
-            resp.body_iterator = self._timed(resp.body_iterator, route_name, served, started)
+        route_name = answer.headers.get("x-llmserve-route", "-")
+        if answer.chunks is not None:
+            answer.chunks = self._timed(answer.chunks, route_name, answer.served_by, started)
         else:
-            self.metrics.latency.labels(route_name, served).observe(time.perf_counter() - started)
-        return resp
+            self.metrics.latency.labels(route_name, answer.served_by).observe(time.perf_counter() - started)
+        return to_response(answer)
 
     async def _timed(self, chunks: AsyncIterable[Any], route: str, model: str, started: float
                      ) -> AsyncIterator[Any]:
@@ -243,25 +203,32 @@ class Gateway:
                 self.metrics.tpot.labels(route, model).observe((end - first) / (n - 2))
 
     def _model_entry(self, name: str) -> dict[str, Any] | None:
-        """One `/v1/models` object: a route, a model, or an adapter (with its base as parent)."""
+        """One `/v1/models` object: a route, a model, or an adapter (with its base as parent).
+        `max_model_len` is the context of the model that answers (clients size prompts from it)."""
         entry: dict[str, Any] = {"id": name, "object": "model", "created": self.created, "owned_by": "llmserve"}
-        if self.catalog.is_configured_route(name):
-            return {**entry, "llmserve_route": True}
-        spec = self.catalog.spec(name)
+        route = self.catalog.route(name) if self.catalog.is_configured_route(name) else None
+        first = (route.cascade.student if route.cascade else route.target) if route is not None else name
+        spec = self.catalog.spec(first or "")
         if spec is None:
             return None
+        if spec.engine.max_model_len is not None:
+            entry["max_model_len"] = spec.engine.max_model_len
+        if route is not None:
+            return {**entry, "llmserve_route": True}
         return {**entry, "parent": spec.name} if name != spec.name else entry
 
     async def list_models(self, request: Request) -> Response:
+        key = self.keys.authenticate(request.headers.get("authorization"))
         names = [*(r.name for r in self.config.routes), *self.catalog.model_names()]
-        return JSONResponse({"object": "list", "data": [self._model_entry(n) for n in names]})
+        return JSONResponse({"object": "list", "data": [self._model_entry(n) for n in names
+                                                        if KeyStore.allows(key, n)]})
 
     async def get_model(self, request: Request) -> Response:
+        key = self.keys.authenticate(request.headers.get("authorization"))
         name = request.path_params["model"]
-        entry = self._model_entry(name)
+        entry = self._model_entry(name) if KeyStore.allows(key, name) else None
         if entry is None:
-            e = model_not_found(name)
-            return JSONResponse(e.body(), e.status)
+            raise model_not_found(name)
         return JSONResponse(entry)
 
     async def load_adapter(self, request: Request) -> Response:
@@ -285,7 +252,7 @@ class ClientGone(Exception):
     """The client disconnected before its (non-streamed) answer was ready."""
 
 
-async def until_disconnect(request: Request, work: Awaitable[Response]) -> Response:
+async def until_disconnect(request: Request, work: Awaitable[Answer]) -> Answer:
     """Run `work`, cancelling it if the client goes away first. (Streams need no help: Starlette
     stops a StreamingResponse on disconnect, which closes the engine connection in turn.)"""
     task = asyncio.ensure_future(work)
@@ -307,25 +274,39 @@ async def until_disconnect(request: Request, work: Awaitable[Response]) -> Respo
     raise ClientGone
 
 
-def create_app(config: Config, backends: Backends, upstream: Upstream, *, cache: HeadCache | None = None,
-               metrics: Metrics | None = None, keys: KeyStore | None = None, limiter: RateLimiter | None = None,
-               batch_store: BatchStore | None = None, lifespan: Any = None) -> Starlette:
-    gw = Gateway(config, backends, upstream, cache=cache, metrics=metrics, keys=keys, limiter=limiter)
+async def _api_error(request: Request, exc: Exception) -> Response:
+    """The one place an APIError raised by any handler becomes its HTTP answer."""
+    assert isinstance(exc, APIError)
+    return JSONResponse(exc.body(), exc.status, headers=exc.headers)
 
+
+def _error_handlers() -> dict[Any, Any]:
     async def not_found(request: Request, exc: Exception) -> Response:
-        e = APIError(404, f"Unknown route {request.method} {request.url.path}.", code="unknown_route")
-        return JSONResponse(e.body(), 404)
+        return await _api_error(request, APIError(404, f"Unknown route {request.method} {request.url.path}.",
+                                                  code="unknown_route"))
 
     async def method_not_allowed(request: Request, exc: Exception) -> Response:
-        e = APIError(405, f"Method {request.method} is not allowed on {request.url.path}.")
-        return JSONResponse(e.body(), 405)
+        return await _api_error(request, APIError(405, f"Method {request.method} is not allowed on "
+                                                       f"{request.url.path}."))
 
     async def server_error(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s", request.url.path, exc_info=exc)
-        e = APIError(500, "The gateway failed to handle the request; it has been logged.",
-                     code="internal_error")
-        return JSONResponse(e.body(), 500)
+        return await _api_error(request, APIError(500, "The gateway failed to handle the request; it has "
+                                                       "been logged.", code="internal_error"))
 
+    return {APIError: _api_error, 404: not_found, 405: method_not_allowed, 500: server_error}
+
+
+def create_app(config: Config, backends: Backends, upstream: Upstream, *, cache: HeadCache | None = None,
+               metrics: Metrics | None = None, keys: KeyStore | None = None, limiter: RateLimiter | None = None,
+               batch_store: BatchStore | None = None, lifespan: Any = None) -> Starlette:
+    """The public app (OpenAI API, health). Metrics are served by `create_metrics_app` on a listener
+    of their own: they name keys and per-key spend, which the public port must not show."""
+    gw = Gateway(config, backends, upstream, cache=cache, metrics=metrics, keys=keys, limiter=limiter)
+    return app_for(gw, batch_store=batch_store, lifespan=lifespan)
+
+
+def app_for(gw: Gateway, *, batch_store: BatchStore | None = None, lifespan: Any = None) -> Starlette:
     routes = [
         Route("/v1/models", gw.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", gw.get_model, methods=["GET"]),
@@ -336,14 +317,15 @@ def create_app(config: Config, backends: Backends, upstream: Upstream, *, cache:
         # Ray Serve proxies answer this; KubeRay and load balancers probe it.
         Route("/-/healthz", gw.health, methods=["GET"]),
         Route("/v1/llmserve/adapters", gw.load_adapter, methods=["POST"]),
-        Route("/metrics", gw.metrics_endpoint, methods=["GET"]),
     ]
     if batch_store is not None:
         routes += BatchAPI(batch_store, lambda r: gw.keys.authenticate(r.headers.get("authorization"))).routes()
-    app = Starlette(
-        routes=routes,
-        exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
-        lifespan=lifespan,
-    )
+    app = Starlette(routes=routes, exception_handlers=_error_handlers(), lifespan=lifespan)
     app.state.gateway = gw
     return app
+
+
+def create_metrics_app(gw: Gateway) -> Starlette:
+    """`/metrics` for Prometheus, on the metrics listener (gateway.metrics_port)."""
+    return Starlette(routes=[Route("/metrics", gw.metrics_endpoint, methods=["GET"])],
+                     exception_handlers=_error_handlers())

@@ -54,6 +54,10 @@ class KeyStore:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return key
 
+    def by_name(self, name: str) -> ApiKey | None:
+        """The key a stored object (a batch) names as its owner; None if it no longer exists."""
+        return next((k for k in self._by_hash.values() if k.name == name), None)
+
     @staticmethod
     def allows(key: ApiKey | None, model: str) -> bool:
         return key is None or "*" in key.models or model in key.models

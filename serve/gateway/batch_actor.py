@@ -9,25 +9,31 @@ import threading
 from typing import Any
 
 from serve.batch.store import open_store
-from serve.batch.worker import BatchRunner, response_json
-from serve.config import AuthSpec, Config
+from serve.batch.worker import BatchRunner, Call
+from serve.config import Config
+from serve.gateway.app import Gateway
+from serve.gateway.errors import APIError
 
 logger = logging.getLogger("llmserve.batch")
 WORKER_NAME = "llmserve-batch-worker"
 
 
-def make_call(gateway: Any) -> Any:
-    """Batch lines take the gateway's own path: routes, cache, cascade, fallback and cost."""
-    from serve.gateway.errors import APIError
-    from serve.gateway.validate import validate
+def owner_call(gateway: Gateway) -> Call:
+    """A batch line enters like the same request online, with its owner's key: the same
+    admission (model access, validation, rate limits), routes, cache, cascade, fallback and cost,
+    billed to the owner. A key removed since the batch was created stops its remaining lines."""
 
-    async def call(path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        try:
-            route = gateway.resolve(body, path)
-            validate(path, body, gateway.config.gateway.max_messages)
-        except APIError as e:
-            return e.status, e.body()
-        return response_json(await gateway.runner.handle(route, path, body, "batch"))
+    async def call(owner: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        key = None
+        if gateway.keys.enabled:
+            key = gateway.keys.by_name(owner)
+            if key is None:
+                e = APIError(401, f"The API key `{owner}` that owns this batch no longer exists.",
+                             code="invalid_api_key")
+                return e.status, e.body()
+        answer = await gateway.handle(key, path, {**body, "stream": False})
+        assert answer.body is not None, "a batch line is never streamed"
+        return answer.status, answer.body
 
     return call
 
@@ -45,36 +51,14 @@ class BatchWorker:
         asyncio.run(self._run())
 
     async def _run(self) -> None:
-        from serve.cache.store import HeadCache
         from serve.engine.registry import get_registry
-        from serve.gateway.app import Gateway
-        from serve.gateway.auth import KeyStore
-        from serve.gateway.backends import Backends
-        from serve.gateway.server import discovery_loop, ray_snapshot_source
-        from serve.gateway.upstream import HttpUpstream
+        from serve.gateway.server import GatewayParts, ray_snapshot_source
 
         cfg = self._config
-        backends = Backends()
-        cache = HeadCache(cfg.cache.redis_url, lru_size=cfg.cache.lru_size, op_timeout_s=cfg.cache.op_timeout_s)
-        gw = Gateway(cfg, backends, HttpUpstream(cfg.gateway.connect_timeout_s), cache=cache,
-                     keys=KeyStore(AuthSpec(enabled=False)))
-        fetch = ray_snapshot_source(get_registry(cfg.ray.namespace))
-        with contextlib.suppress(Exception):  # start with the replicas known, not an empty pool
-            backends.update(await fetch())
-        loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(discovery_loop(fetch, backends, cfg.gateway.discovery_interval_s))]
-        if cfg.cache.redis_url:  # adapters and routes changed at runtime apply to batches too
-            from serve.gateway.lifecycle import lifecycle_loop
-            from serve.students.registry import LifecycleStore
-
-            tasks.append(loop.create_task(
-                lifecycle_loop(gw, LifecycleStore(cfg.cache.redis_url), cfg.gateway.discovery_interval_s)))
-        runner = BatchRunner(open_store(cfg), make_call(gw), concurrency=cfg.batch.concurrency)
-        try:
+        parts = GatewayParts(cfg, ray_snapshot_source(get_registry(cfg.ray.namespace)))
+        async with parts.running() as gateway:
+            runner = BatchRunner(open_store(cfg), owner_call(gateway), concurrency=cfg.batch.concurrency)
             await runner.run_forever()
-        finally:
-            for task in tasks:
-                task.cancel()
 
     def alive(self) -> bool:
         return self._thread.is_alive()

@@ -18,10 +18,10 @@ from typing import Any
 
 from ray import serve
 
-from serve.asgi import bind_socket, start_in_loop
+from serve.asgi import start_in_loop
 from serve.config import Config
 from serve.engine.registry import get_registry
-from serve.gateway.server import build_gateway, ray_snapshot_source
+from serve.gateway.server import build_gateway, listen, ray_snapshot_source
 
 logger = logging.getLogger("llmserve.gateway")
 
@@ -30,8 +30,7 @@ class GatewayServer:
     async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
         cfg = Config.model_validate(config)
         app = build_gateway(cfg, ray_snapshot_source(get_registry(cfg.ray.namespace)))
-        sock = bind_socket(cfg.gateway.host, cfg.gateway.port)
-        self._server, self._task = await start_in_loop(app, sock, graceful_s=30)
+        self._server, self._task = await start_in_loop(app, listen(app, cfg), graceful_s=30)
         logger.info("gateway listening on %s:%s", cfg.gateway.host, cfg.gateway.port)
 
     async def check_health(self) -> None:

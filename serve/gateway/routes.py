@@ -19,10 +19,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.responses import JSONResponse, Response, StreamingResponse
-
 from serve.cache.store import CacheEntry, HeadCache
 from serve.config import RouteSpec
+from serve.gateway.answer import Answer
 from serve.gateway.errors import APIError, normalize
 from serve.gateway.metrics import Metrics
 from serve.gateway.sse import StreamAssembler, replay
@@ -40,6 +39,8 @@ _USAGE = re.compile(rb'"usage":\s*\{')
 Sender = Callable[[str, str, bytes, bool, dict[str, Any]], Awaitable[tuple[UpstreamResponse, str]]]
 # (outcome, model, usage) -> cost in USD; records token and cost metrics.
 Biller = Callable[["Outcome", str, Any], float]
+# (answer body, model that produced it) -> None; stores the route's own answer in the head cache.
+Store = Callable[[dict[str, Any], str], None]
 
 
 @dataclass
@@ -96,7 +97,7 @@ class RouteRunner:
 
     # ---- entry ---------------------------------------------------------------------------------
     async def handle(self, route: RouteSpec, path: str, payload: dict[str, Any], key_name: str,
-                     raw: bytes | None = None) -> Response:
+                     raw: bytes | None = None) -> Answer:
         out = Outcome(route=route.name, key=key_name, path=path, request=payload)
         stream = bool(payload.get("stream"))
         include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
@@ -115,7 +116,7 @@ class RouteRunner:
         elif route.cache is not None:
             self.metrics.cache.labels(route.name, "bypass").inc()
 
-        store: Callable[[dict[str, Any], str], None] | None = None
+        store: Store | None = None
         if ckey is not None and self.cache is not None and route.cache is not None and route.cache.store_online:
             cache, ttl = self.cache, route.cache.ttl_s
 
@@ -125,8 +126,8 @@ class RouteRunner:
 
         chain: list[str] = []
         if route.cascade is not None:
-            student = await self._try_student(route, path, payload, out)
-            if isinstance(student, Response):
+            student = await self._try_student(route, path, payload, out, store)
+            if student is not None:
                 return student
             chain = [route.cascade.teacher]
         else:
@@ -138,12 +139,13 @@ class RouteRunner:
         spec = route.cache
         if spec is None or not spec.enabled or payload.get("n", 1) not in (1, None):
             return None
-        if not is_deterministic(payload, spec.cacheable):
+        # An embedding is a function of its input: always deterministic.
+        if path != "/v1/embeddings" and not is_deterministic(payload, spec.cacheable):
             return None
         norm = Normalization(whitespace=spec.normalize_whitespace, case=spec.normalize_case)
-        return cache_key(route.name, payload, norm)
+        return cache_key(route.name, path, payload, norm)
 
-    def _answer_cached(self, entry: CacheEntry, stream: bool, include_usage: bool, out: Outcome) -> Response:
+    def _answer_cached(self, entry: CacheEntry, stream: bool, include_usage: bool, out: Outcome) -> Answer:
         body = dict(entry.response)
         body["id"] = f"cache-{uuid.uuid4().hex[:24]}"
         body["created"] = int(time.time())
@@ -153,13 +155,12 @@ class RouteRunner:
                                        "batch_id": entry.batch_id}
         self.metrics.requests.labels(out.route, out.served_by, "200").inc()
         if stream:
-            return StreamingResponse(iter(replay(body, include_usage)), media_type="text/event-stream",
-                                     headers=out.headers())
-        return JSONResponse(body, headers=out.headers())
+            return Answer.replayed(replay(body, include_usage), out.headers())
+        return Answer(200, body, headers=out.headers())
 
     # ---- cascade -------------------------------------------------------------------------------
-    async def _try_student(self, route: RouteSpec, path: str, payload: dict[str, Any], out: Outcome
-                           ) -> Response | None:
+    async def _try_student(self, route: RouteSpec, path: str, payload: dict[str, Any], out: Outcome,
+                           store: Store | None) -> Answer | None:
         """Ask the student (buffered, with logprobs); answer with it if the policy accepts it.
         Returns None when the request must go on to the teacher."""
         cs = route.cascade
@@ -185,8 +186,7 @@ class RouteRunner:
             failure = classify_status(resp.status)
             if failure == Failure.CLIENT_ERROR:  # the request is wrong; the teacher would say so too
                 self.metrics.requests.labels(route.name, cs.student, str(resp.status)).inc()
-                return Response(normalize(resp.status, resp.body), resp.status, media_type="application/json",
-                                headers=out.headers())
+                return Answer.engine_error(resp.status, normalize(resp.status, resp.body), out.headers())
             out.escalated = f"student_{failure.value if failure else 'error'}"
             self._count_escalation(route.name, out.escalated)
             return None
@@ -204,14 +204,17 @@ class RouteRunner:
             for c in body.get("choices", []):
                 c["logprobs"] = None
         out.served_by, out.replica = cs.student, replica
+        if store is not None:
+            # An accepted student answer is the route's own answer (what the route serves for this
+            # request), so it may be cached. (Its cost is added to the same dict below; harmless,
+            # a hit replaces `usage` anyway.)
+            store(body, cs.student)
         with_cost(body, out.cost_usd)
         self.metrics.requests.labels(route.name, cs.student, "200").inc()
-        # A student answer is not cached: the head cache holds answers of the route's best model.
         if payload.get("stream"):
             include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(iter(replay(body, include_usage)), media_type="text/event-stream",
-                                     headers=out.headers())
-        return JSONResponse(body, headers=out.headers())
+            return Answer.replayed(replay(body, include_usage), out.headers())
+        return Answer(200, body, headers=out.headers())
 
     def _count_escalation(self, route: str, reason: str) -> None:
         self.metrics.cascade.labels(route, "escalate", reason).inc()
@@ -219,8 +222,7 @@ class RouteRunner:
 
     # ---- target + fallback ---------------------------------------------------------------------
     async def _run_chain(self, route: RouteSpec, path: str, payload: dict[str, Any], chain: list[str],
-                         out: Outcome, store: Callable[[dict[str, Any], str], None] | None,
-                         raw: bytes | None) -> Response:
+                         out: Outcome, store: Store | None, raw: bytes | None) -> Answer:
         policy = FallbackPolicy(tuple(chain), route.max_attempts)
         stream = bool(payload.get("stream"))
         # Streams are billed from their usage chunk: ask for it, and drop it again if the client
@@ -230,7 +232,7 @@ class RouteRunner:
             if strip_usage else payload
         model: str | None = chain[0] if chain else None
         failures = 0
-        last: Response | None = None
+        last: Answer | None = None
         while model is not None:
             if raw is not None and sent is payload and model == payload.get("model"):
                 body = raw  # unchanged request: forward the client's own bytes
@@ -241,13 +243,15 @@ class RouteRunner:
                 failure = classify_status(resp.status)
             except APIError as e:
                 failure = _failure_of(e)
-                last = JSONResponse(e.body(), e.status, headers={**e.headers, **out.headers()})
+                last = Answer.error(e, out.headers())
                 self.metrics.requests.labels(route.name, model, str(e.status)).inc()
             else:
                 if failure is None:
-                    return self._answer(route, model, resp, out, store, strip_usage)
-                last = Response(normalize(resp.status, resp.body), resp.status, media_type="application/json",
-                                headers=out.headers())
+                    # Only the primary's answer is the route's own: a fallback's answer is served
+                    # but never cached, or it would stand in for the primary for the whole TTL.
+                    primary = model == chain[0]
+                    return self._answer(route, model, resp, out, store if primary else None, strip_usage)
+                last = Answer.engine_error(resp.status, normalize(resp.status, resp.body), out.headers())
                 self.metrics.requests.labels(route.name, model, str(resp.status)).inc()
             failures += 1
             nxt = policy.next_target(failures, failure, bytes_sent=False)
@@ -256,12 +260,12 @@ class RouteRunner:
                 logger.info("route %s: %s failed (%s), falling back to %s", route.name, model, failure.value, nxt)
             model = nxt
         if last is None:
-            err = APIError(503, f"Route `{route.name}` has no model to send to.", code="engine_unavailable")
-            last = JSONResponse(err.body(), 503)
+            last = Answer.error(APIError(503, f"Route `{route.name}` has no model to send to.",
+                                         code="engine_unavailable"))
         return last
 
     def _answer(self, route: RouteSpec, model: str, resp: UpstreamResponse, out: Outcome,
-                store: Callable[[dict[str, Any], str], None] | None, strip_usage: bool) -> Response:
+                store: Store | None, strip_usage: bool) -> Answer:
         out.served_by = model
         out.models.append(model)
         self.metrics.requests.labels(route.name, model, str(resp.status)).inc()
@@ -272,13 +276,12 @@ class RouteRunner:
                 # The same dict is then given its cost; harmless, a hit replaces `usage` anyway.
                 store(body, model)
             self._maybe_shadow(route, out, body)
-            return JSONResponse(with_cost(body, out.cost_usd), resp.status, headers=out.headers())
-        return StreamingResponse(self._relay(route.name, model, resp, out, store, strip_usage),
-                                 media_type="text/event-stream", headers=out.headers())
+            return Answer(resp.status, with_cost(body, out.cost_usd), headers=out.headers())
+        return Answer(resp.status, chunks=self._relay(route.name, model, resp, out, store, strip_usage),
+                      headers=out.headers())
 
     async def _relay(self, route: str, model: str, resp: UpstreamResponse, out: Outcome,
-                     store: Callable[[dict[str, Any], str], None] | None, strip_usage: bool
-                     ) -> AsyncIterator[bytes]:
+                     store: Store | None, strip_usage: bool) -> AsyncIterator[bytes]:
         """Pass the stream through; bill the usage chunk and rebuild the answer for the cache."""
         assembler = StreamAssembler() if store is not None else None
         assert resp.chunks is not None

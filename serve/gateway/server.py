@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
 
+from serve.asgi import bind_socket
 from serve.batch.store import open_store
 from serve.cache.store import HeadCache
 from serve.config import Config
-from serve.gateway.app import create_app
+from serve.gateway.app import Gateway, app_for, create_metrics_app
 from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends
 from serve.gateway.lifecycle import lifecycle_loop
@@ -46,44 +48,92 @@ async def discovery_loop(fetch: Callable[[], Awaitable[Snapshot]], backends: Bac
         await asyncio.sleep(interval_s)
 
 
+class GatewayParts:
+    """Everything one gateway process holds, assembled in one place for every launch path: the
+    HTTP gateway (`llmserve run`, `llmserve gateway`, the Serve deployment, tests) and the batch
+    worker, which runs batch lines through the same Gateway.handle without HTTP."""
+
+    def __init__(self, config: Config, fetch: Callable[[], Awaitable[Snapshot]],
+                 upstream: Upstream | None = None, backends: Backends | None = None) -> None:
+        self.config = config
+        self.fetch = fetch
+        self.backends = backends or Backends()
+        self.upstream = upstream or HttpUpstream(connect_timeout_s=config.gateway.connect_timeout_s)
+        self.cache = HeadCache(config.cache.redis_url, lru_size=config.cache.lru_size,
+                               op_timeout_s=config.cache.op_timeout_s)
+        self.limiter = RateLimiter(config.cache.redis_url, op_timeout_s=config.cache.op_timeout_s)
+        self.gateway = Gateway(config, self.backends, self.upstream, cache=self.cache,
+                               keys=KeyStore(config.auth), limiter=self.limiter)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Gateway]:
+        """Background work while the gateway runs (replica discovery, runtime adapters and routes),
+        then every client closed."""
+        config, gw = self.config, self.gateway
+        with contextlib.suppress(Exception):  # start with the replicas known, not an empty pool
+            self.backends.update(await self.fetch())
+        loop = asyncio.get_running_loop()
+        interval = config.gateway.discovery_interval_s
+        tasks = [loop.create_task(discovery_loop(self.fetch, self.backends, interval))]
+        lifecycle = LifecycleStore(config.cache.redis_url) if config.cache.redis_url else None
+        gw.lifecycle = lifecycle
+        if lifecycle is not None:
+            tasks.append(loop.create_task(lifecycle_loop(gw, lifecycle, interval)))
+        try:
+            yield gw
+        finally:
+            for task in tasks:
+                task.cancel()
+            if lifecycle is not None:
+                await lifecycle.close()
+            await self.upstream.close()
+            await self.cache.close()
+            await self.limiter.close()
+
+
 def build_gateway(
     config: Config,
     fetch: Callable[[], Awaitable[Snapshot]],
     upstream: Upstream | None = None,
     backends: Backends | None = None,
 ) -> Starlette:
-    backends = backends or Backends()
-    upstream = upstream or HttpUpstream(connect_timeout_s=config.gateway.connect_timeout_s)
-    cache = HeadCache(config.cache.redis_url, lru_size=config.cache.lru_size,
-                      op_timeout_s=config.cache.op_timeout_s)
-    limiter = RateLimiter(config.cache.redis_url, op_timeout_s=config.cache.op_timeout_s)
-    keys = KeyStore(config.auth)
+    """The gateway's ASGI app: the public API, and `/metrics` for connections that arrive on the
+    metrics listener (see `listen`)."""
+    parts = GatewayParts(config, fetch, upstream, backends)
     batch_store = open_store(config) if config.batch.enabled else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        with contextlib.suppress(Exception):
-            backends.update(await fetch())
-        loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(discovery_loop(fetch, backends, config.gateway.discovery_interval_s))]
-        lifecycle = LifecycleStore(config.cache.redis_url) if config.cache.redis_url else None
-        app.state.gateway.lifecycle = lifecycle
-        if lifecycle is not None:
-            tasks.append(loop.create_task(
-                lifecycle_loop(app.state.gateway, lifecycle, config.gateway.discovery_interval_s)))
-        try:
+        async with parts.running():
             yield
-        finally:
-            for task in tasks:
-                task.cancel()
-            if lifecycle is not None:
-                await lifecycle.close()
-            await upstream.close()
-            await cache.close()
-            await limiter.close()
 
-    return create_app(config, backends, upstream, cache=cache, keys=keys, limiter=limiter,
-                      batch_store=batch_store, lifespan=lifespan)
+    public = app_for(parts.gateway, batch_store=batch_store, lifespan=lifespan)
+    return ByPort(public, create_metrics_app(parts.gateway))  # type: ignore[return-value]
+
+
+class ByPort:
+    """Dispatch a connection by the local port it arrived on: metrics on the metrics listener,
+    everything else to the public app. (uvicorn serves one app on several sockets.)"""
+
+    def __init__(self, public: Starlette, metrics: Starlette) -> None:
+        self.public = public
+        self.metrics = metrics
+        self.metrics_ports: set[int] = set()
+        self.state = public.state  # tests and callers reach the Gateway as app.state.gateway
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        server = scope.get("server") or (None, None)
+        app = self.metrics if scope["type"] == "http" and server[1] in self.metrics_ports else self.public
+        await app(scope, receive, send)
+
+
+def listen(app: Any, config: Config) -> list[socket.socket]:
+    """Bind the public and the metrics listener; returns the sockets for uvicorn's serve()."""
+    public = bind_socket(config.gateway.host, config.gateway.port)
+    metrics = bind_socket(config.gateway.metrics_host or config.gateway.host, config.gateway.metrics_port)
+    if isinstance(app, ByPort):
+        app.metrics_ports.add(metrics.getsockname()[1])
+    return [public, metrics]
 
 
 def uvicorn_config(app: Starlette, config: Config) -> Any:
@@ -91,8 +141,6 @@ def uvicorn_config(app: Starlette, config: Config) -> Any:
 
     return uvicorn.Config(
         app,
-        host=config.gateway.host,
-        port=config.gateway.port,
         log_level="warning",
         access_log=False,
         timeout_keep_alive=75,

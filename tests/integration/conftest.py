@@ -63,7 +63,7 @@ def stack_config(port: int, redis_url: str, lora_dir: str, batch_dir: str) -> Co
             {"name": "limited", "sha256": hashlib.sha256(b"limited").hexdigest(), "requests_per_minute": 2,
              "models": ["tiny-a"]},
         ]},
-        "gateway": {"host": "127.0.0.1", "port": port, "request_timeout_s": 60},
+        "gateway": {"host": "127.0.0.1", "port": port, "metrics_port": free_port(), "request_timeout_s": 60},
         "ray": {"num_cpus": 8, "namespace": "llmserve-test"},
     })
 
@@ -107,7 +107,7 @@ class Stack:
     def metrics(self) -> str:
         import urllib.request
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.config.gateway.port}/metrics", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.config.gateway.metrics_port}/metrics", timeout=10) as r:
             return r.read().decode()
 
 
@@ -175,7 +175,7 @@ def stack(tmp_path_factory, redis_server):
     from serve.config import ModelSpec
     from serve.engine.cluster import deploy_models, shutdown, wait_for_engines
     from serve.engine.models import resolve_source
-    from serve.gateway.server import build_gateway, ray_snapshot_source, uvicorn_config
+    from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
 
     os.environ.setdefault("LLMSERVE_CACHE_DIR", str(tmp_path_factory.getbasetemp().parent / "llmserve-cache"))
     base = resolve_source(ModelSpec(name="x", source="builtin://tiny?seed=1"))
@@ -186,7 +186,8 @@ def stack(tmp_path_factory, redis_server):
         wait_for_engines(registry, [m.name for m in config.models], timeout_s=900)
         app = build_gateway(config, ray_snapshot_source(registry))
         server = uvicorn.Server(uvicorn_config(app, config))
-        thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+        sockets = listen(app, config)
+        thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=sockets)), daemon=True)
         thread.start()
         deadline = time.monotonic() + 30
         while not server.started:

@@ -7,7 +7,7 @@ from starlette.testclient import TestClient
 
 from serve.cache.store import LRU, CacheEntry, HeadCache
 from serve.config import Config
-from serve.gateway.app import create_app
+from serve.gateway.app import create_app, create_metrics_app
 from serve.gateway.backends import Backends
 from tests.fakes import FakeUpstream
 
@@ -134,7 +134,7 @@ def test_metrics_count_cache_escalations_and_cost():
     client = make(up)
     ask(client)
     ask(client)
-    text = client.get("/metrics").text
+    text = TestClient(create_metrics_app(client.app.state.gateway)).get("/metrics").text
     assert 'llmserve_cache_requests_total{result="hit",route="assistant"} 1.0' in text
     assert 'llmserve_escalations_total{reason="low_confidence",route="assistant"} 1.0' in text
     assert "llmserve_cost_usd_total" in text

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from serve.config import Config, ConfigError
-from serve.gateway.app import create_app
+from serve.gateway.app import create_app, create_metrics_app
 from serve.gateway.auth import KeyStore, hash_key
 from serve.gateway.backends import Backends
 from serve.gateway.ratelimit import RateLimiter
@@ -54,7 +54,11 @@ def test_missing_or_wrong_key_is_401_invalid_api_key():
     r = client.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Basic x"})
     assert r.status_code == 401
     assert up.calls == []
-    assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
+    assert client.get("/health").status_code == 200
+
+
+def metrics_text(client) -> str:
+    return TestClient(create_metrics_app(client.app.state.gateway)).get("/metrics").text
 
 
 def test_key_limited_to_models():
@@ -72,7 +76,7 @@ def test_requests_per_minute_gives_429_with_headers():
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
     assert int(r.headers["retry-after"]) >= 1 and r.headers["x-ratelimit-limit-requests"] == "3"
     assert r.headers["x-ratelimit-remaining-requests"] == "0"
-    assert 'llmserve_rate_limited_total{key="alice",limit="requests"}' in client.get("/metrics").text
+    assert 'llmserve_rate_limited_total{key="alice",limit="requests"}' in metrics_text(client)
 
 
 def test_tokens_per_minute_counts_max_tokens():
@@ -190,3 +194,44 @@ def test_adapter_loading_needs_an_admin_key():
     r = client.post("/v1/llmserve/adapters", json=body, headers={"Authorization": "Bearer sk-alice"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "not_admin"
     assert client.post("/v1/llmserve/adapters", json=body).status_code == 401
+
+
+def test_public_port_has_no_metrics_and_models_need_a_key():
+    client, _ = make()
+    # Metrics name keys and per-key spend: only the metrics listener serves them.
+    assert client.get("/metrics").status_code == 404
+    assert "llmserve_requests_total" in metrics_text(client)
+    r = client.get("/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert client.get("/v1/models/a").status_code == 401
+    # A key sees the models it may use, and nothing else (404 as for an unknown model).
+    bob = {"Authorization": "Bearer sk-bob"}
+    assert [m["id"] for m in client.get("/v1/models", headers=bob).json()["data"]] == ["b"]
+    assert client.get("/v1/models/a", headers=bob).status_code == 404
+    assert client.get("/v1/models/b", headers=bob).json()["id"] == "b"
+
+
+async def test_batch_line_is_admitted_with_its_owners_key():
+    """A batch line takes the same admission as the HTTP request: model access, rate limits, and
+    the cost billed to the owner's key."""
+    from serve.gateway.batch_actor import owner_call
+
+    client, up = make()
+    gw = client.app.state.gateway
+    call = owner_call(gw)
+    # bob may use only model b: a line for model a is refused as an unknown model, never sent.
+    status, body = await call("bob", "/v1/chat/completions", chat("a"))
+    assert status == 404 and body["error"]["code"] == "model_not_found" and up.calls == []
+    status, body = await call("bob", "/v1/chat/completions", chat("b"))
+    assert status == 200 and body["choices"][0]["message"]["content"]
+    # alice's limit is 3 requests a minute, shared with her online requests.
+    assert post(client, chat()).status_code == 200
+    codes = [(await call("alice", "/v1/chat/completions", chat()))[0] for _ in range(3)]
+    assert codes == [200, 200, 429]
+    # A key that no longer exists owns nothing it can run.
+    status, body = await call("mallory", "/v1/chat/completions", chat())
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    text = metrics_text(client)
+    assert 'llmserve_cost_usd_total{key="bob",model="b",route="b"}' in text
+    assert 'llmserve_cost_usd_total{key="alice",model="a",route="a"}' in text
+    assert 'key="batch"' not in text

@@ -1,0 +1,85 @@
+"""One admission step for every way a request enters: an HTTP request, a batch line, a replay.
+
+Given the caller's key and the parsed request it decides, in this order: which route `model`
+names, whether the key may use it (404 as for an unknown model, so a key learns nothing about
+models it may not use), whether the request is well-formed (400 naming `param`), and whether the
+key's request and token budgets allow it now (429 with Retry-After). A batch line passes the same
+checks with its owner's key, so a batch can neither reach another model nor skip a limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve.config import ApiKey, Config, RouteSpec
+from serve.gateway.auth import KeyStore
+from serve.gateway.catalog import Catalog
+from serve.gateway.errors import APIError, bad_request, model_not_found
+from serve.gateway.metrics import Metrics
+from serve.gateway.ratelimit import RateLimiter
+from serve.gateway.validate import validate
+from serve.policies.ratelimit import estimate_tokens
+
+# Which engine task serves which endpoint: a generate model has no /v1/embeddings and vice versa.
+ROUTE_TASK = {"/v1/chat/completions": "generate", "/v1/completions": "generate", "/v1/embeddings": "embed"}
+ANONYMOUS = "anonymous"  # the key name when auth is off
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """An admitted request: the route it takes, whom it is billed to, the rate-limit headers."""
+
+    route: RouteSpec
+    key_name: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Admission:
+    def __init__(self, config: Config, catalog: Catalog, limiter: RateLimiter, metrics: Metrics) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.limiter = limiter
+        self.metrics = metrics
+
+    def resolve(self, payload: dict[str, Any], path: str) -> RouteSpec:
+        model = payload.get("model")
+        if model is None:
+            raise bad_request("You must provide a model parameter.", param="model")
+        if not isinstance(model, str):
+            raise bad_request("`model` must be a string.", param="model")
+        route = self.catalog.route(model)
+        if route is None:
+            raise model_not_found(model)
+        first = route.cascade.student if route.cascade else route.target
+        spec = self.catalog.spec(first) if first else None
+        if spec is not None and spec.task != ROUTE_TASK.get(path):
+            raise bad_request(
+                f"The model `{model}` does not support {path} (it is a {spec.task} model).",
+                param="model", code="model_not_supported",
+            )
+        stream = payload.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):
+            raise bad_request("`stream` must be a boolean.", param="stream")
+        return route
+
+    async def admit(self, key: ApiKey | None, path: str, payload: dict[str, Any], body_bytes: int) -> Ticket:
+        route = self.resolve(payload, path)
+        if not KeyStore.allows(key, route.name):
+            raise model_not_found(route.name)
+        validate(path, payload, self.config.gateway.max_messages)
+        if key is None:
+            return Ticket(route, ANONYMOUS)
+        auth = self.config.auth
+        rpm = key.requests_per_minute or auth.default_requests_per_minute
+        tpm = key.tokens_per_minute or auth.default_tokens_per_minute
+        if rpm is None and tpm is None:
+            return Ticket(route, key.name)
+        tokens = estimate_tokens(body_bytes, payload.get("max_tokens") or payload.get("max_completion_tokens"))
+        verdict = await self.limiter.check(key.name, rpm, tpm, tokens)
+        if not verdict.allowed:
+            self.metrics.rate_limited.labels(key.name, verdict.limit_name).inc()
+            raise APIError(429, f"Rate limit reached for {verdict.limit_name} per minute on key `{key.name}`. "
+                                f"Retry after {verdict.headers['Retry-After']}s.",
+                           code="rate_limit_exceeded", headers=verdict.headers)
+        return Ticket(route, key.name, verdict.headers)
