@@ -85,7 +85,7 @@ class Prometheus:
 
 @pytest.fixture
 def prometheus(stack, tmp_path):
-    prom = Prometheus(tmp_path, f"127.0.0.1:{stack.config.gateway.port}")
+    prom = Prometheus(tmp_path, f"127.0.0.1:{stack.config.gateway.metrics_port}")
     try:
         prom.wait_ready()
         yield prom
