@@ -14,8 +14,28 @@ MSG = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_models_are_listed(stack):
-    ids = {m.id for m in stack.client().models.list()}
-    assert {"tiny-a", "tiny-b", "tiny-embed"} <= ids
+    models = {m.id: m for m in stack.client().models.list()}
+    assert {"tiny-a", "tiny-b", "tiny-embed"} <= set(models)
+    # Clients size prompts from the context length, as vLLM reports it.
+    assert models["tiny-a"].model_extra["max_model_len"] == 512
+    assert models["cascade-accept"].model_extra["max_model_len"] == 512
+
+
+def test_models_need_a_key_and_show_only_the_keys_models(stack):
+    with pytest.raises(openai.AuthenticationError):
+        stack.client(api_key="wrong").models.list()
+    # "limited" may use tiny-a only: it sees tiny-a and nothing else.
+    assert [m.id for m in stack.client(api_key="limited").models.list()] == ["tiny-a"]
+
+
+def test_public_port_serves_no_metrics(stack):
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://127.0.0.1:{stack.config.gateway.port}/metrics", timeout=10)
+    assert e.value.code == 404
+    assert "llmserve_requests_total" in stack.metrics()  # the metrics listener has them
 
 
 def test_chat_plain_reaches_the_requested_model(stack):
