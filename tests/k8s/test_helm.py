@@ -171,7 +171,7 @@ def test_api_keys_are_hashed_into_the_secret() -> None:
     pod = one(objs, "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     script = pod["spec"]["containers"][0]["args"][0]
-    svc = one(objs, "Service")
+    [svc] = [s for s in by_kind(objs, "Service") if s["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
     assert f"http://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}/v1/models" in script
     assert re.search(r"grep -q '\"id\": \*\"tiny-a\"'", script)
 
@@ -262,3 +262,16 @@ def test_notes_render_and_warn_about_missing_keys(case: str, warns: bool) -> Non
     notes = proc.stdout.split("NOTES:", 1)[1]
     assert "helm test llm -n llm" in notes
     assert ("no API keys are configured" in notes) == warns
+
+
+def test_metrics_are_served_only_on_a_cluster_internal_service() -> None:
+    """Gateway metrics name keys and per-key spend: the public Service carries only the API port,
+    and the ServiceMonitor scrapes the ClusterIP metrics Service on serve.gateway.metrics_port."""
+    objs = helm_template(*CASES["production"])
+    services = {s["metadata"]["labels"]["app.kubernetes.io/component"]: s for s in by_kind(objs, "Service")}
+    assert [p["name"] for p in services["gateway"]["spec"]["ports"]] == ["http"]
+    metrics = services["gateway-metrics"]["spec"]
+    assert metrics["type"] == "ClusterIP" and [p["port"] for p in metrics["ports"]] == [9464]
+    [monitor] = by_kind(objs, "ServiceMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway-metrics"
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
