@@ -16,12 +16,37 @@ def msgs(text):
     return [{"role": "user", "content": text}]
 
 
+# The sample names each metric type exposes, after its family's name.
+_SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_count", "_sum", "_bucket", "_created"),
+             "summary": ("", "_count", "_sum", "_created")}
+
+
+def samples(metrics: str, name: str, **labels) -> list[float]:
+    """Values of the samples called exactly `name` whose labels include `labels` (exact values).
+
+    Parsed with prometheus_client's own parser, so a gauge without labels (`name 0.0`) is read too
+    and `model="x"` does not match `from_model="x"`. A name no family declares is a typo in the test,
+    not a zero: it raises."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = list(text_string_to_metric_families(metrics))
+    if not any(name == f.name + s for f in families for s in _SUFFIXES.get(f.type, ("",))):
+        raise AssertionError(f"no metric family declares {name}")
+    want = {k: str(v) for k, v in labels.items()}
+    return [s.value for f in families for s in f.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in want.items())]
+
+
 def counter(metrics: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in metrics.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    """Sum over the matching series; a labelled series nobody has incremented yet is absent: 0."""
+    return sum(samples(metrics, name, **labels))
+
+
+def gauge(metrics: str, name: str, **labels) -> float:
+    """The value of exactly one series; absent or ambiguous is an error, never a silent 0."""
+    found = samples(metrics, name, **labels)
+    assert len(found) == 1, f"{name}{labels}: {len(found)} matching samples"
+    return found[0]
 
 
 def test_routes_and_adapters_are_listed(stack):
@@ -106,26 +131,48 @@ def test_cascade_escalates_when_policy_says_so_streamed_too(stack):
     assert "".join(c.choices[0].delta.content or "" for c in accepted if c.choices)
 
 
+def _usd(usage, price) -> float:
+    """What the gateway must bill for `usage` at `price` (USD per million tokens)."""
+    return (usage.prompt_tokens * price["input_per_million"]
+            + usage.completion_tokens * price["output_per_million"]) / 1e6
+
+
 def test_costs_add_up_across_a_run(stack):
     client = stack.client()
-    before = counter(stack.metrics(), "llmserve_cost_usd_total")
+    # ignore_eos: every answer is exactly max_tokens long, so the escalated request's student run
+    # can be replayed below with the same token counts whatever the greedy text is.
+    ask = {"max_tokens": 5, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    before = stack.metrics()
     total = 0.0
     for i, model in enumerate(["tiny-a", "tiny-b", "cascade-escalate", "tiny-b"]):
-        raw = client.chat.completions.with_raw_response.create(model=model, messages=msgs(f"cost {i}"),
-                                                               max_tokens=5, temperature=0)
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=msgs(f"cost {i}"), **ask)
         r = raw.parse()
         header = float(raw.headers["x-llmserve-cost-usd"])
         assert r.usage.model_extra["cost_usd"] == pytest.approx(header, abs=1e-9)
         if model in ("tiny-a", "tiny-b"):
-            p = PRICE_A if model == "tiny-a" else PRICE_B
-            expected = (r.usage.prompt_tokens * p["input_per_million"]
-                        + r.usage.completion_tokens * p["output_per_million"]) / 1e6
-            assert header == pytest.approx(expected, rel=1e-6)
-        else:  # student and teacher both ran and both are billed
-            assert header > (r.usage.prompt_tokens * PRICE_B["input_per_million"]) / 1e6
+            assert header == pytest.approx(_usd(r.usage, PRICE_A if model == "tiny-a" else PRICE_B), abs=1e-9)
+        else:
+            # Student and teacher both ran and both are billed, each at its own price. The answer's
+            # usage is the teacher's; the student's is what tiny-a says for the request the cascade
+            # sent it (same messages, logprobs on, the same max_tokens).
+            assert raw.headers["x-llmserve-served-by"] == "tiny-b" and r.usage.completion_tokens == 5
+            student = client.chat.completions.create(model="tiny-a", messages=msgs(f"cost {i}"), logprobs=True,
+                                                     **ask).usage
+            assert student.completion_tokens == 5
+            assert header == pytest.approx(_usd(student, PRICE_A) + _usd(r.usage, PRICE_B), abs=1e-9)
+            escalated = (_usd(student, PRICE_A), _usd(r.usage, PRICE_B))
         total += header
-    after = counter(stack.metrics(), "llmserve_cost_usd_total")
-    assert after - before == pytest.approx(total, rel=1e-6)
+    after = stack.metrics()
+
+    def spent(**labels):
+        return counter(after, "llmserve_cost_usd_total", **labels) - counter(before, "llmserve_cost_usd_total",
+                                                                            **labels)
+
+    # One more tiny-a request (the replayed student) was billed after the loop's four.
+    assert spent() == pytest.approx(total + escalated[0], abs=1e-9)
+    # The escalated request's cost is attributed to the model that spent it.
+    assert spent(route="cascade-escalate", model="tiny-a") == pytest.approx(escalated[0], abs=1e-9)
+    assert spent(route="cascade-escalate", model="tiny-b") == pytest.approx(escalated[1], abs=1e-9)
 
 
 def test_prefix_sharing_requests_land_on_one_replica(stack):

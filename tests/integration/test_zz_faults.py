@@ -14,23 +14,37 @@ import uuid
 
 import pytest
 
-from tests.integration.test_policies import counter, msgs
+from tests.integration.test_policies import counter, gauge, msgs
 
 pytestmark = pytest.mark.integration
 
 
 def test_redis_down_serves_from_models_and_says_so(stack):
     client = stack.client()
+
+    def head_request(tag: str) -> None:  # a miss each time: it reads and writes the shared cache
+        raw = client.chat.completions.with_raw_response.create(
+            model="head", messages=msgs(f"{tag} {uuid.uuid4().hex[:6]}"), max_tokens=4, temperature=0)
+        assert raw.http_response.status_code == 200
+
     stack.redis.stop()
     try:
         for _ in range(2):
-            raw = client.chat.completions.with_raw_response.create(
-                model="head", messages=msgs(f"no redis {uuid.uuid4().hex[:6]}"), max_tokens=4, temperature=0)
-            assert raw.http_response.status_code == 200
-        text = stack.metrics()
-        assert counter(text, "llmserve_cache_redis_up") == 0
+            head_request("no redis")
+        # The first refused operation marks Redis down for the cache's retry window (5 s); two
+        # 4-token answers and a scrape fit well inside it.
+        assert gauge(stack.metrics(), "llmserve_cache_redis_up") == 0
     finally:
         stack.redis.start()
+    # Back: once the retry window has passed, a request reaches Redis again and the gauge says so.
+    deadline = time.monotonic() + 60
+    while True:
+        head_request("redis back")
+        up = gauge(stack.metrics(), "llmserve_cache_redis_up")
+        if up == 1:
+            break
+        assert up == 0 and time.monotonic() < deadline, f"redis gauge still {up}"
+        time.sleep(1)
 
 
 def _replica_pid(url: str) -> int:
