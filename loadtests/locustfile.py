@@ -6,7 +6,7 @@
 Scenarios (pick with class names on the command line, or with --tags):
   ChatUser        streaming chat (the default), records TTFT and TPOT as their own metrics   tag: chat
   HeadHeavyUser   deterministic questions drawn from a Zipf distribution (head-cache traffic) tag: head
-  LongPromptUser  long prompts (prefill-heavy)                                               tag: long
+  LongPromptUser  long prompts (prefill-heavy), sized from the model's max_model_len          tag: long
   BatchUser       uploads a small batch file and submits it to /v1/batches                   tag: batch
 Environment: LLMSERVE_API_KEY (default "none"), LLMSERVE_MODEL (default "tiny"), LLMSERVE_HEAD_MODEL
 (route with a head cache; default LLMSERVE_MODEL), LLMSERVE_MAX_TOKENS (default 32), LLMSERVE_ZIPF_S
@@ -16,11 +16,17 @@ Environment: LLMSERVE_API_KEY (default "none"), LLMSERVE_MODEL (default "tiny"),
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import time
 
 from locust import FastHttpUser, between, tag, task
+
+# Locust puts this file's directory on sys.path; prompts.py has no locust import, for unit tests.
+from prompts import SUMMARISE, TOPICS, context_length, long_context, long_context_chars
+
+logger = logging.getLogger(__name__)
 
 API_KEY = os.environ.get("LLMSERVE_API_KEY", "none")
 MODEL = os.environ.get("LLMSERVE_MODEL", "tiny")
@@ -28,7 +34,6 @@ HEAD_MODEL = os.environ.get("LLMSERVE_HEAD_MODEL", MODEL)
 MAX_TOKENS = int(os.environ.get("LLMSERVE_MAX_TOKENS", "32"))
 ZIPF_S = float(os.environ.get("LLMSERVE_ZIPF_S", "1.1"))
 DISTINCT = int(os.environ.get("LLMSERVE_DISTINCT_QUERIES", "1000"))
-TOPICS = ["order", "refund", "password", "delivery", "invoice", "warranty", "address", "payment", "login"]
 
 
 def zipf_weights(n: int, s: float) -> list[float]:
@@ -66,6 +71,10 @@ class _OpenAIUser(FastHttpUser):
                     if not event.startswith(b"data: {"):
                         continue
                     obj = json.loads(event[6:])
+                    if obj.get("error"):  # the engine broke mid-stream: a 200 that failed
+                        err = obj["error"]
+                        resp.failure(f"stream error: {str(err.get('message') if isinstance(err, dict) else err)[:200]}")
+                        return
                     if obj.get("choices") and first is None:
                         first = time.perf_counter()
                     if obj.get("usage"):
@@ -108,12 +117,28 @@ class HeadHeavyUser(_OpenAIUser):
 class LongPromptUser(_OpenAIUser):
     weight = 1
 
+    def on_start(self) -> None:
+        # The context must fit the model's (vLLM answers 400 to every prompt that does not), so
+        # size it from what the gateway reports for the model, as vLLM's /v1/models does.
+        with self.client.get(f"/v1/models/{MODEL}", headers=self.headers(), name="models.get",
+                             catch_response=True) as resp:
+            entry = resp.json() if resp.status_code == 200 else None
+            if entry is None:
+                resp.failure(f"{resp.status_code}: {resp.text[:200]}")
+        max_model_len, source = context_length(entry)
+        self.context_chars = long_context_chars(max_model_len, MAX_TOKENS)
+        self.rng = random.Random()
+        log = logger.info if source == "model" else logger.warning
+        log("LongPromptUser: %s max_model_len %d (%s): context of %d chars, max_tokens %d", MODEL, max_model_len,
+            "from /v1/models" if source == "model" else "not reported; a safe default", self.context_chars,
+            MAX_TOKENS)
+
     @tag("long")
     @task
     def long(self) -> None:
-        context = " ".join(random.choice(TOPICS) for _ in range(300))
+        context = long_context(self.rng, self.context_chars, TOPICS)
         self.stream_chat("long", MODEL, [{"role": "system", "content": context},
-                                         {"role": "user", "content": "Summarise the above."}])
+                                         {"role": "user", "content": SUMMARISE}])
 
 
 class BatchUser(FastHttpUser):
