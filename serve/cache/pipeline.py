@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from serve.policies.cache_key import Normalization, cache_key
+from serve.policies.cache_key import Normalization, cache_key, endpoint_for
 
 TOPICS = ["order", "refund", "password", "delivery", "invoice", "warranty", "address", "payment", "login",
           "account", "shipping", "return", "subscription", "coupon", "store hours"]
@@ -46,7 +46,7 @@ def select_head(requests: list[dict[str, Any]], route: str, top: int, norm: Norm
     counts: Counter[str] = Counter()
     first: dict[str, dict[str, Any]] = {}
     for r in requests:
-        k = cache_key(route, r, norm or Normalization())
+        k = cache_key(route, endpoint_for(r), r, norm or Normalization())
         counts[k] += 1
         first.setdefault(k, r)
     order = {k: i for i, k in enumerate(first)}
@@ -60,7 +60,7 @@ def coverage(requests: list[dict[str, Any]], route: str, cached: set[str], norm:
     if not requests:
         return 0.0
     n = norm or Normalization()
-    return sum(1 for r in requests if cache_key(route, r, n) in cached) / len(requests)
+    return sum(1 for r in requests if cache_key(route, endpoint_for(r), r, n) in cached) / len(requests)
 
 
 def batch_lines(head: list[HeadQuery], teacher: str) -> list[str]:
@@ -69,8 +69,7 @@ def batch_lines(head: list[HeadQuery], teacher: str) -> list[str]:
     for q in head:
         body = {k: v for k, v in q.request.items() if k not in ("stream", "stream_options", "model")}
         body["model"] = teacher
-        url = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-        lines.append(json.dumps({"custom_id": q.key, "method": "POST", "url": url, "body": body}))
+        lines.append(json.dumps({"custom_id": q.key, "method": "POST", "url": endpoint_for(q.request), "body": body}))
     return lines
 
 

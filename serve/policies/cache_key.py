@@ -1,9 +1,10 @@
-"""Head-cache keys: a hash of the normalised request.
+"""Head-cache keys: a hash of the whole normalised request.
 
-Two requests share a key exactly when they would get the same deterministic answer: same route,
-same (normalised) messages or prompt, and the same value for every parameter that changes the
-output. Parameters that only change the transport (stream, stream_options, user) are left out,
-so a streamed and a plain request hit the same entry.
+Two requests share a key only when they would get the same deterministic answer. The key hashes
+every field of the request except an explicit allowlist of fields known not to change the output
+(`NON_OUTPUT_FIELDS`): a parameter nobody listed here, such as one a new vLLM release adds and the
+validator passes through, changes the key by default instead of sharing an entry by accident.
+The endpoint is part of the key too, so chat, completions and embeddings never collide.
 """
 
 from __future__ import annotations
@@ -14,14 +15,26 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-# Every request field that changes what the model returns.
-OUTPUT_PARAMS = (
-    "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs",
-    "top_logprobs", "response_format", "tools", "tool_choice", "echo", "suffix", "best_of",
-)
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+EMBEDDINGS_PATH = "/v1/embeddings"
+
+# Fields that cannot change what the engine returns. Only add a field here with the reason it is
+# safe: a wrong entry makes two different answers share one cache entry.
+NON_OUTPUT_FIELDS = frozenset({
+    "model",  # the route's name, already the key's namespace (the engine model is the route's choice)
+    "stream",  # transport: a streamed answer is the same answer in chunks
+    "stream_options",  # include_usage / continuous_usage_stats: only where usage is reported
+    "user",  # an end-user id for abuse tracking; the engine ignores it
+    "request_id",  # vLLM's id for logs and aborts; clients may send a fresh one per request
+    "priority",  # vLLM's scheduling priority: changes when an answer comes, not what it is
+})
+# Deliberately NOT listed (they stay in the key): cache_salt (a tenant sets it to stay isolated
+# from others' prefix cache, so it must isolate head-cache entries too), metadata/store/service_tier
+# (not known to be inert in every engine version), and every sampling or decoding parameter.
 
 _WS = re.compile(r"\s+")
+_KEY_VERSION = 2  # bump when the key material changes, so old entries can never match
 
 
 @dataclass(frozen=True)
@@ -51,7 +64,8 @@ def _normalize_content(content: Any, norm: Normalization) -> Any:
 
 
 def normalized_query(payload: dict[str, Any], norm: Normalization) -> Any:
-    """The part of a request that says what is asked: messages (chat) or prompt (completions)."""
+    """The part of a request that says what is asked: messages (chat) or prompt (completions).
+    An embedding request's `input` is not normalised: whitespace changes an embedding."""
     if "messages" in payload:
         msgs = payload.get("messages")
         if not isinstance(msgs, list):
@@ -66,23 +80,38 @@ def normalized_query(payload: dict[str, Any], norm: Normalization) -> Any:
     return prompt
 
 
-def is_deterministic(payload: dict[str, Any], route_cacheable: bool = False) -> bool:
-    """Only deterministic requests are looked up: temperature 0, or a route marked cacheable.
+def endpoint_for(payload: dict[str, Any]) -> str:
+    """The endpoint a logged request body was sent to, for callers that have only the body."""
+    if "messages" in payload:
+        return CHAT_PATH
+    if "input" in payload and "prompt" not in payload:
+        return EMBEDDINGS_PATH
+    return COMPLETIONS_PATH
 
-    OpenAI's default temperature is 1, so a request without one is not deterministic."""
-    if route_cacheable:
+
+def is_deterministic(payload: dict[str, Any], route_cacheable: bool = False, path: str = "") -> bool:
+    """Only deterministic requests are looked up: temperature 0, an embedding, or a route marked
+    cacheable.
+
+    OpenAI's default temperature is 1, so a generate request without one is not deterministic.
+    An embedding does not sample: the same input always gives the same vector."""
+    if route_cacheable or path.endswith("/embeddings"):
         return True
     t = payload.get("temperature")
     return isinstance(t, (int, float)) and not isinstance(t, bool) and t == 0
 
 
-def cache_key(route: str, payload: dict[str, Any], norm: Normalization = Normalization()) -> str:
-    kind = "chat" if "messages" in payload else "completion"
+def cache_key(route: str, path: str, payload: dict[str, Any], norm: Normalization = Normalization()) -> str:
+    """sha256 over route, endpoint, the normalised query and every other field but
+    NON_OUTPUT_FIELDS. A field set to null is the same as an absent one (vLLM's default)."""
+    query_field = "messages" if "messages" in payload else "prompt" if "prompt" in payload else None
     material = {
+        "v": _KEY_VERSION,
         "route": route,
-        "kind": kind,
+        "path": path,
         "query": normalized_query(payload, norm),
-        "params": {k: payload[k] for k in OUTPUT_PARAMS if payload.get(k) is not None},
+        "params": {k: v for k, v in payload.items()
+                   if k not in NON_OUTPUT_FIELDS and k != query_field and v is not None},
     }
     blob = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
