@@ -205,16 +205,24 @@ def cmd_cache_synth_log(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_invalidate(args: argparse.Namespace) -> int:
+    """Move the route to a new cache generation in Redis: every running gateway drops its
+    in-process copies within its poll interval (`HeadCache.follow_invalidations`)."""
     config = load_config(args.config)
 
-    async def go() -> int:
+    async def go() -> tuple[int, int | None, int]:
         cache = _cache(config, args.redis_url)
         try:
-            return await cache.invalidate(args.route)
+            n = await cache.invalidate(args.route)
+            return n, cache.generation(args.route), cache.redis_errors
         finally:
             await cache.close()
 
-    print(f"dropped {asyncio.run(go())} entries of route {args.route!r}")
+    n, gen, errors = asyncio.run(go())
+    if errors:  # the gateways may not have been told: say so, and fail
+        print(f"llmserve: invalidating route {args.route!r} failed in Redis; running gateways may still "
+              "serve its entries", file=sys.stderr)
+        return 1
+    print(f"dropped {n} entries of route {args.route!r}; running gateways follow generation {gen}")
     return 0
 
 

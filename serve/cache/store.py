@@ -3,10 +3,18 @@
 Redis is what makes the cache shared by every gateway replica and what the batch pipeline fills.
 It is optional at run time: if Redis is down the store says so (``redis_up``) and answers misses
 from the LRU alone, and it stops trying for ``retry_after_s`` so a dead Redis costs no latency.
+
+Invalidation reaches every gateway through a per-route generation counter in Redis
+(``llmserve:cachegen:<route>``). The generation is part of every entry's key, in Redis and in each
+gateway's LRU. `invalidate` increments it (and deletes the old entries); every gateway polls the
+generations of the routes it has seen (`follow_invalidations`, one MGET) and drops a route's LRU
+entries when its generation moves. Once a gateway has seen a new generation, no lookup can reach
+an entry of an older one, and an answer looked up before an invalidation is not stored after it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -14,10 +22,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import quote
 
 logger = logging.getLogger("llmserve.cache")
 
 PREFIX = "llmserve:cache"
+GEN_PREFIX = "llmserve:cachegen"
 
 
 @dataclass
@@ -69,6 +79,16 @@ class LRU:
         return len(self._data)
 
 
+def _segment(route: str) -> str:
+    """A route's name as one key segment: quoted, so a `:` or a glob character in a name can never
+    make one route's keys match another route's prefix or SCAN pattern."""
+    return quote(route, safe="")
+
+
+def _text(k: str | bytes) -> str:
+    return k.decode() if isinstance(k, bytes) else k
+
+
 class HeadCache:
     def __init__(
         self,
@@ -93,10 +113,25 @@ class HeadCache:
                 health_check_interval=30,
             )
         self.redis_errors = 0
+        self._gens: dict[str, int] = {}  # route -> the generation this process last saw
+        # (route, key) -> the generation a lookup missed under. An answer computed for that lookup
+        # is stored only if the generation has not moved since: an answer that was being computed
+        # while someone invalidated the route may be exactly what they meant to drop. Bounded like
+        # the LRU: a lookup whose answer is never stored (an error, a bypass) must not leak.
+        self._missed: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._missed_cap = lru_size
 
     @staticmethod
-    def full_key(route: str, key: str) -> str:
-        return f"{PREFIX}:{route}:{key}"
+    def full_key(route: str, gen: int, key: str) -> str:
+        return f"{PREFIX}:{_segment(route)}:{gen}:{key}"
+
+    @staticmethod
+    def gen_key(route: str) -> str:
+        return f"{GEN_PREFIX}:{_segment(route)}"
+
+    @staticmethod
+    def _route_prefix(route: str) -> str:
+        return f"{PREFIX}:{_segment(route)}:"
 
     @property
     def redis_configured(self) -> bool:
@@ -106,26 +141,80 @@ class HeadCache:
     def redis_up(self) -> bool:
         return self._redis is not None and self._clock() >= self._down_until
 
+    def generation(self, route: str) -> int | None:
+        """The route's generation as this process last saw it (None: not seen yet)."""
+        return self._gens.get(route)
+
     def _failed(self, op: str, exc: Exception) -> None:
         self.redis_errors += 1
         self._down_until = self._clock() + self._retry_after_s
         logger.warning("redis %s failed (%s); serving without the shared cache for %.0fs",
                        op, exc, self._retry_after_s)
 
+    def _observe(self, route: str, gen: int) -> bool:
+        """Adopt a route's generation; on a change drop its LRU entries. Any change counts, not
+        only an increase: a Redis that lost its data starts again at 0, and must not leave a
+        gateway serving what it held before."""
+        if self._gens.get(route) == gen:
+            return False
+        self._gens[route] = gen
+        self._lru.drop_prefix(self._route_prefix(route))
+        return True
+
+    def _note_miss(self, route: str, key: str) -> None:
+        self._missed[(route, key)] = self._gens.setdefault(route, 0)
+        self._missed.move_to_end((route, key))
+        while len(self._missed) > self._missed_cap:
+            self._missed.popitem(last=False)
+
+    async def _generation(self, route: str) -> int:
+        """The route's generation, read from Redis the first time this process meets the route."""
+        if route not in self._gens and self.redis_up:
+            try:
+                self._observe(route, int(await self._redis.get(self.gen_key(route)) or 0))
+            except Exception as e:
+                self._failed("generation", e)
+        return self._gens.setdefault(route, 0)
+
     async def get(self, route: str, key: str) -> CacheEntry | None:
-        fk = self.full_key(route, key)
-        entry = self._lru.get(fk)
-        if entry is not None or not self.redis_up:
-            return entry
-        try:
-            raw = await self._redis.get(fk)
-            ttl = await self._redis.ttl(fk) if raw is not None else -2
-        except Exception as e:
-            self._failed("get", e)
+        gen = self._gens.get(route)
+        if gen is not None:
+            entry = self._lru.get(self.full_key(route, gen, key))
+            if entry is not None:
+                return entry
+        if not self.redis_up:
+            self._note_miss(route, key)
+            return None
+        for _ in range(2):  # again only when this very lookup found the generation moved
+            gen = self._gens.get(route, 0)
+            fk = self.full_key(route, gen, key)
+            try:
+                # One round trip: the generation travels with the entry, so a Redis read is never
+                # of an older generation than Redis holds at that moment.
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.get(self.gen_key(route))
+                pipe.get(fk)
+                pipe.ttl(fk)
+                raw_gen, raw, ttl = await pipe.execute()
+                current = int(raw_gen or 0)
+            except Exception as e:
+                self._failed("get", e)
+                self._note_miss(route, key)
+                return None
+            self._observe(route, current)
+            if current == gen:
+                break
+        else:  # moved again during the second try: a miss under the newest generation
+            self._note_miss(route, key)
             return None
         if raw is None:
+            self._note_miss(route, key)
             return None
-        entry = CacheEntry.loads(raw)
+        try:
+            entry = CacheEntry.loads(raw)
+        except (ValueError, TypeError):  # not an entry this version can read: a miss, not a crash
+            self._note_miss(route, key)
+            return None
         self._lru.put(fk, entry, ttl if ttl > 0 else self._ttl)
         return entry
 
@@ -135,9 +224,12 @@ class HeadCache:
     async def put_many(
         self, route: str, items: Iterable[tuple[str, CacheEntry]], ttl_s: float | None = None
     ) -> int:
-        """Bulk write (the batch pipeline fills the cache this way). Returns entries written."""
+        """Bulk write (the batch pipeline fills the cache this way). Returns entries written; an
+        answer to a lookup made before the route's last invalidation is not written."""
         ttl = ttl_s or self._ttl
-        pairs = [(self.full_key(route, k), e) for k, e in items]
+        gen = await self._generation(route)
+        pairs = [(self.full_key(route, gen, k), e) for k, e in items
+                 if self._missed.pop((route, k), gen) == gen]
         for fk, e in pairs:
             self._lru.put(fk, e, ttl)
         if self.redis_up and pairs:
@@ -167,16 +259,17 @@ class HeadCache:
         except Exception as e:
             self._failed("stats", e)
             return {}
-        return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+        return {_text(k): int(v) for k, v in raw.items()}
 
     async def list_keys(self, route: str, limit: int = 10_000) -> list[str]:
+        """The keys of the route's current generation in Redis."""
         if not self.redis_up:
             return []
-        prefix = self.full_key(route, "")
+        prefix = self.full_key(route, await self._generation(route), "")
         out: list[str] = []
         try:
             async for k in self._redis.scan_iter(match=prefix + "*", count=500):
-                out.append((k.decode() if isinstance(k, bytes) else k)[len(prefix):])
+                out.append(_text(k)[len(prefix):])
                 if len(out) >= limit:
                     break
         except Exception as e:
@@ -184,17 +277,57 @@ class HeadCache:
         return out
 
     async def invalidate(self, route: str) -> int:
-        """Drop every entry of a route's namespace, locally and in Redis."""
-        prefix = self.full_key(route, "")
+        """Drop every entry of a route: here at once, in every gateway within one poll interval of
+        `follow_invalidations`, and in Redis. Returns the number of entries dropped."""
+        prefix = self._route_prefix(route)
         n = self._lru.drop_prefix(prefix)
-        if self.redis_up:
-            try:
-                keys = [k async for k in self._redis.scan_iter(match=prefix + "*", count=500)]
-                if keys:
-                    n = max(n, int(await self._redis.delete(*keys)))
-            except Exception as e:
+        try:
+            if not self.redis_up:
+                raise ConnectionError("redis is down or not configured")
+            gen = int(await self._redis.incr(self.gen_key(route)))
+        except Exception as e:
+            if self._redis is not None:
                 self._failed("invalidate", e)
+            # Only this process is reached; a new local generation still keeps an answer looked
+            # up before now from being stored after it.
+            self._gens[route] = self._gens.get(route, 0) + 1
+            return n
+        self._observe(route, gen)
+        keep = f"{prefix}{gen}:"  # written after the increment: already the new generation's
+        try:
+            old = [k async for k in self._redis.scan_iter(match=prefix + "*", count=500)
+                   if not _text(k).startswith(keep)]
+            deleted = 0
+            for i in range(0, len(old), 1000):
+                deleted += int(await self._redis.delete(*old[i:i + 1000]))
+            n = max(n, deleted)
+        except Exception as e:  # the old generation is unreachable already; its keys expire by TTL
+            self._failed("invalidate", e)
         return n
+
+    async def sync_generations(self) -> list[str]:
+        """One poll of the generations of every route this process has seen (one MGET); drops the
+        LRU entries of each route whose generation moved, and returns those routes."""
+        routes = list(self._gens)
+        if not routes or not self.redis_up:
+            return []
+        try:
+            raw = await self._redis.mget([self.gen_key(r) for r in routes])
+            gens = [int(v or 0) for v in raw]
+        except Exception as e:
+            self._failed("generations", e)
+            return []
+        return [r for r, g in zip(routes, gens, strict=True) if self._observe(r, g)]
+
+    async def follow_invalidations(self, interval_s: float = 0.5) -> None:
+        """Run for the gateway's life: an invalidation made anywhere reaches this process's LRU
+        within `interval_s` (plus one Redis round trip). Returns at once without Redis: then the
+        only invalidations are this process's own."""
+        if self._redis is None:
+            return
+        while True:
+            await self.sync_generations()
+            await asyncio.sleep(interval_s)
 
     async def close(self) -> None:
         if self._redis is not None:
