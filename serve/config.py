@@ -154,6 +154,11 @@ class GatewaySpec(_Strict):
     drain_timeout_s: float = Field(
         30, ge=0, description="On SIGTERM, how long in-flight requests and streams may take to finish."
     )
+    adapter_roots: list[str] = Field(
+        default_factory=list,
+        description="Directories runtime adapter loading (POST /v1/llmserve/adapters) may load from; "
+        "shared with the engines. Empty: only configured adapters' own paths.",
+    )
 
 
 class CacheSpec(_Strict):
