@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from typing import Any
 
 from serve.config import ModelSpec
+from serve.engine import secret
 from serve.engine.models import resolve_source
 
 # What vLLM needs on a CPU host (see docs/operations.md): a KV cache size it can actually get,
@@ -17,7 +20,8 @@ CPU_ENV = {
 }
 
 
-def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None) -> Any:  # -> LLMConfig
+def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None,
+                   adapter_roots: Sequence[str] = ()) -> Any:  # -> LLMConfig
     from ray.serve.llm import LLMConfig
 
     source = resolve_source(spec)
@@ -53,6 +57,17 @@ def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None
         # Adapters are loaded through vLLM's own /v1/load_lora_adapter once the engine is up, the
         # same call a later promotion uses to swap adapters without a restart.
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if adapter_roots:
+        # Where adapters registered at runtime may be loaded from by a new replica (direct.py).
+        env[secret.ADAPTER_ROOTS_ENV] = os.pathsep.join(adapter_roots)
+    engine_secret = secret.engine_secret()
+    if engine_secret:
+        # Ray 2.60 starts a worker with the raylet's environment and sets runtime_env env_vars over
+        # it (ray._private.runtime_env.context.RuntimeEnvContext.exec_worker -> update_envs), so
+        # pods that got the secret from a Kubernetes Secret pass it on already; this copy is for a
+        # cluster that did not start with it (`ray.address` of an existing cluster). Set after
+        # spec.env so a model's env cannot replace it.
+        env[secret.ENV] = engine_secret
     kwargs: dict[str, Any] = {
         "model_loading_config": {"model_id": spec.name, "model_source": source},
         "engine_kwargs": engine_kwargs,
@@ -68,13 +83,14 @@ def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None
     return LLMConfig(**kwargs)
 
 
-def build_engine_app(spec: ModelSpec, namespace: str, redis_url: str | None = None) -> Any:  # -> Application
+def build_engine_app(spec: ModelSpec, namespace: str, redis_url: str | None = None,
+                     adapter_roots: Sequence[str] = ()) -> Any:  # -> Application
     from ray.serve.llm import build_llm_deployment
 
     from serve.engine.direct import DirectLLMServer
 
     return build_llm_deployment(
-        llm_config_for(spec, namespace, redis_url),
+        llm_config_for(spec, namespace, redis_url, adapter_roots),
         name_prefix="engine:",
         deployment_cls=DirectLLMServer,
         bind_kwargs={"adapters": [a.model_dump(include={"name", "path"}) for a in spec.adapters]},

@@ -4,6 +4,11 @@ This is the one module that relies on Ray Serve LLM's less public surface
 (``LLMServer.__serve_build_asgi_app__``, which Ray 2.60's direct streaming uses to get vLLM's
 FastAPI app with LoRA resolution attached). Everything else in the project uses public APIs.
 
+The port is closed to everyone without the engine secret (serve/engine/secret.py): the app is
+served wrapped in RequireEngineSecret rather than with vLLM's --api-key, whose middleware guards
+only /v1, /v2, /inference and /cohere and so leaves /invocations (inference) and SageMaker's
+/adapters (LoRA loading) open in vLLM 0.32.
+
 Why: a request that goes proxy -> ingress replica -> LLMServer handle pays two Ray hops and
 per-chunk object transfers; on 2 cores that served ~0.3x bare vLLM. Serving vLLM's app straight
 from the replica lets the gateway forward bytes over one keep-alive HTTP connection, while Ray
@@ -23,6 +28,8 @@ from ray.serve.llm import LLMServer
 
 from serve.asgi import bind_socket, start_in_loop
 from serve.engine.registry import get_registry
+from serve.engine.secret import ENV as SECRET_ENV
+from serve.engine.secret import RequireEngineSecret, adapter_roots, engine_secret, runtime_adapters_for
 
 logger = logging.getLogger("llmserve.engine")
 
@@ -36,6 +43,12 @@ class DirectLLMServer(LLMServer):
     async def __init__(  # type: ignore[misc]
         self, llm_config: Any, adapters: list[dict[str, str]] | None = None, **kwargs: Any
     ) -> None:
+        # Checked before the (slow) engine load: without a secret the port would be open to anyone.
+        secret = engine_secret()
+        if secret is None:
+            raise RuntimeError(f"{SECRET_ENV} is not set: an engine serves only callers holding the engine "
+                               "secret (`llmserve run` generates one; the Helm chart keeps it in a Secret)")
+        self._secret = secret
         await super().__init__(llm_config, **kwargs)
         self._model_name: str = llm_config.model_id
         self._namespace = os.environ.get("LLMSERVE_NAMESPACE", "llmserve")
@@ -46,7 +59,7 @@ class DirectLLMServer(LLMServer):
         self.url = f"http://{advertise}:{self._sock.getsockname()[1]}"
         app = await self.__serve_build_asgi_app__()
         app.add_api_route("/llmserve/stats", self._stats, methods=["GET"])
-        self._server, self._serve_task = await start_in_loop(app, self._sock)
+        self._server, self._serve_task = await start_in_loop(RequireEngineSecret(app, secret), self._sock)
         for adapter in [*(adapters or []), *self._runtime_adapters()]:
             await self.load_adapter(adapter["name"], adapter["path"])
         self._registry = get_registry(self._namespace)
@@ -79,12 +92,12 @@ class DirectLLMServer(LLMServer):
                 "pid": os.getpid()}
 
     def _runtime_adapters(self) -> list[dict[str, str]]:
-        """Adapters promoted while the service ran (registered in Redis for this base model)."""
+        """Adapters promoted while the service ran (registered in Redis for this base model), if
+        their path lies under the configured adapter roots: whoever can write to Redis must not be
+        able to make a new replica load files from anywhere. No roots: none are loaded."""
         url = os.environ.get("LLMSERVE_REDIS_URL")
         if not url or not os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
             return []
-        import json
-
         import redis
 
         try:
@@ -92,19 +105,19 @@ class DirectLLMServer(LLMServer):
         except redis.RedisError:
             logger.warning("could not read runtime adapters from redis", exc_info=True)
             return []
-        out = []
-        for name, raw in entries.items():
-            meta = json.loads(raw)
-            if meta.get("base") == self._model_name:
-                out.append({"name": name.decode() if isinstance(name, bytes) else name, "path": meta["path"]})
-        return out
+        allowed, refused = runtime_adapters_for(entries, self._model_name, adapter_roots())
+        if refused:
+            logger.warning("not loading runtime adapters %s: their paths are outside the adapter roots %s",
+                           refused, adapter_roots())
+        return allowed
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Load a LoRA adapter under `name` through vLLM's own runtime-LoRA endpoint."""
         import aiohttp
 
         async with aiohttp.ClientSession() as s, s.post(
-            f"{self.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path}
+            f"{self.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+            headers={"Authorization": f"Bearer {self._secret}"},
         ) as r:
             if r.status != 200:
                 raise RuntimeError(f"loading LoRA adapter {name} from {path} failed: {r.status} {await r.text()}")

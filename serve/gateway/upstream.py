@@ -41,12 +41,19 @@ class Upstream(Protocol):
 
 
 class HttpUpstream:
-    """aiohttp client with a keep-alive pool: the cheapest hop we measured from Python."""
+    """aiohttp client with a keep-alive pool: the cheapest hop we measured from Python.
 
-    def __init__(self, connect_timeout_s: float = 5.0, max_connections: int = 1024) -> None:
+    Every request carries the engine secret (serve/engine/secret.py) as its only credential; the
+    client's own Authorization never reaches an engine, since only these headers are sent."""
+
+    def __init__(self, connect_timeout_s: float = 5.0, max_connections: int = 1024,
+                 secret: str | None = None) -> None:
         self._connect_timeout_s = connect_timeout_s
         self._max_connections = max_connections
         self._session = None  # created lazily, inside the running loop
+        self._headers = {"Content-Type": "application/json"}
+        if secret:
+            self._headers["Authorization"] = f"Bearer {secret}"
 
     def _get_session(self):  # -> aiohttp.ClientSession
         import aiohttp
@@ -71,7 +78,7 @@ class HttpUpstream:
         )
         try:
             resp = await session.post(
-                base_url + path, data=body, headers={"Content-Type": "application/json"}, timeout=timeout
+                base_url + path, data=body, headers=self._headers, timeout=timeout
             )
         except (aiohttp.ClientConnectionError, ConnectionError, OSError) as e:
             if isinstance(e, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):

@@ -1,0 +1,132 @@
+"""Who may use an engine replica directly: holders of the per-deployment engine secret.
+
+Each replica serves vLLM's whole OpenAI app on a port of its own (serve/engine/direct.py). Open,
+that port lets anything that reaches it skip the gateway's keys and limits, and load a LoRA adapter
+from any path. So every request to it must carry ``Authorization: Bearer <engine secret>``, a
+secret only the gateways and the batch worker hold; and adapters a replica loads on its own from
+the runtime registry must lie under the configured adapter roots.
+
+The secret travels as an environment variable, never in the YAML config (which the chart turns
+into serveConfigV2, readable by anyone who can read the RayService).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from typing import Any
+
+ENV = "LLMSERVE_ENGINE_SECRET"
+ADAPTER_ROOTS_ENV = "LLMSERVE_ADAPTER_ROOTS"
+
+# Paths served without the secret: the probe and our read-only engine counters. Everything else is
+# refused, including routes vLLM's own --api-key leaves open (it guards only /v1, /v2, /inference
+# and /cohere, so /invocations would run the model and SageMaker's /adapters would load a LoRA).
+OPEN_PATHS = frozenset({"/health", "/llmserve/stats"})
+
+# Ray's worker start expands `$VAR` in runtime_env env_vars (ray._private.utils.update_envs), so a
+# secret with `$` would reach engines changed; header syntax rules out spaces and newlines. 16+
+# characters keeps a hand-made secret from being guessable.
+_SECRET_RE = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def engine_secret() -> str | None:
+    """The engine secret of this process (None when unset); a malformed one is an error."""
+    value = os.environ.get(ENV) or None
+    if value is not None and not _SECRET_RE.fullmatch(value):
+        raise ValueError(f"{ENV} must be 16 or more characters from A-Z a-z 0-9 . _ ~ + / = -")
+    return value
+
+
+def ensure_engine_secret() -> str:
+    """The engine secret, generated into this process's environment if it has none yet.
+
+    Called before Ray starts: a Ray cluster started from this process (`llmserve run`) hands its
+    environment to every worker, so engines, the batch worker and the in-process gateway share it."""
+    value = engine_secret()
+    if value is None:
+        value = secrets.token_urlsafe(32)
+        os.environ[ENV] = value
+    return value
+
+
+class RequireEngineSecret:
+    """ASGI middleware: 401 for any HTTP or WebSocket request without the engine secret as a Bearer
+    token, except OPEN_PATHS. Deny by default, so a route a vLLM upgrade adds is closed too."""
+
+    def __init__(self, app: ASGIApp, secret: str, open_paths: Iterable[str] = OPEN_PATHS) -> None:
+        self.app = app
+        self._digest = hashlib.sha256(secret.encode()).digest()
+        self._open = frozenset(open_paths)
+
+    def authorized(self, scope: Scope) -> bool:
+        header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        # Compare digests in constant time: the token's length must not leak through timing either.
+        return hmac.compare_digest(hashlib.sha256(token.strip().encode("latin-1")).digest(), self._digest)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self._open or self.authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # policy violation
+            return
+        body = json.dumps({"error": {"message": "this engine serves only llmserve's gateways (engine secret "
+                                                "missing or wrong)", "type": "invalid_request_error",
+                                     "param": None, "code": "invalid_api_key"}}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def adapter_roots() -> list[str]:
+    """Directories runtime adapters may be loaded from (env LLMSERVE_ADAPTER_ROOTS, os.pathsep-separated)."""
+    return [r for r in os.environ.get(ADAPTER_ROOTS_ENV, "").split(os.pathsep) if r]
+
+
+def path_under_roots(path: str, roots: Iterable[str]) -> bool:
+    """Whether `path` is inside one of `roots` once symlinks and `..` are resolved (an absolute
+    path only: a relative one would depend on the replica's working directory)."""
+    if not os.path.isabs(path):
+        return False
+    real = os.path.realpath(path)
+    for root in roots:
+        base = os.path.realpath(root)
+        if os.path.commonpath([real, base]) == base:
+            return True
+    return False
+
+
+def runtime_adapters_for(entries: Mapping[Any, Any], base: str, roots: Iterable[str]
+                         ) -> tuple[list[dict[str, str]], list[str]]:
+    """Split the runtime adapter registry (name -> JSON `{base, path, ...}`, as stored in Redis)
+    into the adapters of `base` a replica may load, `[{name, path}]`, and the names of those it must
+    not load because their path lies outside `roots` (no roots: none may be loaded)."""
+    roots = list(roots)
+    allowed: list[dict[str, str]] = []
+    refused: list[str] = []
+    for raw_name, raw in entries.items():
+        meta = json.loads(raw)
+        if meta.get("base") != base:
+            continue
+        name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
+        path = meta.get("path")
+        if isinstance(path, str) and path_under_roots(path, roots):
+            allowed.append({"name": name, "path": path})
+        else:
+            refused.append(name)
+    return allowed, refused
