@@ -239,6 +239,10 @@ def check_pod_references(cluster_spec: dict[str, Any], names: dict[str, set[str]
                 assert m["name"] in volumes, f"{group.get('groupName', 'head')}: mount {m['name']} has no volume"
             ports = [p["containerPort"] for p in c.get("ports", [])]
             assert len(ports) == len(set(ports)), f"duplicate container ports {ports}"
+            for env in c.get("env", []):
+                ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+                if ref:
+                    assert ref["name"] in names["Secret"], f"env {env['name']}: Secret {ref['name']} is not there"
         for v in volumes.values():
             if "configMap" in v:
                 assert v["configMap"]["name"] in names["ConfigMap"], v

@@ -106,7 +106,8 @@ def test_pods_reference_rendered_or_declared_objects(case: str) -> None:
     values = _values(case)
     names = {k: {o["metadata"]["name"] for o in by_kind(objs, k)}
              for k in ("ConfigMap", "Secret", "PersistentVolumeClaim")}
-    names["Secret"] |= {values.get("existingSecret") or "", values["hfToken"]["existingSecret"]} - {""}
+    names["Secret"] |= {values.get("existingSecret") or "", values["hfToken"]["existingSecret"],
+                        values["engineSecret"]["existingSecret"]} - {""}
     names["PersistentVolumeClaim"].add(values["modelCache"].get("existingClaim") or "")
     for kind in ("RayService", "RayJob"):
         for obj in by_kind(objs, kind):
@@ -181,6 +182,39 @@ def test_production_uses_the_existing_secret() -> None:
     assert not [s for s in by_kind(objs, "Secret") if "keys.yaml" in s.get("data", {})]
     pod = one(objs, "Pod")
     assert "env" not in pod["spec"]["containers"][0], "no clear key in values: the test sends none"
+
+
+def _ray_containers(objs: tuple[dict, ...]) -> list[dict]:
+    clusters = [o["spec"]["rayClusterConfig"] for o in by_kind(objs, "RayService")]
+    clusters += [o["spec"]["rayClusterSpec"] for o in by_kind(objs, "RayJob")]
+    return [c for cluster in clusters for _, tpl in pod_templates(cluster) for c in tpl["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_engines_are_closed_and_bound_to_the_pod_ip(case: str) -> None:
+    objs = helm_template(*CASES[case])
+    values = _values(case)
+    name = values["engineSecret"]["existingSecret"] or "llm-llmserve-engine"
+    containers = _ray_containers(objs)
+    assert len(containers) >= 2
+    for c in containers:
+        env = {e["name"]: e for e in c["env"]}
+        assert env["LLMSERVE_ENGINE_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": name, "key": "engine-secret"}
+        assert env["LLMSERVE_BIND_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        assert "LLMSERVE_ADAPTER_ROOTS" not in env  # no serve.gateway.adapter_roots in these values
+    generated = [s for s in by_kind(objs, "Secret") if s["metadata"]["name"] == name]
+    if values["engineSecret"]["existingSecret"]:
+        assert generated == []
+    else:
+        [secret] = generated
+        value = base64.b64decode(secret["data"]["engine-secret"]).decode()
+        assert re.fullmatch(r"[A-Za-z0-9]{48}", value), "what serve/engine/secret.py accepts"
+
+
+def test_adapter_roots_reach_every_ray_container() -> None:
+    objs = helm_template("-f", CPU_DEV, "--set", "serve.gateway.adapter_roots={/adapters/a,/adapters/b}")
+    for c in _ray_containers(objs):
+        assert {"name": "LLMSERVE_ADAPTER_ROOTS", "value": "/adapters/a:/adapters/b"} in c["env"]
 
 
 def test_prometheus_rule_carries_the_alert_file() -> None:

@@ -27,7 +27,8 @@ from tests.k8s.support import (
 
 VALUES = {"cpu-dev": "values-cpu-dev.yaml", "gpu-production": "values-production.yaml"}
 # Objects an overlay expects to exist outside git (created by the operator, see its kustomization.yaml).
-EXTERNAL = {"cpu-dev": {"Secret": set()}, "gpu-production": {"Secret": {"llmserve-api-keys", "hf-token"}}}
+EXTERNAL = {"cpu-dev": {"Secret": {"llmserve-engine"}},
+            "gpu-production": {"Secret": {"llmserve-api-keys", "hf-token", "llmserve-engine"}}}
 
 
 def _helm(overlay: str) -> tuple[dict, ...]:

@@ -41,6 +41,10 @@ llmserve.io/gateway: "true"
 {{- .Values.existingSecret | default (printf "%s-api-keys" (include "llmserve.fullname" .)) }}
 {{- end }}
 
+{{- define "llmserve.engineSecret" -}}
+{{- .Values.engineSecret.existingSecret | default (printf "%s-engine" (include "llmserve.fullname" .)) }}
+{{- end }}
+
 {{- define "llmserve.gatewayPort" -}}
 {{- dig "gateway" "port" 8000 .Values.serve | int }}
 {{- end }}
@@ -107,9 +111,24 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       env:
-        # Engines listen on all interfaces so a gateway on another pod reaches them.
+        # Engines listen on the pod IP (not 0.0.0.0): gateways on other pods reach them there, and
+        # they advertise that address (serve/engine/direct.py).
         - name: LLMSERVE_BIND_HOST
-          value: "0.0.0.0"
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        # Engines answer only callers with this bearer token; Ray workers (engines, gateway
+        # replicas, the batch worker) inherit it from the container.
+        - name: LLMSERVE_ENGINE_SECRET
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "llmserve.engineSecret" $root }}
+              key: {{ $v.engineSecret.key }}
+        {{- with (dig "gateway" "adapter_roots" list $v.serve) }}
+        # Where a new engine replica may load adapters registered at runtime from.
+        - name: LLMSERVE_ADAPTER_ROOTS
+          value: {{ join ":" . | quote }}
+        {{- end }}
         - name: LLMSERVE_CACHE_DIR
           value: {{ printf "%s/llmserve" $v.modelCache.mountPath | quote }}
         - name: HF_HOME
