@@ -270,6 +270,11 @@ class BatchSpec(_Strict):
     concurrency: int = Field(
         4, ge=1, description="Batch lines in flight at once (kept low so online requests keep priority)."
     )
+    max_upload_bytes: int = Field(
+        200 * 1024 * 1024, gt=0,
+        description="Largest POST /v1/files request body (the file plus a few hundred bytes of form); "
+                    "larger gets 413 as the bytes arrive and nothing is stored.",
+    )
 
 
 class RaySpec(_Strict):

@@ -6,12 +6,15 @@ slots with batch work; capping `batch.concurrency` keeps batch lines from crowdi
 requests. Each finished line is committed to the store before the next is counted, so a killed
 worker resumes where it stopped with no line lost or repeated. (`llmserve batch run` is the
 server-less path: vLLM's own offline run_batch.)
+
+Every line is sent as its batch's owner, so the owner's rate limits pace the batch. Batches run
+side by side and a line waiting for its owner's budget holds no slot: one tenant's throttled
+batch never holds up another's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,13 +25,16 @@ from serve.batch.store import BatchStore
 
 logger = logging.getLogger("llmserve.batch")
 
-# (url path, request body) -> (HTTP status, response body). The gateway's own request path.
-Call = Callable[[str, dict[str, Any]], Awaitable[tuple[int, dict[str, Any]]]]
+# (owner, url path, request body) -> (HTTP status, response body): the gateway's own request path,
+# admitted with the owner's key. A 429 body may carry "retry_after_s" (seconds) as a hint.
+Call = Callable[[str, str, dict[str, Any]], Awaitable[tuple[int, dict[str, Any]]]]
+MAX_HINT_S = 30.0  # a longer hint is slept in pieces, so a cancel is seen within this
 
 
 class BatchRunner:
     def __init__(self, store: BatchStore, call: Call, concurrency: int = 4, poll_s: float = 1.0,
-                 progress_every: int = 5, retry_s: float = 1.0, max_retries: int = 120) -> None:
+                 progress_every: int = 5, retry_s: float = 1.0, max_retries: int = 120,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.call = call
         self.concurrency = concurrency
@@ -36,64 +42,101 @@ class BatchRunner:
         self.progress_every = progress_every
         self.retry_s = retry_s
         self.max_retries = max_retries
+        self.clock = clock
+        self._slots = asyncio.Semaphore(concurrency)  # lines in flight, over all batches
 
-    async def _call(self, line: Line) -> tuple[int, dict[str, Any]]:
-        """Answer one line. Busy or not-yet-ready engines (429/503) are waited for, not failed:
-        a batch has hours, and a restarting replica is not the line's fault."""
+    def _wait_s(self, resp: dict[str, Any]) -> float:
+        hint = resp.get("retry_after_s") if isinstance(resp, dict) else None
+        if isinstance(hint, (int, float)) and not isinstance(hint, bool) and hint > 0:
+            return min(float(hint), MAX_HINT_S)
+        return self.retry_s
+
+    async def _call(self, owner: str, line: Line, batch_id: str, expires_at: float
+                    ) -> tuple[int, dict[str, Any]] | None:
+        """Answer one line, or None if the batch was cancelled or expired while the line waited.
+
+        429 is the owner's own rate limit: the budget refills, so the line waits for as long as
+        the batch may run (until it is cancelled or expires) and never fails for it; a batch
+        larger than a minute's budget is the normal case. 503 (no ready replica, overloaded) is
+        waited for up to max_retries: a restarting replica is not the line's fault, but a model
+        that stays down should fail lines rather than hold the batch for a day."""
         body = {**line.body, "stream": False}
-        for attempt in range(self.max_retries + 1):
-            try:
-                status, resp = await self.call(line.url, body)
-            except Exception as e:  # a failing request goes to the error file; the rest go on
-                status, resp = 500, {"error": {"message": str(e), "code": "batch_worker_error"}}
-            if status not in (429, 503) or attempt == self.max_retries:
+        unavailable = 0
+        while True:
+            async with self._slots:  # held only while the request is in flight, not while waiting
+                try:
+                    status, resp = await self.call(owner, line.url, body)
+                except Exception as e:  # a failing request goes to the error file; the rest go on
+                    status, resp = 500, {"error": {"message": str(e), "code": "batch_worker_error"}}
+            if status == 503 and unavailable < self.max_retries:
+                unavailable += 1
+            elif status != 429:
                 return status, resp
-            await asyncio.sleep(self.retry_s)
-        raise AssertionError("unreachable")
+            await asyncio.sleep(self._wait_s(resp))
+            if self._stopped(batch_id, expires_at):
+                return None
 
     async def run_forever(self) -> None:
-        while True:
-            try:
-                worked = await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("batch worker loop failed; retrying")
-                worked = False
-            if not worked:
+        """One task per active batch, so a batch that waits (for its owner's budget, say) does not
+        keep batches submitted after it from starting."""
+        self._slots = asyncio.Semaphore(self.concurrency)
+        running: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                for bid, task in list(running.items()):
+                    if task.done():
+                        del running[bid]
+                        if not task.cancelled() and task.exception() is not None:
+                            logger.error("batch %s failed in the worker; retrying", bid,
+                                         exc_info=task.exception())
+                try:
+                    for b in await asyncio.to_thread(self.store.active_batches):
+                        if b["id"] not in running:
+                            running[b["id"]] = asyncio.create_task(self.process(b["id"]))
+                except Exception:
+                    logger.exception("batch worker loop failed; retrying")
                 await asyncio.sleep(self.poll_s)
+        finally:
+            for task in running.values():
+                task.cancel()
 
     async def run_once(self) -> bool:
+        """Run every active batch to its end, side by side (tests and one-shot tools)."""
+        self._slots = asyncio.Semaphore(self.concurrency)
         batches = await asyncio.to_thread(self.store.active_batches)
-        for b in batches:
-            await self.process(b["id"])
+        await asyncio.gather(*(self.process(b["id"]) for b in batches))
         return bool(batches)
 
     def _cancelled(self, batch_id: str) -> bool:
-        b = self.store.get_batch(batch_id)
+        b = self.store.get_batch(batch_id, owner=None)
         return b is None or b["status"] in ("cancelling", "cancelled")
+
+    def _stopped(self, batch_id: str, expires_at: float) -> bool:
+        return self.clock() > expires_at or self._cancelled(batch_id)
 
     async def process(self, batch_id: str) -> None:
         s = self.store
-        batch = await asyncio.to_thread(s.get_batch, batch_id)
-        if batch is None:
+        batch = await asyncio.to_thread(s.get_batch, batch_id, owner=None)
+        owner = await asyncio.to_thread(s.batch_owner, batch_id)
+        if batch is None or owner is None:
             return
-        now = int(time.time())
+        now = int(self.clock())
         if batch["status"] == "cancelling":
-            await self._finish(batch_id, "cancelled")
+            await self._finish(batch_id, owner, "cancelled")
             return
         if batch["status"] in ("validating", "in_progress") and now > batch["expires_at"]:
-            await self._finish(batch_id, "expired")
+            await self._finish(batch_id, owner, "expired")
             return
-        content = await asyncio.to_thread(s.file_content, batch["input_file_id"])
+        # Only the owner's own file, even though the API checked at creation.
+        content = await asyncio.to_thread(s.file_content, batch["input_file_id"], owner=owner)
         if content is None:
-            s.update_batch(batch_id, status="failed", failed_at=now,
+            s.update_batch(batch_id, owner=None, status="failed", failed_at=now,
                            errors={"object": "list", "data": [{"code": "file_not_found", "message":
                                                                 "the input file was deleted"}]})
             return
         items = parse(content, batch["endpoint"])
         if batch["status"] == "validating":
-            s.update_batch(batch_id, status="in_progress", in_progress_at=now,
+            s.update_batch(batch_id, owner=None, status="in_progress", in_progress_at=now,
                            request_counts={"total": len(items), "completed": 0, "failed": 0})
         done = await asyncio.to_thread(s.done_lines, batch_id)
         for item in items:  # bad lines go straight to the error file
@@ -104,14 +147,18 @@ class BatchRunner:
             if isinstance(item, Line) and item.line_no not in done:
                 todo.put_nowait(item)
         finished = 0
+        expires_at = batch["expires_at"]
 
         async def work() -> None:
             nonlocal finished
             while not todo.empty():
-                if self._cancelled(batch_id):
+                if self._stopped(batch_id, expires_at):
                     return
                 line = todo.get_nowait()
-                status, resp = await self._call(line)
+                answer = await self._call(owner, line, batch_id, expires_at)
+                if answer is None:  # stopped while waiting: the line stays unanswered
+                    return
+                status, resp = answer
                 ok = 200 <= status < 300
                 await asyncio.to_thread(s.put_result, batch_id, line.line_no, line.custom_id, ok,
                                         output_record(line.custom_id, status, resp))
@@ -120,26 +167,32 @@ class BatchRunner:
                     await self._progress(batch_id)
 
         await asyncio.gather(*(work() for _ in range(self.concurrency)))
-        await self._finish(batch_id, "cancelled" if self._cancelled(batch_id) else "completed")
+        left = {i.line_no for i in items} - await asyncio.to_thread(s.done_lines, batch_id)
+        # Lines are left only when work stopped early: for a cancel, or for the deadline.
+        final = "cancelled" if self._cancelled(batch_id) else "expired" if left else "completed"
+        await self._finish(batch_id, owner, final)
 
     async def _progress(self, batch_id: str) -> None:
         ok, bad = await asyncio.to_thread(self.store.result_counts, batch_id)
-        self.store.update_batch(batch_id, request_counts={"completed": ok, "failed": bad})
+        self.store.update_batch(batch_id, owner=None, request_counts={"completed": ok, "failed": bad})
 
-    async def _finish(self, batch_id: str, final: str) -> None:
+    async def _finish(self, batch_id: str, owner: str, final: str) -> None:
         s = self.store
-        now = int(time.time())
+        now = int(self.clock())
         if final == "completed":
-            s.update_batch(batch_id, status="finalizing", finalizing_at=now)
+            s.update_batch(batch_id, owner=None, status="finalizing", finalizing_at=now)
         ok_records = await asyncio.to_thread(s.results, batch_id, True)
         bad_records = await asyncio.to_thread(s.results, batch_id, False)
         changes: dict[str, Any] = {}
+        # Output and error files belong to the batch's owner: nobody else can list or read them.
         if ok_records:
-            changes["output_file_id"] = s.put_file(jsonl(ok_records), f"{batch_id}_output.jsonl", "batch_output")["id"]
+            changes["output_file_id"] = s.put_file(jsonl(ok_records), f"{batch_id}_output.jsonl", "batch_output",
+                                                   owner=owner)["id"]
         if bad_records:
-            changes["error_file_id"] = s.put_file(jsonl(bad_records), f"{batch_id}_error.jsonl", "batch_output")["id"]
+            changes["error_file_id"] = s.put_file(jsonl(bad_records), f"{batch_id}_error.jsonl", "batch_output",
+                                                  owner=owner)["id"]
         stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}[final]
-        s.update_batch(batch_id, status=final, **{stamp: int(time.time())},
+        s.update_batch(batch_id, owner=None, status=final, **{stamp: int(self.clock())},
                        request_counts={"completed": len(ok_records), "failed": len(bad_records)}, **changes)
         logger.info("batch %s %s: %d ok, %d failed", batch_id, final, len(ok_records), len(bad_records))
 
@@ -157,11 +210,3 @@ def new_batch(batch_id: str, input_file_id: str, endpoint: str, completion_windo
         "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata,
     }
 
-
-def response_json(resp: Any) -> tuple[int, dict[str, Any]]:
-    """(status, body) of a Starlette response the gateway produced."""
-    body = getattr(resp, "body", b"") or b"{}"
-    try:
-        return resp.status_code, json.loads(body)
-    except ValueError:
-        return resp.status_code, {"error": {"message": body.decode("utf-8", "replace")[:500]}}

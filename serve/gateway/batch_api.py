@@ -1,21 +1,43 @@
-"""/v1/files and /v1/batches, in the shapes the official `openai` SDK reads."""
+"""/v1/files and /v1/batches, in the shapes the official `openai` SDK reads.
+
+Every file and batch belongs to the key that created it (its `name`; "anonymous" with auth off).
+Another key gets exactly the answer an unknown id gets, so ids do not even show that they exist.
+An admin key sees every owner's objects only when it asks with `?all_owners=true`, so a script
+run with an admin key does not act on other tenants' batches by accident.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from serve.batch.lines import ENDPOINTS
-from serve.batch.store import BatchStore, new_id
+from serve.batch.store import ANONYMOUS, BatchStore, EmptyFile, FileTooLarge, new_id
 from serve.batch.worker import new_batch
+from serve.config import ApiKey, BatchSpec
 from serve.gateway.errors import APIError, bad_request
 
-MAX_FILE_BYTES = 200 * 1024 * 1024
 PURPOSES = {"batch", "batch_output", "fine-tune", "assistants", "user_data", "evals"}
+
+
+
+@dataclass(frozen=True)
+class Caller:
+    owner: str  # who new objects belong to
+    sees: str | None  # whose objects reads find; None: every owner's (an admin who asked)
+
+
+Authenticate = Callable[[Request], ApiKey | None]  # the caller's key; raises APIError(401)
+Handler = Callable[[Request, Caller], Awaitable[Response]]
 
 
 def _not_found(kind: str, oid: str) -> APIError:
@@ -35,62 +57,83 @@ def _limit(request: Request, default: int) -> int:
     return int(raw)
 
 
-class BatchAPI:
-    def __init__(self, store: BatchStore, authenticate: Any) -> None:
-        self.store = store
-        self.authenticate = authenticate  # request -> None, raising APIError(401)
+def caller(request: Request, key: ApiKey | None) -> Caller:
+    owner = key.name if key is not None else ANONYMOUS
+    raw = request.query_params.get("all_owners", "false").lower()
+    if raw not in ("true", "1", "false", "0"):
+        raise bad_request("`all_owners` must be true or false.", param="all_owners")
+    if raw in ("false", "0"):
+        return Caller(owner, owner)
+    if key is None or not key.admin:
+        raise APIError(403, "`all_owners=true` needs an admin key; other keys see only their own files "
+                            "and batches.", param="all_owners", code="admin_required")
+    return Caller(owner, None)
 
-    async def _guard(self, request: Request, handler: Any) -> Response:
-        try:
-            self.authenticate(request)
-            return await handler(request)
-        except APIError as e:
-            return JSONResponse(e.body(), e.status, headers=e.headers)
+
+class BatchAPI:
+    def __init__(self, store: BatchStore, authenticate: Authenticate, *,
+                 max_upload_bytes: int = BatchSpec().max_upload_bytes) -> None:
+        self.store = store
+        self.authenticate = authenticate
+        self.max_upload_bytes = max_upload_bytes
 
     # ---- files ---------------------------------------------------------------------------------
-    async def create_file(self, request: Request) -> Response:
+    async def create_file(self, request: Request, who: Caller) -> Response:
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise bad_request("Upload a file as multipart/form-data with `file` and `purpose`.", param="file")
-        form = await request.form(max_part_size=MAX_FILE_BYTES)
-        upload, purpose = form.get("file"), form.get("purpose")
-        if purpose not in PURPOSES:
-            raise bad_request(f"`purpose` must be one of {sorted(PURPOSES)}.", param="purpose")
-        if upload is None or isinstance(upload, str):
-            raise bad_request("`file` is required.", param="file")
-        content = await upload.read()
-        if not content:
-            raise bad_request("The uploaded file is empty.", param="file")
-        obj = await asyncio.to_thread(self.store.put_file, content, upload.filename or "upload", str(purpose))
+        # Starlette spools the file part to a temporary file (on disk past 1 MB), never all in memory;
+        # the body limit in front of the app has already cut off an upload over the cap.
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except HTTPException as e:  # Starlette's answer to a malformed form, in OpenAI's shape
+            raise bad_request(f"The multipart form could not be read: {e.detail}", param="file") from e
+        try:
+            upload, purpose = form.get("file"), form.get("purpose")
+            if purpose not in PURPOSES:
+                raise bad_request(f"`purpose` must be one of {sorted(PURPOSES)}.", param="purpose")
+            if not isinstance(upload, UploadFile):
+                raise bad_request("`file` is required.", param="file")
+            try:
+                obj = await asyncio.to_thread(self.store.put_file_stream, upload.file, upload.filename or "upload",
+                                              str(purpose), owner=who.owner, max_bytes=self.max_upload_bytes)
+            except FileTooLarge as e:
+                raise APIError(413, f"The file is larger than {e.limit} bytes.", param="file",
+                               code="request_too_large") from e
+            except EmptyFile as e:
+                raise bad_request("The uploaded file is empty.", param="file") from e
+        finally:
+            await form.close()
         return JSONResponse(obj)
 
-    async def list_files(self, request: Request) -> Response:
+    async def list_files(self, request: Request, who: Caller) -> Response:
         limit = _limit(request, 10_000)
-        items = await asyncio.to_thread(self.store.list_files, request.query_params.get("purpose"), limit + 1,
-                                        request.query_params.get("after"))
+        items = await asyncio.to_thread(self.store.list_files, owner=who.sees,
+                                        purpose=request.query_params.get("purpose"), limit=limit + 1,
+                                        after=request.query_params.get("after"))
         return JSONResponse(_page(items, limit))
 
-    async def get_file(self, request: Request) -> Response:
+    async def get_file(self, request: Request, who: Caller) -> Response:
         fid = request.path_params["file_id"]
-        obj = await asyncio.to_thread(self.store.get_file, fid)
+        obj = await asyncio.to_thread(self.store.get_file, fid, owner=who.sees)
         if obj is None:
             raise _not_found("file", fid)
         return JSONResponse(obj)
 
-    async def file_content(self, request: Request) -> Response:
+    async def file_content(self, request: Request, who: Caller) -> Response:
         fid = request.path_params["file_id"]
-        data = await asyncio.to_thread(self.store.file_content, fid)
-        if data is None:
+        path = await asyncio.to_thread(self.store.file_path, fid, owner=who.sees)
+        if path is None:
             raise _not_found("file", fid)
-        return Response(data, media_type="application/octet-stream")
+        return FileResponse(path, media_type="application/octet-stream")  # streamed, not read whole
 
-    async def delete_file(self, request: Request) -> Response:
+    async def delete_file(self, request: Request, who: Caller) -> Response:
         fid = request.path_params["file_id"]
-        if not await asyncio.to_thread(self.store.delete_file, fid):
+        if not await asyncio.to_thread(self.store.delete_file, fid, owner=who.sees):
             raise _not_found("file", fid)
         return JSONResponse({"id": fid, "object": "file", "deleted": True})
 
     # ---- batches -------------------------------------------------------------------------------
-    async def create_batch(self, request: Request) -> Response:
+    async def create_batch(self, request: Request, who: Caller) -> Response:
         try:
             body = await request.json()
         except ValueError as e:
@@ -103,43 +146,47 @@ class BatchAPI:
             raise bad_request(f"`endpoint` must be one of {list(ENDPOINTS)}.", param="endpoint")
         if not isinstance(window, str) or not window.endswith("h") or not window[:-1].isdigit():
             raise bad_request("`completion_window` must look like '24h'.", param="completion_window")
-        if not isinstance(fid, str) or await asyncio.to_thread(self.store.get_file, fid) is None:
+        # Always the caller's own file (even for an admin): someone else's is as absent as a missing one.
+        if not isinstance(fid, str) or await asyncio.to_thread(self.store.get_file, fid, owner=who.owner) is None:
             raise bad_request(f"Input file {fid!r} does not exist.", param="input_file_id")
         meta = body.get("metadata")
         if meta is not None and not isinstance(meta, dict):
             raise bad_request("`metadata` must be an object.", param="metadata")
         batch = new_batch(new_id("batch"), fid, endpoint, window, meta)
-        await asyncio.to_thread(self.store.put_batch, batch)
+        await asyncio.to_thread(self.store.put_batch, batch, owner=who.owner)
         return JSONResponse(batch)
 
-    async def get_batch(self, request: Request) -> Response:
+    async def get_batch(self, request: Request, who: Caller) -> Response:
         bid = request.path_params["batch_id"]
-        batch = await asyncio.to_thread(self.store.get_batch, bid)
+        batch = await asyncio.to_thread(self.store.get_batch, bid, owner=who.sees)
         if batch is None:
             raise _not_found("batch", bid)
         return JSONResponse(batch)
 
-    async def list_batches(self, request: Request) -> Response:
+    async def list_batches(self, request: Request, who: Caller) -> Response:
         limit = _limit(request, 20)
-        items = await asyncio.to_thread(self.store.list_batches, limit + 1, request.query_params.get("after"))
+        items = await asyncio.to_thread(self.store.list_batches, owner=who.sees, limit=limit + 1,
+                                        after=request.query_params.get("after"))
         return JSONResponse(_page(items, limit))
 
-    async def cancel_batch(self, request: Request) -> Response:
+    async def cancel_batch(self, request: Request, who: Caller) -> Response:
         bid = request.path_params["batch_id"]
-        batch = await asyncio.to_thread(self.store.get_batch, bid)
+        batch = await asyncio.to_thread(self.store.get_batch, bid, owner=who.sees)
         if batch is None:
             raise _not_found("batch", bid)
         if batch["status"] in ("completed", "failed", "expired", "cancelled"):
             raise APIError(409, f"Cannot cancel a batch with status '{batch['status']}'.", code="invalid_state")
-        import time
-
-        updated = self.store.update_batch(bid, status="cancelling", cancelling_at=int(time.time()))
+        updated = await asyncio.to_thread(self.store.update_batch, bid, owner=who.sees, status="cancelling",
+                                          cancelling_at=int(time.time()))
+        if updated is None:
+            raise _not_found("batch", bid)
         return JSONResponse(updated)
 
     def routes(self) -> list[Route]:
-        def r(path: str, fn: Any, method: str) -> Route:
+        """APIErrors raised here are answered by the app's APIError handler."""
+        def r(path: str, fn: Handler, method: str) -> Route:
             async def endpoint(request: Request) -> Response:
-                return await self._guard(request, fn)
+                return await fn(request, caller(request, self.authenticate(request)))
             return Route(path, endpoint, methods=[method])
 
         return [
