@@ -17,6 +17,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -32,6 +33,7 @@ from serve.gateway.batch_api import BatchAPI
 from serve.gateway.catalog import Catalog
 from serve.gateway.errors import APIError, bad_request, model_not_found
 from serve.gateway.lifecycle import load_adapter
+from serve.gateway.limits import BodyLimit
 from serve.gateway.metrics import Metrics
 from serve.gateway.ratelimit import RateLimiter
 from serve.gateway.routes import Outcome, RouteRunner
@@ -66,13 +68,7 @@ class Gateway:
 
     # ---- request parsing -------------------------------------------------------------------
     async def read_json(self, request: Request) -> tuple[bytes, dict[str, Any]]:
-        limit = self.config.gateway.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
-        raw = await request.body()
-        if len(raw) > limit:
-            raise APIError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
+        raw = await request.body()  # BodyLimit (serve/gateway/limits.py) cuts it off at the limit
         try:
             payload = json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError) as e:
@@ -320,7 +316,13 @@ def app_for(gw: Gateway, *, batch_store: BatchStore | None = None, lifespan: Any
     ]
     if batch_store is not None:
         routes += BatchAPI(batch_store, lambda r: gw.keys.authenticate(r.headers.get("authorization"))).routes()
-    app = Starlette(routes=routes, exception_handlers=_error_handlers(), lifespan=lifespan)
+    config = gw.config
+
+    def limit_for(path: str) -> int:
+        return config.batch.max_upload_bytes if path == "/v1/files" else config.gateway.max_body_bytes
+
+    app = Starlette(routes=routes, exception_handlers=_error_handlers(), lifespan=lifespan,
+                    middleware=[Middleware(BodyLimit, limit_for=limit_for)])
     app.state.gateway = gw
     return app
 

@@ -24,7 +24,7 @@ from serve.config import RouteSpec
 from serve.gateway.answer import Answer
 from serve.gateway.errors import APIError, normalize
 from serve.gateway.metrics import Metrics
-from serve.gateway.sse import StreamAssembler, replay
+from serve.gateway.sse import COMPLETE_FINISH, StreamAssembler, replay
 from serve.gateway.upstream import UpstreamResponse
 from serve.policies.cache_key import Normalization, cache_key, is_deterministic
 from serve.policies.cascade import DEFAULT_REFUSALS, CascadePolicy, choice_text, decide
@@ -71,6 +71,12 @@ def _failure_of(e: APIError) -> Failure:
     return {"model_not_ready": Failure.UNAVAILABLE, "engine_unavailable": Failure.UNAVAILABLE,
             "overloaded": Failure.OVERLOADED, "timeout": Failure.TIMEOUT}.get(
         e.code or "", classify_status(e.status) or Failure.ENGINE_ERROR)
+
+
+def complete(body: dict[str, Any]) -> bool:
+    """Whether a whole answer may be cached: every choice ended normally (as a stored stream must;
+    an aborted or errored choice is not what the same request gets next time)."""
+    return all(c.get("finish_reason") in COMPLETE_FINISH for c in body.get("choices") or [])
 
 
 def with_cost(body: dict[str, Any], cost: float) -> dict[str, Any]:
@@ -139,8 +145,7 @@ class RouteRunner:
         spec = route.cache
         if spec is None or not spec.enabled or payload.get("n", 1) not in (1, None):
             return None
-        # An embedding is a function of its input: always deterministic.
-        if path != "/v1/embeddings" and not is_deterministic(payload, spec.cacheable):
+        if not is_deterministic(payload, spec.cacheable, path=path):  # embeddings always are
             return None
         norm = Normalization(whitespace=spec.normalize_whitespace, case=spec.normalize_case)
         return cache_key(route.name, path, payload, norm)
@@ -204,7 +209,7 @@ class RouteRunner:
             for c in body.get("choices", []):
                 c["logprobs"] = None
         out.served_by, out.replica = cs.student, replica
-        if store is not None:
+        if store is not None and complete(body):
             # An accepted student answer is the route's own answer (what the route serves for this
             # request), so it may be cached. (Its cost is added to the same dict below; harmless,
             # a hit replaces `usage` anyway.)
@@ -272,7 +277,7 @@ class RouteRunner:
         if resp.chunks is None:
             body = json.loads(resp.body)
             out.cost_usd += self.bill(out, model, body.get("usage"))
-            if store is not None:
+            if store is not None and complete(body):
                 # The same dict is then given its cost; harmless, a hit replaces `usage` anyway.
                 store(body, model)
             self._maybe_shadow(route, out, body)

@@ -74,7 +74,9 @@ class GatewayParts:
             self.backends.update(await self.fetch())
         loop = asyncio.get_running_loop()
         interval = config.gateway.discovery_interval_s
-        tasks = [loop.create_task(discovery_loop(self.fetch, self.backends, interval))]
+        tasks = [loop.create_task(discovery_loop(self.fetch, self.backends, interval)),
+                 # `llmserve cache invalidate` on any host reaches this gateway's LRU within a second.
+                 loop.create_task(self.cache.follow_invalidations())]
         lifecycle = LifecycleStore(config.cache.redis_url) if config.cache.redis_url else None
         gw.lifecycle = lifecycle
         if lifecycle is not None:

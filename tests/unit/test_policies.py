@@ -3,7 +3,6 @@
 import pytest
 
 from serve.policies.affinity import prefix_key, rendezvous
-from serve.policies.cache_key import Normalization, cache_key, is_deterministic
 from serve.policies.cascade import CascadePolicy, decide, mean_logprob
 from serve.policies.cost import Price, cost_usd, usage_tokens
 from serve.policies.fallback import Failure, FallbackPolicy, classify_status
@@ -12,46 +11,7 @@ CHAT = {"model": "r", "messages": [{"role": "user", "content": "What  is\tthe ca
         "temperature": 0, "max_tokens": 16}
 
 
-# ---- cache key --------------------------------------------------------------------------------
-def test_key_ignores_whitespace_and_transport_fields():
-    same = {**CHAT, "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "stream": True, "stream_options": {"include_usage": True}, "user": "u1"}
-    assert cache_key("r", CHAT) == cache_key("r", same)
-
-
-@pytest.mark.parametrize("change", [
-    {"max_tokens": 17}, {"temperature": 0.5}, {"seed": 1}, {"stop": ["x"]}, {"top_p": 0.9},
-    {"response_format": {"type": "json_object"}}, {"logprobs": True},
-    {"messages": [{"role": "system", "content": "What is the capital of France?"}]},
-])
-def test_key_changes_with_output_params(change):
-    assert cache_key("r", CHAT) != cache_key("r", {**CHAT, **change})
-
-
-def test_key_namespaced_by_route_and_case_normalisation_is_opt_in():
-    upper = {**CHAT, "messages": [{"role": "user", "content": "WHAT is the capital of France?"}]}
-    assert cache_key("r", CHAT) != cache_key("other", CHAT)
-    assert cache_key("r", CHAT) != cache_key("r", upper)
-    norm = Normalization(case=True)
-    assert cache_key("r", CHAT, norm) == cache_key("r", upper, norm)
-
-
-def test_key_survives_odd_input():
-    for payload in [{"messages": "not a list"}, {"messages": [1, None, {"content": None}]}, {"prompt": [1, 2]},
-                    {"messages": [{"role": "user", "content": [{"type": "text", "text": " a  b "}]}]}]:
-        assert len(cache_key("r", payload)) == 64
-    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": " a  b "}]}]}
-    assert cache_key("r", parts) == cache_key("r", {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "a b"}]}]})
-
-
-@pytest.mark.parametrize("payload,cacheable,expected", [
-    ({"temperature": 0}, False, True), ({"temperature": 0.0}, False, True), ({}, False, False),
-    ({"temperature": 0.7}, False, False), ({"temperature": 0.7}, True, True), ({"temperature": False}, False, False),
-    ({"temperature": "0"}, False, False),
-])
-def test_determinism(payload, cacheable, expected):
-    assert is_deterministic(payload, cacheable) is expected
+# (cache keys: tests/unit/test_cache.py)
 
 
 # ---- cascade ----------------------------------------------------------------------------------

@@ -165,3 +165,49 @@ def test_head_cache_without_redis_is_local_only():
 
     asyncio.run(go())
     assert not cache.redis_up
+
+
+CACHED = Config.model_validate({**CONFIG.model_dump(mode="json"), "routes": [
+    {"name": "cached", "target": "teacher", "fallback": ["backup"], "cache": {"ttl_s": 60}},
+    {"name": "assistant", "cascade": {"student": "student", "teacher": "teacher", "min_mean_logprob": -1.0},
+     "cache": {"ttl_s": 60}},
+]})
+
+
+def make_cached(upstream):
+    backends = Backends()
+    backends.update({m: [(f"{m}#1", f"http://{m}")] for m in ("student", "teacher", "backup")})
+    return TestClient(create_app(CACHED, backends, upstream, cache=HeadCache(None)))
+
+
+def test_a_fallback_answer_is_served_but_never_cached():
+    """The primary is down: the fallback answers, and once the primary is back the route's own
+    answer is served, not the fallback's for the rest of the TTL."""
+    up = FakeUpstream(status_by_model={"teacher": 503},
+                      text_by_model={"backup": "from backup", "teacher": "from teacher"})
+    client = make_cached(up)
+    r = ask(client, "cached")
+    assert r.headers["x-llmserve-served-by"] == "backup"
+    up.status_by_model.clear()
+    r = ask(client, "cached")
+    assert r.headers["x-llmserve-cache"] == "miss" and r.headers["x-llmserve-served-by"] == "teacher"
+    assert r.json()["choices"][0]["message"]["content"] == "from teacher"
+    r = ask(client, "cached")  # the primary's answer is the one cached
+    assert r.headers["x-llmserve-cache"] == "hit" and r.headers["x-llmserve-served-by"] == "cache:teacher"
+
+
+def test_accepted_student_answer_is_the_routes_own_and_cached():
+    up = FakeUpstream(text="a b", logprob=-0.1)
+    client = make_cached(up)
+    assert ask(client).headers["x-llmserve-served-by"] == "student"
+    r = ask(client)
+    assert r.headers["x-llmserve-cache"] == "hit" and r.headers["x-llmserve-served-by"] == "cache:student"
+    assert len(up.calls) == 1
+
+
+def test_an_aborted_answer_is_not_cached():
+    up = FakeUpstream(finish_reason="abort")
+    client = make_cached(up)
+    ask(client, "cached")
+    assert ask(client, "cached").headers["x-llmserve-cache"] == "miss"
+    assert len(up.calls) == 2
