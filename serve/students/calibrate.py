@@ -1,49 +1,104 @@
-"""Pick the cascade threshold: the lowest teacher share that still meets an agreement target.
+"""Pick the cascade threshold: the lowest teacher share at which the student's own answers still
+meet an agreement target (pure; `plot` only writes the figure it is asked for).
 
-For each labelled query we know the student's mean token logprob and whether its answer agrees
-with the teacher's. With threshold t, queries with mean logprob < t escalate (the teacher answers:
-agreement 1 by definition), the rest keep the student's answer. Sweeping t gives the curve
-teacher share -> agreement; the chosen t is the largest agreement-meeting point's lowest share.
+For each labelled query we know the student's mean token logprob and how well its answer agrees
+with the teacher's. With threshold t the route escalates queries whose mean logprob is below t:
+the teacher answers those, which is the cost (teacher share), not agreement. What the target
+constrains is the agreement of the answers the student keeps (the precision of accepting it), so a
+threshold that escalates everything keeps nothing, measures nothing and is never chosen.
+
+The threshold is chosen on one part of the labels and checked on the rest (held out, split by a
+hash of each label's id), so a cut that only fits the labels it was picked on shows up as a miss.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class Point:
     threshold: float
-    teacher_share: float
-    agreement: float
+    teacher_share: float  # escalated / all
+    agreement: float  # mean agreement of the queries the student keeps
+    kept: int  # how many queries the student answers
+
+
+def split(ids: list[str], holdout: float) -> tuple[list[int], list[int]]:
+    """Indices of (sweep, held-out) labels. A label's side depends only on its id (sha256), so it
+    does not move when labels are added, removed or reordered."""
+    sweep: list[int] = []
+    held: list[int] = []
+    for i, label_id in enumerate(ids):
+        u = int.from_bytes(hashlib.sha256(label_id.encode()).digest()[:8], "big") / 2**64
+        (held if u < holdout else sweep).append(i)
+    return sweep, held
+
+
+def at(samples: list[tuple[float, float]], threshold: float) -> Point:
+    """What the route does with `threshold` on these (mean_logprob, agreement) samples.
+    With nothing kept, agreement is 0.0: there is no student answer to agree."""
+    kept = [a for lp, a in samples if lp >= threshold]
+    n = len(samples)
+    return Point(threshold, (n - len(kept)) / n if n else 0.0, sum(kept) / len(kept) if kept else 0.0, len(kept))
 
 
 def curve(samples: list[tuple[float, float]]) -> list[Point]:
-    """samples: (mean_logprob, agreement in [0, 1]). One point per distinct cut, from 'nothing
-    escalates' to 'everything escalates'."""
-    if not samples:
-        return []
-    n = len(samples)
-    ordered = sorted(samples)  # lowest confidence first: these escalate first
-    cuts = sorted({lp for lp, _ in ordered})
-    points = [Point(cuts[0], 0.0, sum(a for _, a in ordered) / n)]  # t = min: nothing is below it
-    for i, cut in enumerate(cuts):
-        nxt = cuts[i + 1] if i + 1 < len(cuts) else cut + 1.0
-        escalated = [s for s in ordered if s[0] < nxt]
-        kept = [a for lp, a in ordered if lp >= nxt]
-        points.append(Point(nxt, len(escalated) / n, (len(escalated) + sum(kept)) / n))
-    return points
+    """samples: (mean_logprob, agreement in [0, 1]). One point per distinct logprob t (escalate
+    below t), from 'nothing escalates' to 'only the most confident stay'; 'everything escalates'
+    is left out because the student answers nothing there."""
+    return [at(samples, t) for t in sorted({lp for lp, _ in samples})]
 
 
 def choose(points: list[Point], target: float) -> Point | None:
-    """The point meeting `target` agreement with the lowest teacher share (ties: lowest threshold)."""
-    ok = [p for p in points if p.agreement >= target - 1e-12]
+    """The point whose kept answers meet `target` with the lowest teacher share (ties: lowest
+    threshold). None when no threshold gets there."""
+    ok = [p for p in points if p.kept > 0 and p.agreement >= target - 1e-12]
     return min(ok, key=lambda p: (p.teacher_share, p.threshold)) if ok else None
 
 
+@dataclass(frozen=True)
+class Calibration:
+    points: list[Point]  # the sweep curve
+    chosen: Point | None  # picked on the sweep labels
+    held: Point | None  # the chosen threshold on the held-out labels (None: no check asked)
+    problem: str | None  # why the target is not met; None when it is
+    n_sweep: int = 0
+    n_held: int = 0
+
+
+def calibrate(samples: list[tuple[str, float, float]], target: float, holdout: float) -> Calibration:
+    """samples: (label id, mean_logprob, agreement). Choose on the sweep part, check on the
+    held-out part (`holdout`: its expected share; 0 skips the check)."""
+    sweep_i, held_i = split([s[0] for s in samples], holdout)
+    sweep = [(samples[i][1], samples[i][2]) for i in sweep_i]
+    points = curve(sweep)
+    chosen = choose(points, target)
+    n = {"n_sweep": len(sweep_i), "n_held": len(held_i)}
+    if chosen is None:
+        best = max((p.agreement for p in points), default=0.0)
+        return Calibration(points, None, None, f"no threshold reaches agreement {target:g} on the student's own "
+                           f"answers ({len(sweep)} sweep labels; best {best:.3f}): escalating more cannot fix a "
+                           "student that does not agree with the teacher", **n)
+    if holdout <= 0:
+        return Calibration(points, chosen, None, None, **n)
+    if not held_i:
+        return Calibration(points, chosen, None, f"no label fell in the held-out part ({len(samples)} labels, "
+                           f"holdout {holdout:g}): label more queries", **n)
+    held = at([(samples[i][1], samples[i][2]) for i in held_i], chosen.threshold)
+    if held.kept == 0:
+        return Calibration(points, chosen, held, f"threshold {chosen.threshold:.4f} escalates every held-out "
+                           "label: nothing confirms the student's agreement", **n)
+    if held.agreement < target - 1e-12:
+        return Calibration(points, chosen, held, f"threshold {chosen.threshold:.4f} meets the target on the sweep "
+                           f"labels ({chosen.agreement:.3f}) but not on the held-out ones ({held.agreement:.3f})", **n)
+    return Calibration(points, chosen, held, None, **n)
+
+
 def table(points: list[Point]) -> str:
-    rows = ["| threshold | teacher share | agreement |", "|---:|---:|---:|"]
-    rows += [f"| {p.threshold:.4f} | {p.teacher_share:.3f} | {p.agreement:.3f} |" for p in points]
+    rows = ["| threshold | teacher share | student agreement | kept |", "|---:|---:|---:|---:|"]
+    rows += [f"| {p.threshold:.4f} | {p.teacher_share:.3f} | {p.agreement:.3f} | {p.kept} |" for p in points]
     return "\n".join(rows)
 
 
@@ -54,12 +109,12 @@ def plot(points: list[Point], chosen: Point | None, target: float, path: str) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot([p.teacher_share for p in points], [p.agreement for p in points], "o-", label="cascade")
+    ax.plot([p.teacher_share for p in points], [p.agreement for p in points], "o-", label="sweep labels")
     ax.axhline(target, color="tab:gray", ls="--", label=f"target {target:.2f}")
     if chosen is not None:
         ax.plot([chosen.teacher_share], [chosen.agreement], "r*", ms=14,
                 label=f"chosen t={chosen.threshold:.3f}")
-    ax.set(xlabel="teacher share (escalated requests)", ylabel="agreement with teacher",
+    ax.set(xlabel="teacher share (escalated requests)", ylabel="agreement of the student's own answers",
            title="Cascade calibration", xlim=(-0.02, 1.02), ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")

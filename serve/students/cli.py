@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -17,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from serve.config import GateSpec, load_config
+from serve.config import Config, GateSpec, load_config
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -84,7 +83,7 @@ def cmd_label(args: argparse.Namespace) -> int:
         log = read_log(f)
     distinct: dict[str, dict[str, Any]] = {}
     for r in log:
-        distinct.setdefault(cache_key("labels", r), r)
+        distinct.setdefault(cache_key("labels", "/v1/chat/completions", r), r)  # labels are chat requests
     keys = sorted(distinct)
     random.Random(args.seed).shuffle(keys)
     sample = {k: {x: v for x, v in distinct[k].items() if x not in ("model", "stream", "stream_options")}
@@ -101,39 +100,77 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0 if labels else 1
 
 
-def _adapter_version(path: str | None) -> str:
-    if not path or not Path(path).is_dir():
-        return "unknown"
-    h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+async def _served(store: Any, config: Config, name: str) -> dict[str, Any] | None:
+    """Where the gateway serves adapter `name` from: its runtime registration (a load through the
+    gateway, possibly replacing configured weights), else its configuration; None if neither."""
+    from serve.students.registry import AdapterError, adapter_digest
+
+    registered = await store.adapter(name)
+    if registered is not None:
+        return {**registered, "digest": registered.get("digest") or None, "source": "runtime"}
+    for m in config.models:
+        for a in m.adapters:
+            if a.name == name:
+                try:
+                    digest: str | None = adapter_digest(a.path)
+                except (AdapterError, OSError):
+                    digest = None  # unreadable here: nothing can be tied to it
+                return {"base": m.name, "path": a.path, "digest": digest, "source": "config"}
+    return None
+
+
+def _digest_or_exit(path: str, prefix: str) -> str:
+    from serve.students.registry import AdapterError, adapter_digest
+
+    try:
+        return adapter_digest(path)
+    except (AdapterError, OSError) as e:
+        raise SystemExit(f"{prefix}: {e}") from e
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from serve.students.gate import eval_refusal
     from serve.students.metrics import score
 
+    digest = _digest_or_exit(args.path, "llmserve")
+    config = load_config(args.config)
+
+    async def check() -> str | None:
+        async with _store(args) as store:
+            return eval_refusal(args.adapter, args.path, digest, await _served(store, config, args.adapter))
+
+    refusal = asyncio.run(check())
+    if refusal:
+        print(f"llmserve: not evaluated: {refusal}", file=sys.stderr)
+        return 1
     labels = _read_labels(args.labels)
     batch_id, answers = _run_batch(_client(args), _lines(labels, args.adapter), args.timeout)
     pairs: list[tuple[str, str, dict[str, Any] | None]] = [
         (_text(answers[lab["id"]]), lab["teacher"], None) for lab in labels if lab["id"] in answers]
     pairs += [("", lab["teacher"], None) for lab in labels if lab["id"] not in answers]  # failures score 0
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    record = {"version": args.version or _adapter_version(args.path), "labels": args.labels, "n": len(pairs),
-              "batch_id": batch_id, "scores": score(pairs, metrics)}
+    record = {"digest": digest, "path": args.path, "labels": args.labels, "n": len(pairs), "batch_id": batch_id,
+              "scores": score(pairs, metrics)}
 
-    async def save() -> None:
+    async def save() -> str | None:
         async with _store(args) as store:
-            await store.record_eval(args.adapter, record)
+            # Checked again: weights reloaded under this name during the batch void the score.
+            late = eval_refusal(args.adapter, args.path, digest, await _served(store, config, args.adapter))
+            if late is None:
+                await store.record_eval(args.adapter, record)
+            return late
 
-    asyncio.run(save())
+    refusal = asyncio.run(save())
+    if refusal:
+        print(f"llmserve: not recorded, the adapter changed during the evaluation: {refusal}", file=sys.stderr)
+        return 1
     print(json.dumps({"adapter": args.adapter, **record}))
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from serve.policies.cascade import mean_logprob
-    from serve.students.calibrate import choose, curve, plot, table
+    from serve.students.calibrate import calibrate, plot, table
     from serve.students.metrics import METRICS
 
     client = _client(args)
@@ -142,50 +179,73 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         r = client.chat.completions.create(**{**lab["request"], "model": args.student, "logprobs": True})
         body = r.model_dump()
         lp = mean_logprob(body["choices"][0])
-        samples.append((lp if lp is not None else float("-inf"),
+        samples.append((str(lab["id"]), lp if lp is not None else float("-inf"),
                         METRICS[args.metric](_text(body), lab["teacher"], None)))
-    points = curve(samples)
-    chosen = choose(points, args.target)
+    result = calibrate(samples, args.target, args.holdout)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot(points, chosen, args.target, str(out / "calibration.png"))
-    md = table(points)
+    plot(result.points, result.chosen, args.target, str(out / "calibration.png"))
+    md = table(result.points)
     (out / "calibration.md").write_text(md + "\n")
     print(md)
-    print(json.dumps({"target": args.target, "metric": args.metric,
-                      "threshold": chosen.threshold if chosen else None,
-                      "teacher_share": chosen.teacher_share if chosen else None,
-                      "agreement": chosen.agreement if chosen else None}))
-    return 0 if chosen else 1
+    chosen, held = result.chosen, result.held
+    print(json.dumps({
+        "target": args.target, "metric": args.metric, "met": result.problem is None,
+        "threshold": chosen.threshold if chosen else None,
+        "sweep": {"n": result.n_sweep, "teacher_share": chosen.teacher_share if chosen else None,
+                  "agreement": chosen.agreement if chosen else None},
+        "held_out": {"n": result.n_held, "teacher_share": held.teacher_share if held else None,
+                     "agreement": held.agreement if held else None}}))
+    if result.problem:
+        print(f"llmserve: no cascade threshold for {args.student}: {result.problem}", file=sys.stderr)
+        return 1
+    return 0
 
 
-def _route_field(args: argparse.Namespace) -> tuple[str, str, GateSpec]:
-    route = load_config(args.config).route(args.route)
+def _route_field(args: argparse.Namespace) -> tuple[Config, str, str, GateSpec]:
+    config = load_config(args.config)
+    route = config.route(args.route)
     if route is None:
         raise SystemExit(f"llmserve: route {args.route!r} is not in the configuration")
     field, current = ("student", route.cascade.student) if route.cascade else ("target", str(route.target))
-    return field, current, route.gate or GateSpec()
+    return config, field, current, route.gate or GateSpec()
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    field, configured, gate = _route_field(args)
+    from openai import APIError as OpenAIError
+
+    from serve.students.gate import promote_refusal, short
+
+    config, field, configured, gate = _route_field(args)
+    digest = _digest_or_exit(args.path, "refused")
 
     async def go() -> int:
         async with _store(args) as store:
             latest = await store.latest_eval(args.adapter)
-            got = (latest or {}).get("scores", {}).get(gate.metric)
-            if got is None or got < gate.min_score:
-                print(f"refused: {args.adapter} scored {got} on {gate.metric}; route {args.route} needs "
-                      f"{gate.min_score}", file=sys.stderr)
+            served = await _served(store, config, args.adapter)
+            refusal = promote_refusal(args.adapter, args.path, digest, latest, gate, served)
+            if refusal:
+                print(f"refused: {refusal}", file=sys.stderr)
                 return 1
-            client = _client(args)
-            client.post("/llmserve/adapters", cast_to=httpx.Response,
-                        body={"name": args.adapter, "path": args.path, "base": args.base})
-            await store.register_adapter(args.adapter, args.base, args.path)
+            if served is None or served["source"] == "runtime":
+                # The gateway checks the path against its adapter roots and the digest against the
+                # files, loads every replica, and registers {base, path, digest} for the others.
+                try:
+                    _client(args).post("/llmserve/adapters", cast_to=httpx.Response, body={
+                        "name": args.adapter, "path": args.path, "base": args.base, "digest": digest})
+                except OpenAIError as e:
+                    print(f"refused: the gateway did not load {args.adapter}: {e}", file=sys.stderr)
+                    return 1
+            elif served["base"] != args.base:
+                print(f"refused: {args.adapter} is configured on {served['base']}, not {args.base}", file=sys.stderr)
+                return 1
+            # else: a configured adapter whose files still hash to the evaluated digest, which every
+            # replica loaded at start.
             previous = (await store.overrides()).get(args.route, {}).get(field, configured)
-            await store.move(args.route, field, args.adapter, previous, "promote",
-                             f"{gate.metric}={got:.3f} >= {gate.min_score} (eval {(latest or {}).get('version')})")
-            print(f"promoted {args.adapter} on route {args.route} ({field}; was {previous})")
+            score = (latest or {}).get("scores", {}).get(gate.metric)
+            await store.promote(args.route, field, args.adapter, previous,
+                                f"{gate.metric}={score:.3f} >= {gate.min_score} (weights {short(digest)})", digest)
+            print(f"promoted {args.adapter} (weights {short(digest)}) on route {args.route} ({field}; was {previous})")
             return 0
 
     return asyncio.run(go())
@@ -194,14 +254,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     async def go() -> int:
         async with _store(args) as store:
-            history = await store.history(args.route)
-            if not history:
+            undone = await store.rollback(args.route)
+            if undone is None:
                 print(f"nothing to roll back on route {args.route}", file=sys.stderr)
                 return 1
-            last = history[0]
-            await store.move(args.route, last["field"], last["from"], last["to"], "rollback",
-                             f"rollback of {last['action']} to {last['to']}")
-            print(f"route {args.route}: {last['field']} back to {last['from']}")
+            print(f"route {args.route}: {undone['field']} back to {undone['from']} "
+                  f"(undid the promotion of {undone['to']})")
             return 0
 
     return asyncio.run(go())
@@ -235,30 +293,37 @@ def add_commands(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True)
     common(p)
     p.set_defaults(func=cmd_label)
-    p = ss.add_parser("eval", help="score an adapter against teacher labels and record it")
-    p.add_argument("--adapter", required=True)
+    p = ss.add_parser("eval", help="score an adapter against teacher labels and record it with the digest of "
+                                   "its weights (refused unless the gateway serves the name from those weights)")
+    p.add_argument("--adapter", required=True, help="the name the gateway serves the adapter under")
     p.add_argument("--labels", required=True)
     p.add_argument("--metrics", default="token_overlap,exact_match")
-    p.add_argument("--version", help="default: a hash of the adapter's weights (--path)")
-    p.add_argument("--path", help="the adapter directory (for its version)")
+    p.add_argument("--path", required=True, help="the adapter directory whose weights the score belongs to")
     common(p)
     p.set_defaults(func=cmd_eval)
-    p = ss.add_parser("calibrate", help="pick the cascade threshold for an agreement target")
+    p = ss.add_parser("calibrate", help="pick the cascade threshold at which the student's own answers meet an "
+                                        "agreement target; exits 1 when none does")
     p.add_argument("--student", required=True)
     p.add_argument("--labels", required=True)
-    p.add_argument("--target", type=float, default=0.8)
-    p.add_argument("--metric", default="token_overlap")
+    p.add_argument("--target", type=float, default=0.8,
+                   help="agreement the answers the student keeps must reach (escalated ones are the teacher's)")
+    p.add_argument("--metric", default="token_overlap", choices=["token_overlap", "exact_match", "json_valid"])
+    p.add_argument("--holdout", type=float, default=0.5,
+                   help="share of labels (by a hash of their id) kept out of the sweep to check the chosen "
+                        "threshold on; 0: no check")
     p.add_argument("--out", default="calibration")
     common(p)
     p.set_defaults(func=cmd_calibrate)
-    p = ss.add_parser("promote", help="load an adapter and move a route to it, if its eval passes the gate")
+    p = ss.add_parser("promote", help="load exactly the evaluated weights and move a route to them, if the "
+                                      "adapter's latest evaluation (of these weights) passes the route's gate")
     p.add_argument("adapter")
     p.add_argument("--route", required=True)
     p.add_argument("--base", required=True, help="the model the adapter belongs to")
-    p.add_argument("--path", required=True, help="adapter directory, readable by the engine replicas")
+    p.add_argument("--path", required=True, help="adapter directory under the gateway's adapter_roots, readable by "
+                                                 "the engine replicas; its digest must be the evaluated one")
     common(p)
     p.set_defaults(func=cmd_promote)
-    p = ss.add_parser("rollback", help="undo a route's last change")
+    p = ss.add_parser("rollback", help="undo a route's newest promotion still in force (again: the one before)")
     p.add_argument("--route", required=True)
     common(p, remote=False)
     p.set_defaults(func=cmd_rollback)
