@@ -23,6 +23,10 @@ class FakeUpstream:
     status_by_model: dict[str, int] = field(default_factory=dict)  # answer this HTTP status
     text_by_model: dict[str, str] = field(default_factory=dict)
     calls: list[tuple[str, str, dict]] = field(default_factory=list)
+    # Per replica URL: LoRA name -> path, as vLLM's runtime-LoRA endpoints keep it (a loaded name
+    # refuses a second load with 400 "already been loaded"; unloading an unknown one is 404).
+    loras: dict[str, dict[str, str]] = field(default_factory=dict)
+    lora_load_status: int = 200  # answer loads with this status instead (a broken adapter)
 
     async def post(self, base_url: str, path: str, body: bytes, *, stream: bool, timeout_s: float) -> UpstreamResponse:
         payload = json.loads(body)
@@ -33,7 +37,11 @@ class FakeUpstream:
             self.fail_first_n -= 1
             raise EngineUnavailable(f"{base_url} refused")
         if path == "/v1/load_lora_adapter":
-            return UpstreamResponse(200, {}, b"Success: LoRA adapter loaded")
+            return self._load_lora(base_url, payload)
+        if path == "/v1/unload_lora_adapter":
+            if self.loras.get(base_url, {}).pop(payload["lora_name"], None) is None:
+                return UpstreamResponse(404, {}, b'{"error": {"message": "cannot be found", "code": 404}}')
+            return UpstreamResponse(200, {}, b"Success: LoRA adapter removed")
         model = payload["model"]
         if model in self.down_models:
             raise EngineUnavailable(f"{base_url} refused")
@@ -57,6 +65,15 @@ class FakeUpstream:
             "usage": {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)},
         }
         return UpstreamResponse(200, {}, json.dumps(body_out).encode())
+
+    def _load_lora(self, base_url: str, payload: dict) -> UpstreamResponse:
+        table = self.loras.setdefault(base_url, {})
+        if self.lora_load_status != 200:
+            return UpstreamResponse(self.lora_load_status, {}, b'{"error": {"message": "bad adapter"}}')
+        if payload["lora_name"] in table:
+            return UpstreamResponse(400, {}, b'{"error": {"message": "The lora adapter has already been loaded."}}')
+        table[payload["lora_name"]] = payload["lora_path"]
+        return UpstreamResponse(200, {}, b"Success: LoRA adapter loaded")
 
     async def _chunks(self, model: str, text: str, usage: bool) -> AsyncIterator[bytes]:
         words = text.split()

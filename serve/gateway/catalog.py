@@ -23,8 +23,10 @@ class Catalog:
         # Model or adapter name -> the base model spec whose replicas serve it.
         self._spec: dict[str, ModelSpec] = {}
         self._price: dict[str, Price] = {}
-        # Adapter name -> the path its weights were loaded from (configured or runtime).
+        # Adapter name -> the path its weights were loaded from (configured or runtime), and the
+        # content digest of those weights when known (runtime loads; configured ones are unhashed).
         self._adapter_path: dict[str, str] = {}
+        self._adapter_digest: dict[str, str] = {}
         for m in config.models:
             self._spec[m.name] = m
             self._price[m.name] = _price(m.price)
@@ -50,6 +52,10 @@ class Catalog:
     def adapter_path(self, name: str) -> str | None:
         return self._adapter_path.get(name)
 
+    def adapter_digest(self, name: str) -> str | None:
+        """Digest of the weights `name` was loaded from at run time; None if never hashed."""
+        return self._adapter_digest.get(name)
+
     def model_names(self) -> list[str]:
         """Models and adapters (configured first, then runtime ones), for /v1/models."""
         return list(self._spec)
@@ -58,17 +64,22 @@ class Catalog:
         return self.config.route(name) is not None
 
     # ---- changes -------------------------------------------------------------------------------
-    def add_adapter(self, name: str, base: str, path: str) -> bool:
-        """Serve adapter `name` (weights at `path`) on `base`'s replicas. False if `base` is not a
-        served model or `name` is taken by something else."""
+    def add_adapter(self, name: str, base: str, path: str, digest: str | None = None) -> bool:
+        """Serve adapter `name` (weights at `path`, content `digest`) on `base`'s replicas, or
+        record that it was reloaded from new weights. False if `base` is not a served model or
+        `name` is taken by something else (a model, or an adapter of another base)."""
         spec = self._spec.get(base)
         if spec is None or spec.name != base:
             return False
-        if name in self._spec and self._adapter_path.get(name) is None:
-            return False  # a model's own name
+        if name in self._spec and (self._adapter_path.get(name) is None or self._spec[name].name != base):
+            return False
         self._spec[name] = spec
-        self._price[name] = self._price[base]
+        self._price.setdefault(name, self._price[base])  # a configured adapter keeps its own price
         self._adapter_path[name] = path
+        if digest:
+            self._adapter_digest[name] = digest
+        else:
+            self._adapter_digest.pop(name, None)
         self._routes.setdefault(name, RouteSpec(name=name, target=name))
         return True
 
@@ -86,4 +97,12 @@ class Catalog:
         if self._routes.get(route) == new:
             return False
         self._routes[route] = new
+        return True
+
+    def reset_route(self, route: str) -> bool:
+        """Put a configured route back as configured (its override was rolled back). True if it changed."""
+        original = self.config.route(route)
+        if original is None or self._routes.get(route) == original:
+            return False
+        self._routes[route] = original
         return True

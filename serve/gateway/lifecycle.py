@@ -1,11 +1,23 @@
 """Runtime changes to what the gateway serves: adapters loaded after start, routes moved to a
-promoted student. Applied from the lifecycle store (Redis) by every gateway replica."""
+promoted student. Applied from the lifecycle store (Redis) by every gateway replica.
+
+Loading an adapter at run time makes every engine replica read files, so it is an admin action
+(with auth on, a non-admin key gets 403) and the path must lie under `gateway.adapter_roots` once
+symlinks and `..` are resolved, or be a configured adapter's own path. With auth off there is no
+key to check: the roots are then the only guard, and with no roots nothing new can be loaded.
+
+An adapter is tied to its weights by a content digest. A name already loaded from other weights
+is reloaded (vLLM's unload, then load), never kept: vLLM refuses to load a name it holds, and an
+unload + load gives the adapter a new internal id, so no prefix-cache block computed with the old
+weights is reused (vLLM's in-place reload keeps the id and those blocks).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 from typing import Any
 
 from starlette.requests import Request
@@ -17,12 +29,14 @@ logger = logging.getLogger("llmserve.lifecycle")
 
 
 def apply(gw: Any, adapters: dict[str, dict[str, str]], overrides: dict[str, dict[str, str]]) -> None:
-    """Register runtime adapters under their base model, then point overridden routes at their
-    new model (the catalog swaps each route whole)."""
+    """Register runtime adapters under their base model (or record their new weights), point
+    overridden routes at their new model, and put routes whose override was rolled back as
+    configured (the catalog swaps each route whole)."""
     catalog = gw.catalog
     for name, meta in adapters.items():
-        if catalog.spec(name) is None:
-            catalog.add_adapter(name, meta.get("base", ""), meta.get("path", ""))
+        path, digest = meta.get("path", ""), meta.get("digest") or None
+        if catalog.adapter_path(name) != path or catalog.adapter_digest(name) != digest:
+            catalog.add_adapter(name, meta.get("base", ""), path, digest)
     for route_name, change in overrides.items():
         field = "student" if "student" in change else "target"
         model = change.get(field, "")
@@ -31,6 +45,9 @@ def apply(gw: Any, adapters: dict[str, dict[str, str]], overrides: dict[str, dic
             continue
         if catalog.override_route(route_name, field, model):
             logger.info("route %s now uses %s", route_name, model)
+    for route in catalog.config.routes:
+        if route.name not in overrides and catalog.reset_route(route.name):
+            logger.info("route %s is back to its configuration", route.name)
 
 
 async def lifecycle_loop(gw: Any, store: Any, interval_s: float) -> None:
@@ -44,9 +61,111 @@ async def lifecycle_loop(gw: Any, store: Any, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
+def allowed_path(path: str, roots: list[str], configured: list[str]) -> str:
+    """The real path of `path` if runtime loading may read it: inside one of `roots` once symlinks
+    and `..` are resolved, or one of the configured adapters' paths. Raises a 400 or 403 otherwise."""
+    if not os.path.isabs(path):
+        raise bad_request("`path` must be an absolute path.", param="path")
+    real = os.path.realpath(path)
+    for root in roots:
+        base = os.path.realpath(root)
+        if os.path.commonpath([real, base]) == base:
+            return real
+    if real in {os.path.realpath(p) for p in configured}:
+        return real
+    if not roots:
+        raise APIError(403, "Runtime adapter loading is off: no `gateway.adapter_roots` are configured.",
+                       param="path", code="adapter_loading_disabled")
+    raise bad_request(f"`path` must lie under one of the adapter roots {roots}.", param="path")
+
+
+async def _known_digest(gw: Any, name: str) -> tuple[dict[str, str] | None, str | None]:
+    """(runtime registration, digest of the weights `name` is served from) or (None, None) when
+    nothing says. The lifecycle store is the truth shared by every gateway; this gateway's catalog
+    stands in without one."""
+    if gw.lifecycle is not None:
+        try:
+            registered = await gw.lifecycle.adapter(name)
+        except Exception as e:
+            raise APIError(503, f"The lifecycle store is unavailable: {e}", code="lifecycle_store_unavailable") from e
+        if registered is not None:
+            return registered, registered.get("digest") or None
+    return None, gw.catalog.adapter_digest(name)
+
+
+async def _engine(gw: Any, url: str, path: str, body: dict[str, Any]) -> tuple[int, str]:
+    r = await gw.upstream.post(url, path, json.dumps(body).encode(), stream=False, timeout_s=120)
+    return r.status, r.body.decode("utf-8", "replace")
+
+
+async def _load_on(gw: Any, url: str, name: str, path: str, same_weights: bool) -> bool:
+    """Load `name` from `path` on one replica; True if it had to unload other weights first.
+    Raises RuntimeError with the engine's answer when the replica refuses."""
+    load = {"lora_name": name, "lora_path": path}
+    status, text = await _engine(gw, url, "/v1/load_lora_adapter", load)
+    if status == 200:
+        return False
+    if status == 400 and "already" in text:
+        if same_weights:  # it holds exactly these weights (same digest): nothing to do
+            return False
+        status, text = await _engine(gw, url, "/v1/unload_lora_adapter", {"lora_name": name})
+        if status not in (200, 404):  # 404: gone meanwhile, which is what we wanted
+            raise RuntimeError(f"unload: {status} {text}")
+        status, text = await _engine(gw, url, "/v1/load_lora_adapter", load)
+        if status == 200:
+            return True
+    raise RuntimeError(f"load: {status} {text}")
+
+
+async def load(gw: Any, name: str, base: str, path: str, digest: str | None) -> dict[str, Any]:
+    """Load adapter `name` on every replica of `base` from `path` (checked against the roots and,
+    when given, `digest`), and serve it from this gateway at once. Raises APIError."""
+    from serve.students.registry import AdapterError, adapter_digest
+
+    spec = gw.catalog.spec(base)
+    if spec is None or spec.name != base:
+        raise bad_request(f"`base` must be a served model, not {base!r}.", param="base")
+    taken = gw.catalog.spec(name)
+    if taken is not None and (gw.catalog.adapter_path(name) is None or taken.name != base):
+        raise bad_request(f"`{name}` is already a model or an adapter of another base model.", param="name")
+    configured = [a.path for m in gw.config.models for a in m.adapters]
+    real = allowed_path(path, list(gw.config.gateway.adapter_roots), configured)
+    try:  # hashing reads every weight file: off the event loop
+        actual = await asyncio.to_thread(adapter_digest, real)
+    except (AdapterError, OSError) as e:
+        raise bad_request(f"`path` is not a loadable adapter: {e}", param="path") from e
+    if digest is not None and digest != actual:
+        raise APIError(409, f"The adapter at {path} has digest {actual}, not the {digest} you asked for: its "
+                            "files changed since they were evaluated.", param="digest", code="digest_mismatch")
+    eps = gw.backends.endpoints(base)
+    if not eps:
+        raise APIError(503, f"Model `{base}` has no ready replica.", code="model_not_ready")
+    registered, known = await _known_digest(gw, name)
+    results = await asyncio.gather(*(_load_on(gw, e.url, name, real, known == actual) for e in eps),
+                                   return_exceptions=True)
+    failed = [{"replica": ep.replica_id, "error": str(r)}
+              for ep, r in zip(eps, results, strict=True) if isinstance(r, BaseException)]
+    if failed:
+        if registered is not None and gw.lifecycle is not None:
+            # Some replicas may now hold other weights than registered: forget the digest, so the
+            # next load of this name reloads everywhere instead of trusting "already loaded".
+            await gw.lifecycle.register_adapter(name, registered.get("base", base), registered.get("path", ""), "")
+        if gw.catalog.adapter_path(name) is not None:
+            gw.catalog.add_adapter(name, base, gw.catalog.adapter_path(name), None)
+        raise APIError(502, f"Loading {name} failed on {len(failed)} of {len(eps)} replicas: {failed}",
+                       code="adapter_load_failed")
+    gw.catalog.add_adapter(name, base, real, actual)
+    if gw.lifecycle is not None:  # every gateway, the batch worker and future replicas learn it
+        await gw.lifecycle.register_adapter(name, base, real, actual)
+    reloaded = sum(1 for r in results if r is True)
+    if reloaded:
+        logger.info("adapter %s reloaded from %s (%s) on %d replicas", name, real, actual[:12], reloaded)
+    return {"name": name, "base": base, "path": real, "digest": actual, "replicas": len(eps), "reloaded": reloaded}
+
+
 async def load_adapter(gw: Any, request: Request) -> Response:
-    """POST /v1/llmserve/adapters {name, path, base}: load a LoRA adapter into every replica of its
-    base model through vLLM's runtime-LoRA endpoint, and serve it from this gateway at once."""
+    """POST /v1/llmserve/adapters {name, path, base, digest?}: load a LoRA adapter into every replica
+    of its base model through vLLM's runtime-LoRA endpoint, and serve it from this gateway at once."""
     try:
         key = gw.keys.authenticate(request.headers.get("authorization"))
         if key is not None and not key.admin:
@@ -58,26 +177,9 @@ async def load_adapter(gw: Any, request: Request) -> Response:
         name, path, base = (body.get(k) if isinstance(body, dict) else None for k in ("name", "path", "base"))
         if not all(isinstance(v, str) and v for v in (name, path, base)):
             raise bad_request("`name`, `path` and `base` are required strings.")
-        spec = gw.catalog.spec(base)
-        if spec is None or spec.name != base:
-            raise bad_request(f"`base` must be a served model, not {base!r}.", param="base")
-        payload = json.dumps({"lora_name": name, "lora_path": path}).encode()
-        eps = gw.backends.endpoints(base)
-        if not eps:
-            raise APIError(503, f"Model `{base}` has no ready replica.", code="model_not_ready")
-        results = await asyncio.gather(*(gw.upstream.post(e.url, "/v1/load_lora_adapter", payload, stream=False,
-                                                          timeout_s=120) for e in eps), return_exceptions=True)
-        failed = []
-        for ep, r in zip(eps, results, strict=True):
-            text = getattr(r, "body", b"").decode("utf-8", "replace")
-            if isinstance(r, BaseException) or (r.status != 200 and "already" not in text):
-                failed.append({"replica": ep.replica_id, "error": str(r) if isinstance(r, BaseException) else text})
-        if failed:
-            raise APIError(502, f"Loading {name} failed on {len(failed)} of {len(eps)} replicas: {failed}",
-                           code="adapter_load_failed")
-        apply(gw, {str(name): {"base": str(base), "path": str(path)}}, {})
-        if gw.lifecycle is not None:  # every gateway, the batch worker and future replicas learn it
-            await gw.lifecycle.register_adapter(str(name), str(base), str(path))
-        return JSONResponse({"name": name, "base": base, "replicas": len(eps)})
+        digest = body.get("digest")
+        if digest is not None and not isinstance(digest, str):
+            raise bad_request("`digest` must be a string.", param="digest")
+        return JSONResponse(await load(gw, str(name), str(base), str(path), digest))
     except APIError as e:
         return JSONResponse(e.body(), e.status, headers=e.headers)
