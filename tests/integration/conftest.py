@@ -63,7 +63,9 @@ def stack_config(port: int, redis_url: str, lora_dir: str, batch_dir: str) -> Co
             {"name": "limited", "sha256": hashlib.sha256(b"limited").hexdigest(), "requests_per_minute": 2,
              "models": ["tiny-a"]},
         ]},
-        "gateway": {"host": "127.0.0.1", "port": port, "metrics_port": free_port(), "request_timeout_s": 60},
+        # Adapters loaded at run time (student promotion) must lie next to the configured one.
+        "gateway": {"host": "127.0.0.1", "port": port, "metrics_port": free_port(), "request_timeout_s": 60,
+                    "adapter_roots": [os.path.dirname(lora_dir)]},
         "ray": {"num_cpus": 8, "namespace": "llmserve-test"},
     })
 
