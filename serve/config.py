@@ -140,6 +140,11 @@ class GatewaySpec(_Strict):
                     "are not served on the public port); 0: any free port.",
     )
     metrics_host: str | None = Field(None, description="Address of the metrics listener; default: `host`.")
+    responses_ttl_s: float = Field(
+        30 * 86_400, gt=0,
+        description="How long a stored Responses API response (`store: true`) can be retrieved or continued "
+                    "with `previous_response_id` (kept in Redis, or in-process without one).",
+    )
     request_timeout_s: float = Field(
         300, gt=0, description="Longest a request may wait for an engine before it gets a 504."
     )

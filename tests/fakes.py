@@ -51,6 +51,8 @@ class FakeUpstream:
                                                             "param": None, "code": status}}).encode()
             return UpstreamResponse(status, {}, body)
         text = self.text_by_model.get(model, self.text)
+        if path == "/v1/responses":
+            return self._responses(model, text, payload, stream)
         if stream:
             usage = bool((payload.get("stream_options") or {}).get("include_usage"))
             return UpstreamResponse(200, {}, chunks=self._chunks(model, text, usage))
@@ -89,6 +91,31 @@ class FakeUpstream:
                  "usage": {"prompt_tokens": 3, "completion_tokens": len(words), "total_tokens": 3 + len(words)}}
             yield f"data: {json.dumps(u)}\n\n".encode()
         yield b"data: [DONE]\n\n"
+
+    def _responses(self, model: str, text: str, payload: dict, stream: bool) -> UpstreamResponse:
+        """The Responses API as vLLM answers it: the whole conversation arrives in `input`."""
+        words = text.split()
+        logprobs = [{"token": w, "logprob": self.logprob, "top_logprobs": []} for w in words] \
+            if "message.output_text.logprobs" in (payload.get("include") or []) else []
+        n_in = len(json.dumps(payload.get("input")))
+        body = {"id": f"resp_fake{len(self.calls)}", "object": "response", "created_at": 1, "model": model,
+                "status": "incomplete" if self.finish_reason == "length" else "completed",
+                "incomplete_details": {"reason": "max_output_tokens"} if self.finish_reason == "length" else None,
+                "output": [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                            "content": [{"type": "output_text", "text": text, "annotations": [],
+                                         "logprobs": logprobs}]}],
+                "usage": {"input_tokens": n_in, "output_tokens": len(words), "total_tokens": n_in + len(words)},
+                "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+        if not stream:
+            return UpstreamResponse(200, {}, json.dumps(body).encode())
+
+        async def events() -> AsyncIterator[bytes]:
+            from serve.gateway.responses import replay
+
+            for ev in replay(body):
+                yield ev
+
+        return UpstreamResponse(200, {}, chunks=events())
 
     async def close(self) -> None:
         pass

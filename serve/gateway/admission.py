@@ -22,7 +22,8 @@ from serve.gateway.validate import validate
 from serve.policies.ratelimit import estimate_tokens
 
 # Which engine task serves which endpoint: a generate model has no /v1/embeddings and vice versa.
-ROUTE_TASK = {"/v1/chat/completions": "generate", "/v1/completions": "generate", "/v1/embeddings": "embed"}
+ROUTE_TASK = {"/v1/chat/completions": "generate", "/v1/completions": "generate", "/v1/embeddings": "embed",
+              "/v1/responses": "generate"}  # (/tokenize and /detokenize: any model)
 ANONYMOUS = "anonymous"  # the key name when auth is off
 
 
@@ -53,7 +54,8 @@ class Admission:
             raise model_not_found(model)
         first = route.cascade.student if route.cascade else route.target
         spec = self.catalog.spec(first) if first else None
-        if spec is not None and spec.task != ROUTE_TASK.get(path):
+        task = ROUTE_TASK.get(path)
+        if spec is not None and task is not None and spec.task != task:
             raise bad_request(
                 f"The model `{model}` does not support {path} (it is a {spec.task} model).",
                 param="model", code="model_not_supported",

@@ -24,20 +24,23 @@ from starlette.routing import Route
 
 from serve.batch.store import BatchStore
 from serve.cache.store import HeadCache
-from serve.config import ApiKey, Config
-from serve.gateway.admission import Admission
+from serve.config import ApiKey, Config, RouteSpec
+from serve.gateway import responses
+from serve.gateway.admission import ANONYMOUS, Admission
 from serve.gateway.answer import Answer, to_response
 from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends, Endpoint
 from serve.gateway.batch_api import BatchAPI
 from serve.gateway.catalog import Catalog
-from serve.gateway.errors import APIError, bad_request, model_not_found
+from serve.gateway.errors import APIError, bad_request, model_not_found, normalize
 from serve.gateway.lifecycle import load_adapter
 from serve.gateway.limits import BodyLimit
 from serve.gateway.metrics import Metrics
 from serve.gateway.ratelimit import RateLimiter
+from serve.gateway.responses import RESPONSES
 from serve.gateway.routes import Outcome, RouteRunner
 from serve.gateway.upstream import EngineTimeout, EngineUnavailable, Upstream, UpstreamResponse
+from serve.gateway.validate import TOKENIZER_PATHS
 from serve.policies.affinity import prefix_key
 from serve.policies.cost import cost_usd, usage_tokens
 
@@ -65,6 +68,7 @@ class Gateway:
         self.catalog = Catalog(config)
         self.admission = Admission(config, self.catalog, limiter or RateLimiter(None), self.metrics)
         self.runner = RouteRunner(self.send, self.bill, self.metrics, cache)
+        self.response_store = responses.ResponseStore(config.cache.redis_url, config.gateway.responses_ttl_s)
 
     # ---- request parsing -------------------------------------------------------------------
     async def read_json(self, request: Request) -> tuple[bytes, dict[str, Any]]:
@@ -157,14 +161,40 @@ class Gateway:
         except APIError as e:
             self.metrics.requests.labels("-", "-", str(e.status)).inc()
             return Answer.error(e)
-        answer = await self.runner.handle(ticket.route, path, payload, ticket.key_name, raw)
+        route, key_name = ticket.route, ticket.key_name
+        if path == RESPONSES:
+            answer = await responses.run(self.response_store, key_name, payload,
+                                         lambda sent: self.runner.handle(route, path, sent, key_name, None))
+        elif path in TOKENIZER_PATHS:
+            answer = await self._tokenizer(route, path, payload, raw)
+        else:
+            answer = await self.runner.handle(route, path, payload, key_name, raw)
         answer.headers.update(ticket.headers)
         return answer
+
+    async def _tokenizer(self, route: RouteSpec, path: str, payload: dict[str, Any], raw: bytes | None) -> Answer:
+        """/tokenize and /detokenize, answered by the engine of the model that would answer the
+        route first (a tokenizer belongs to a model; no cache, cascade, fallback or cost)."""
+        model = route.cascade.student if route.cascade else str(route.target)
+        body = raw if raw is not None and payload.get("model") == model else json.dumps({**payload, "model": model})
+        try:
+            resp, replica = await self.send(model, path, body.encode() if isinstance(body, str) else body, False,
+                                            payload)
+        except APIError as e:
+            return Answer.error(e)
+        headers = {"x-llmserve-route": route.name, "x-llmserve-served-by": model, "x-llmserve-replica": replica}
+        if resp.status != 200:
+            return Answer.engine_error(resp.status, normalize(resp.status, resp.body), headers)
+        return Answer(200, json.loads(resp.body), headers=headers)
 
     # ---- HTTP edge -----------------------------------------------------------------------------
     async def proxy(self, request: Request) -> Response:
         started = time.perf_counter()
         key = self.keys.authenticate(request.headers.get("authorization"))
+        ctype = request.headers.get("content-type")
+        if ctype is not None and ctype.split(";")[0].strip().lower() != "application/json":
+            raise APIError(415, f"Send the request body as JSON (Content-Type: application/json), not {ctype!r}.",
+                           code="unsupported_media_type")
         raw, payload = await self.read_json(request)
         try:
             answer = await until_disconnect(request, self.handle(key, request.url.path, payload, raw))
@@ -226,6 +256,17 @@ class Gateway:
         if entry is None:
             raise model_not_found(name)
         return JSONResponse(entry)
+
+    async def get_response(self, request: Request) -> Response:
+        key = self.keys.authenticate(request.headers.get("authorization"))
+        record = await self.response_store.get(request.path_params["response_id"], key.name if key else ANONYMOUS)
+        return JSONResponse(record["response"])
+
+    async def delete_response(self, request: Request) -> Response:
+        key = self.keys.authenticate(request.headers.get("authorization"))
+        rid = request.path_params["response_id"]
+        await self.response_store.delete(rid, key.name if key else ANONYMOUS)
+        return JSONResponse({"id": rid, "object": "response", "deleted": True})
 
     async def load_adapter(self, request: Request) -> Response:
         return await load_adapter(self, request)
@@ -309,6 +350,11 @@ def app_for(gw: Gateway, *, batch_store: BatchStore | None = None, lifespan: Any
         Route("/v1/chat/completions", gw.proxy, methods=["POST"]),
         Route("/v1/completions", gw.proxy, methods=["POST"]),
         Route("/v1/embeddings", gw.proxy, methods=["POST"]),
+        Route("/v1/responses", gw.proxy, methods=["POST"]),
+        Route("/v1/responses/{response_id}", gw.get_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}", gw.delete_response, methods=["DELETE"]),
+        Route("/tokenize", gw.proxy, methods=["POST"]),
+        Route("/detokenize", gw.proxy, methods=["POST"]),
         Route("/health", gw.health, methods=["GET"]),
         # Ray Serve proxies answer this; KubeRay and load balancers probe it.
         Route("/-/healthz", gw.health, methods=["GET"]),

@@ -21,9 +21,11 @@ from typing import Any
 
 from serve.cache.store import CacheEntry, HeadCache
 from serve.config import RouteSpec
+from serve.gateway import responses
 from serve.gateway.answer import Answer
 from serve.gateway.errors import APIError, normalize
 from serve.gateway.metrics import Metrics
+from serve.gateway.responses import RESPONSES
 from serve.gateway.sse import COMPLETE_FINISH, StreamAssembler, replay
 from serve.gateway.upstream import UpstreamResponse
 from serve.policies.cache_key import Normalization, cache_key, is_deterministic
@@ -152,13 +154,19 @@ class RouteRunner:
 
     def _answer_cached(self, entry: CacheEntry, stream: bool, include_usage: bool, out: Outcome) -> Answer:
         body = dict(entry.response)
-        body["id"] = f"cache-{uuid.uuid4().hex[:24]}"
-        body["created"] = int(time.time())
-        # A hit spends no model tokens: usage and cost are zero; provenance says who produced it.
-        body["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost_usd": 0.0}
         body["llmserve_provenance"] = {"model": entry.model, "created_at": entry.created_at,
                                        "batch_id": entry.batch_id}
         self.metrics.requests.labels(out.route, out.served_by, "200").inc()
+        # A hit spends no model tokens: usage and cost are zero; provenance says who produced it.
+        if out.path == RESPONSES:
+            body["id"], body["created_at"] = responses.fresh_id(), int(time.time())
+            body["usage"] = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "cost_usd": 0.0}
+            if stream:
+                return Answer.replayed(responses.replay(body), out.headers())
+            return Answer(200, body, headers=out.headers())
+        body["id"] = f"cache-{uuid.uuid4().hex[:24]}"
+        body["created"] = int(time.time())
+        body["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost_usd": 0.0}
         if stream:
             return Answer.replayed(replay(body, include_usage), out.headers())
         return Answer(200, body, headers=out.headers())
@@ -173,14 +181,18 @@ class RouteRunner:
         policy = CascadePolicy(min_mean_logprob=cs.min_mean_logprob, escalate_on_length=cs.escalate_on_length,
                                escalate_on_schema_failure=cs.escalate_on_schema_failure,
                                refusal_patterns=tuple(cs.refusal_patterns or DEFAULT_REFUSALS))
-        chat = path.endswith("/chat/completions")
-        asked_logprobs = bool(payload.get("logprobs"))
-        req = {k: v for k, v in payload.items() if k not in ("stream", "stream_options")}
-        req["model"] = cs.student
-        req["logprobs"] = True if chat else max(1, int(payload.get("logprobs") or 1))
-        limit_key = "max_completion_tokens" if chat and "max_completion_tokens" in payload else "max_tokens"
-        asked = payload.get(limit_key)
-        req[limit_key] = min(asked, cs.max_student_tokens) if isinstance(asked, int) else cs.max_student_tokens
+        if path == RESPONSES:
+            req = responses.student_request(payload, cs.student, cs.max_student_tokens)
+            asked_logprobs = responses.LOGPROBS_INCLUDE in (payload.get("include") or [])
+        else:
+            chat = path.endswith("/chat/completions")
+            asked_logprobs = bool(payload.get("logprobs"))
+            req = {k: v for k, v in payload.items() if k not in ("stream", "stream_options")}
+            req["model"] = cs.student
+            req["logprobs"] = True if chat else max(1, int(payload.get("logprobs") or 1))
+            limit_key = "max_completion_tokens" if chat and "max_completion_tokens" in payload else "max_tokens"
+            asked = payload.get(limit_key)
+            req[limit_key] = min(asked, cs.max_student_tokens) if isinstance(asked, int) else cs.max_student_tokens
         try:
             resp, replica = await self.send(cs.student, path, json.dumps(req).encode(), False, payload)
         except APIError as e:
@@ -198,7 +210,10 @@ class RouteRunner:
         body = json.loads(resp.body)
         out.cost_usd += self.bill(out, cs.student, body.get("usage"))
         out.models.append(cs.student)
-        decision = decide(policy, payload, body)
+        if path == RESPONSES:  # judged as the chat choice it amounts to
+            decision = decide(policy, responses.chat_view_of_request(payload), responses.as_chat(body))
+        else:
+            decision = decide(policy, payload, body)
         self.metrics.cascade.labels(route.name, "escalate" if decision.escalate else "accept",
                                     decision.reason).inc()
         if decision.escalate:
@@ -206,10 +221,12 @@ class RouteRunner:
             self.metrics.escalations.labels(route.name, decision.reason).inc()
             return None
         if not asked_logprobs:
+            if path == RESPONSES:
+                responses.strip_logprobs(body)
             for c in body.get("choices", []):
                 c["logprobs"] = None
         out.served_by, out.replica = cs.student, replica
-        if store is not None and complete(body):
+        if store is not None and complete(body) and (path != RESPONSES or body.get("status") == "completed"):
             # An accepted student answer is the route's own answer (what the route serves for this
             # request), so it may be cached. (Its cost is added to the same dict below; harmless,
             # a hit replaces `usage` anyway.)
@@ -217,6 +234,8 @@ class RouteRunner:
         with_cost(body, out.cost_usd)
         self.metrics.requests.labels(route.name, cs.student, "200").inc()
         if payload.get("stream"):
+            if path == RESPONSES:
+                return Answer.replayed(responses.replay(body), out.headers())
             include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
             return Answer.replayed(replay(body, include_usage), out.headers())
         return Answer(200, body, headers=out.headers())
@@ -232,7 +251,8 @@ class RouteRunner:
         stream = bool(payload.get("stream"))
         # Streams are billed from their usage chunk: ask for it, and drop it again if the client
         # did not ask for it.
-        strip_usage = stream and not (payload.get("stream_options") or {}).get("include_usage")
+        # (A Responses stream always ends with its usage, in response.completed.)
+        strip_usage = stream and path != RESPONSES and not (payload.get("stream_options") or {}).get("include_usage")
         sent = {**payload, "stream_options": {**(payload.get("stream_options") or {}), "include_usage": True}} \
             if strip_usage else payload
         model: str | None = chain[0] if chain else None
@@ -277,7 +297,7 @@ class RouteRunner:
         if resp.chunks is None:
             body = json.loads(resp.body)
             out.cost_usd += self.bill(out, model, body.get("usage"))
-            if store is not None and complete(body):
+            if store is not None and complete(body) and (out.path != RESPONSES or body.get("status") == "completed"):
                 # The same dict is then given its cost; harmless, a hit replaces `usage` anyway.
                 store(body, model)
             self._maybe_shadow(route, out, body)
@@ -287,31 +307,59 @@ class RouteRunner:
 
     async def _relay(self, route: str, model: str, resp: UpstreamResponse, out: Outcome,
                      store: Store | None, strip_usage: bool) -> AsyncIterator[bytes]:
-        """Pass the stream through; bill the usage chunk and rebuild the answer for the cache."""
-        assembler = StreamAssembler() if store is not None else None
+        """Pass the stream through; bill the usage chunk and rebuild the answer for the cache.
+        (A Responses stream is billed from its final event, which carries the whole response.)"""
+        is_responses = out.path == RESPONSES
+        assembler: StreamAssembler | responses.ResponsesAssembler | None = None
+        if is_responses:
+            assembler = responses.ResponsesAssembler()
+        elif store is not None:
+            assembler = StreamAssembler()
         assert resp.chunks is not None
         try:
             async for chunk in resp.chunks:
-                if assembler is not None and store is not None:
+                if assembler is not None:
                     assembler.feed(chunk)
                     if assembler.done:
+                        if isinstance(assembler, responses.ResponsesAssembler):
+                            chunk = self._bill_responses_final(model, assembler, chunk, out)
                         # Store before the last bytes go out: a client that hangs up right after
                         # [DONE] cancels this generator before it would run past the loop.
                         whole = assembler.response()
-                        if whole is not None:
+                        if whole is not None and store is not None:
                             store(whole, model)
                         assembler = None
-                if _USAGE.search(chunk):
+                if not is_responses and _USAGE.search(chunk):
                     chunk = self._bill_usage_chunk(route, model, chunk, out, strip_usage)
                 if chunk:
                     yield chunk
         finally:
             await resp.aclose()
 
+    def _bill_responses_final(self, model: str, assembler: responses.ResponsesAssembler, chunk: bytes,
+                              out: Outcome) -> bytes:
+        """Bill a Responses stream's usage, and put the cost into its final event when that event
+        is whole in this chunk (vLLM writes each event at once)."""
+        final = assembler.final or {}
+        out.cost_usd += self.bill(out, model, final.get("usage"))
+        events = chunk.split(b"\n\n")
+        for i, ev in enumerate(events):
+            head, sep, data = ev.partition(b"data: ")
+            if sep and assembler.kind.encode() in data:
+                try:
+                    obj = json.loads(data)
+                except ValueError:
+                    return chunk
+                with_cost(obj.get("response") or {}, out.cost_usd)
+                events[i] = head + sep + json.dumps(obj, separators=(",", ":")).encode()
+                return b"\n\n".join(events)
+        return chunk
+
     def _maybe_shadow(self, route: RouteSpec, out: Outcome, answer: dict[str, Any]) -> None:
-        """Mirror a share of answered requests to the route's candidate, off the request path."""
+        """Mirror a share of answered requests to the route's candidate, off the request path.
+        (Chat and completions only: agreement is measured on their choices.)"""
         shadow = route.shadow
-        if shadow is None or self._rng.random() >= shadow.fraction or out.request is None:
+        if shadow is None or out.path == RESPONSES or self._rng.random() >= shadow.fraction or out.request is None:
             return
         self._spawn(self._shadow(route.name, shadow.model, out.path, out.request, answer))
 

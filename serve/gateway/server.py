@@ -89,6 +89,7 @@ class GatewayParts:
             if lifecycle is not None:
                 await lifecycle.close()
             await self.upstream.close()
+            await gw.response_store.close()
             await self.cache.close()
             await self.limiter.close()
 

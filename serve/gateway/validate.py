@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from serve.gateway.errors import APIError, bad_request
+from serve.gateway.responses import RESPONSES, check_supported
+
+TOKENIZER_PATHS = ("/tokenize", "/detokenize")
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 RESPONSE_FORMATS = {"text", "json_object", "json_schema"}
@@ -144,6 +147,13 @@ def validate(path: str, payload: dict[str, Any], max_messages: int) -> None:
         validate_completion(payload)
     elif path.endswith("/embeddings"):
         validate_embeddings(payload)
+    elif path == RESPONSES:
+        _opt_num(payload, "temperature", 0, 2)
+        _opt_num(payload, "top_p", 0, 1)
+        check_supported(payload)
+    elif path in TOKENIZER_PATHS and not isinstance(
+            payload.get("prompt", payload.get("messages", payload.get("tokens"))), (str, list)):
+        raise bad_request("Send `prompt` (or `messages`) to tokenize, or `tokens` to detokenize.")
 
 
 __all__ = ["APIError", "validate"]

@@ -20,6 +20,8 @@ def usage_tokens(usage: Any) -> tuple[int, int]:
     def num(v: Any) -> int:
         return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else 0
 
+    if "input_tokens" in usage or "output_tokens" in usage:  # the Responses API's names
+        return num(usage.get("input_tokens")), num(usage.get("output_tokens"))
     return num(usage.get("prompt_tokens")), num(usage.get("completion_tokens"))
 
 
