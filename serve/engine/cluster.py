@@ -11,6 +11,7 @@ from typing import Any
 from serve.config import Config
 from serve.engine.deployments import build_engine_app
 from serve.engine.registry import get_registry
+from serve.engine.secret import ensure_engine_secret
 
 logger = logging.getLogger("llmserve.cluster")
 
@@ -34,9 +35,14 @@ def connect_ray(config: Config) -> None:
 
 def deploy_models(config: Config) -> Any:
     """Deploy every model as its own Serve application (named after the model) and return the
-    registry actor the gateway discovers engines through. Returns before engines are ready."""
+    registry actor the gateway discovers engines through. Returns before engines are ready.
+
+    Engines answer only callers holding the engine secret: it is generated into this process's
+    environment here if it has none, before Ray starts, so a gateway built in this process and
+    every Ray worker of a cluster started here (the batch worker included) hold it too."""
     from ray import serve
 
+    ensure_engine_secret()
     connect_ray(config)
     # Our gateway is the only HTTP entry; Serve's own proxy would only add a hop and take a port.
     serve.start(proxy_location="Disabled")
@@ -44,8 +50,8 @@ def deploy_models(config: Config) -> Any:
     # One call for all models so their engines load in parallel rather than one after another.
     serve.run_many(
         [
-            serve.RunTarget(build_engine_app(spec, config.ray.namespace, config.cache.redis_url), name=spec.name,
-                           route_prefix=None)
+            serve.RunTarget(build_engine_app(spec, config.ray.namespace, config.cache.redis_url,
+                                             config.gateway.adapter_roots), name=spec.name, route_prefix=None)
             for spec in config.models
         ],
         wait_for_applications_running=False,
