@@ -15,6 +15,7 @@ from serve.asgi import bind_socket
 from serve.batch.store import open_store
 from serve.cache.store import HeadCache
 from serve.config import Config
+from serve.engine.secret import engine_secret
 from serve.gateway.app import Gateway, app_for, create_metrics_app
 from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends
@@ -58,7 +59,9 @@ class GatewayParts:
         self.config = config
         self.fetch = fetch
         self.backends = backends or Backends()
-        self.upstream = upstream or HttpUpstream(connect_timeout_s=config.gateway.connect_timeout_s)
+        # Engines answer only holders of the engine secret (serve/engine/secret.py).
+        self.upstream = upstream or HttpUpstream(connect_timeout_s=config.gateway.connect_timeout_s,
+                                                 secret=engine_secret())
         self.cache = HeadCache(config.cache.redis_url, lru_size=config.cache.lru_size,
                                op_timeout_s=config.cache.op_timeout_s)
         self.limiter = RateLimiter(config.cache.redis_url, op_timeout_s=config.cache.op_timeout_s)
