@@ -55,6 +55,9 @@ def stack_config(port: int, redis_url: str, lora_dir: str, batch_dir: str) -> Co
                                                   "min_mean_logprob": -1000, "escalate_on_length": False},
              "gate": {"metric": "token_overlap", "min_score": 0.5}},
             {"name": "shadowed", "target": "tiny-a", "shadow": {"model": "tiny-a-lora", "fraction": 1.0}},
+            # The Responses API on a cascade with the head cache on (always confident: accepted).
+            {"name": "cascade-cached", "cascade": {"student": "tiny-a", "teacher": "tiny-b", "min_mean_logprob": -1000,
+                                                   "escalate_on_length": False}, "cache": {"ttl_s": 600}},
         ],
         "cache": {"redis_url": redis_url},
         "batch": {"db_path": f"{batch_dir}/batch.db", "storage_dir": f"{batch_dir}/files", "concurrency": 4},
@@ -62,6 +65,7 @@ def stack_config(port: int, redis_url: str, lora_dir: str, batch_dir: str) -> Co
             {"name": "test", "sha256": hashlib.sha256(b"test").hexdigest(), "admin": True},
             {"name": "limited", "sha256": hashlib.sha256(b"limited").hexdigest(), "requests_per_minute": 2,
              "models": ["tiny-a"]},
+            {"name": "other", "sha256": hashlib.sha256(b"other").hexdigest()},
         ]},
         # Adapters loaded at run time (student promotion) must lie next to the configured one.
         "gateway": {"host": "127.0.0.1", "port": port, "metrics_port": free_port(), "request_timeout_s": 60,
