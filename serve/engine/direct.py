@@ -27,6 +27,7 @@ from typing import Any
 from ray.serve.llm import LLMServer
 
 from serve.asgi import bind_socket, start_in_loop
+from serve.engine.lifeline import tie_engine_cores_to_replica
 from serve.engine.registry import get_registry
 from serve.engine.secret import ENV as SECRET_ENV
 from serve.engine.secret import RequireEngineSecret, adapter_roots, engine_secret, runtime_adapters_for
@@ -49,6 +50,8 @@ class DirectLLMServer(LLMServer):
             raise RuntimeError(f"{SECRET_ENV} is not set: an engine serves only callers holding the engine "
                                "secret (`llmserve run` generates one; the Helm chart keeps it in a Secret)")
         self._secret = secret
+        # Before the engine starts: its engine core must not outlive this replica (lifeline.py).
+        tie_engine_cores_to_replica()
         await super().__init__(llm_config, **kwargs)
         self._model_name: str = llm_config.model_id
         self._namespace = os.environ.get("LLMSERVE_NAMESPACE", "llmserve")

@@ -1,0 +1,77 @@
+"""An engine core dies with the replica that started it.
+
+vLLM runs its engine core (`VLLM::EngineCore`, and under it any `VLLM::Worker`) in a child process
+of the replica and stops it from the replica's shutdown path. When the replica dies any other way,
+the child is re-parented to init and runs on: every stop that signals a whole process group (a
+`killpg` of `llmserve run`, Ctrl-C's SIGINT, a `timeout`), a Ray worker killed for a failed health
+check, an OOM kill, `ray.shutdown()` racing a replica's graceful stop. On a 2-core box one such
+orphan (~750 MB, 10-40% of a core) spoils every later measurement.
+
+So the replica starts its engine cores through `run_engine_core`, which first starts a lifeline
+thread in the child: once the child's parent changes (it died), the child sends itself SIGTERM,
+which vLLM's own handler turns into a clean shutdown of the engine core and its workers; if that
+hangs, it exits hard. This is the only place that touches vLLM's engine-core entry point
+(`EngineCoreProc.run_engine_core`, a private surface): an upgrade of vLLM is checked here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger("llmserve.engine")
+
+_ORIGINAL: Callable[..., Any] | None = None  # vLLM's entry point, in the process that patched it
+
+
+def exit_with_parent(poll_s: float = 0.5, grace_s: float = 10.0) -> threading.Thread:
+    """Start a daemon thread that ends this process once its parent is gone: SIGTERM first (the
+    process's own clean shutdown), then a hard exit after `grace_s`."""
+    import multiprocessing
+
+    # The pid multiprocessing was started from, not getppid(): if the parent died before this line
+    # ran, getppid() would already name init and the watch would never fire.
+    started_by = multiprocessing.parent_process()
+    parent = started_by.pid if started_by is not None and started_by.pid else os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        logger.warning("parent %d is gone; shutting down (pid %d)", parent, os.getpid())
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="llmserve-lifeline", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_engine_core(*args: Any, **kwargs: Any) -> Any:
+    """vLLM's engine-core entry point, with a lifeline to the replica. Runs in the child: under
+    spawn (what CPU engines use) this module is imported fresh there and vLLM's class is unpatched;
+    under fork, `_ORIGINAL` came along."""
+    exit_with_parent()
+    if _ORIGINAL is not None:
+        return _ORIGINAL(*args, **kwargs)
+    from vllm.v1.engine.core import EngineCoreProc
+
+    return EngineCoreProc.run_engine_core(*args, **kwargs)
+
+
+def tie_engine_cores_to_replica() -> None:
+    """Make engine cores started from this process from now on use `run_engine_core`. Idempotent."""
+    global _ORIGINAL
+    from vllm.v1.engine.core import EngineCoreProc
+
+    if EngineCoreProc.run_engine_core is run_engine_core:
+        return
+    _ORIGINAL = EngineCoreProc.run_engine_core
+    # vLLM's launcher reads the attribute when it starts the process, and spawn pickles the target
+    # by reference: the child imports this module and calls run_engine_core.
+    EngineCoreProc.run_engine_core = staticmethod(run_engine_core)  # type: ignore[method-assign]
