@@ -74,4 +74,4 @@ def tie_engine_cores_to_replica() -> None:
     _ORIGINAL = EngineCoreProc.run_engine_core
     # vLLM's launcher reads the attribute when it starts the process, and spawn pickles the target
     # by reference: the child imports this module and calls run_engine_core.
-    EngineCoreProc.run_engine_core = staticmethod(run_engine_core)  # type: ignore[method-assign]
+    EngineCoreProc.run_engine_core = staticmethod(run_engine_core)
