@@ -54,6 +54,48 @@ def test_batch_lifecycle_with_a_broken_line(stack):
     assert client.files.retrieve(b.output_file_id).purpose == "batch_output"
 
 
+def test_each_key_sees_only_its_own_files_and_batches(stack):
+    """Three keys on one gateway: the owner's batch completes; another key (an admin that does not
+    ask) sees none of it and gets for every id what an unknown id gets; an admin that asks sees
+    it all; an ordinary key may not ask."""
+    import openai
+
+    owner, admin, other = stack.client("other"), stack.client("test"), stack.client("limited")
+    b = submit(owner, [line("t-0"), line("t-1"), "{not json"])
+    fid = b.input_file_id
+    b = wait(owner, b.id)
+    assert b.status == "completed" and (b.request_counts.completed, b.request_counts.failed) == (2, 1)
+    mine = {fid, b.output_file_id, b.error_file_id}
+    assert mine <= {f.id for f in owner.files.list()} and b.id in [x.id for x in owner.batches.list()]
+
+    assert not mine & {f.id for f in admin.files.list()}
+    assert b.id not in [x.id for x in admin.batches.list()]
+    for oid in mine:
+        for call in (admin.files.retrieve, admin.files.content, admin.files.delete):
+            with pytest.raises(openai.NotFoundError) as e:
+                call(oid)
+            assert e.value.body["message"] == f"No such file: '{oid}'"
+    for call in (admin.batches.retrieve, admin.batches.cancel):
+        with pytest.raises(openai.NotFoundError) as e:
+            call(b.id)
+        assert e.value.body["message"] == f"No such batch: '{b.id}'"
+    with pytest.raises(openai.BadRequestError) as theirs:
+        admin.batches.create(input_file_id=fid, endpoint=EP, completion_window="24h")
+    with pytest.raises(openai.BadRequestError) as unknown:
+        admin.batches.create(input_file_id="file-nope", endpoint=EP, completion_window="24h")
+    assert theirs.value.body == json.loads(json.dumps(unknown.value.body).replace("file-nope", fid))
+
+    every = {"all_owners": "true"}
+    assert mine <= {f.id for f in admin.files.list(extra_query=every)}
+    assert admin.batches.retrieve(b.id, extra_query=every).status == "completed"
+    assert admin.files.content(b.output_file_id, extra_query=every).text == \
+        owner.files.content(b.output_file_id).text
+    with pytest.raises(openai.PermissionDeniedError):
+        other.files.list(extra_query=every)
+    assert b.id not in [x.id for x in other.batches.list()]
+    assert owner.files.retrieve(fid).id == fid  # nothing above touched the owner's objects
+
+
 def test_cancel_keeps_finished_results(stack):
     client = stack.client()
     b = submit(client, [line(f"c-{i}", max_tokens=24) for i in range(60)])
