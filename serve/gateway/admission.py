@@ -77,7 +77,14 @@ class Admission:
         tpm = key.tokens_per_minute or auth.default_tokens_per_minute
         if rpm is None and tpm is None:
             return Ticket(route, key.name)
-        tokens = estimate_tokens(body_bytes, payload.get("max_tokens") or payload.get("max_completion_tokens"))
+        tokens = estimate_tokens(body_bytes, payload.get("max_tokens") or payload.get("max_completion_tokens")
+                                 or payload.get("max_output_tokens"))
+        if tpm is not None and tokens > tpm:
+            # No wait would ever admit it (a bucket holds at most a minute's tokens): say so, rather
+            # than a 429 that a client (or a batch line) would retry forever.
+            raise APIError(400, f"This request needs about {tokens} tokens, more than key `{key.name}` may "
+                                f"use in a minute ({tpm}). Lower max_tokens or the prompt.",
+                           param="max_tokens", code="request_exceeds_token_limit")
         verdict = await self.limiter.check(key.name, rpm, tpm, tokens)
         if not verdict.allowed:
             self.metrics.rate_limited.labels(key.name, verdict.limit_name).inc()

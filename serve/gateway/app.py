@@ -361,7 +361,8 @@ def app_for(gw: Gateway, *, batch_store: BatchStore | None = None, lifespan: Any
         Route("/v1/llmserve/adapters", gw.load_adapter, methods=["POST"]),
     ]
     if batch_store is not None:
-        routes += BatchAPI(batch_store, lambda r: gw.keys.authenticate(r.headers.get("authorization"))).routes()
+        routes += BatchAPI(batch_store, lambda r: gw.keys.authenticate(r.headers.get("authorization")),
+                           max_upload_bytes=gw.config.batch.max_upload_bytes).routes()
     config = gw.config
 
     def limit_for(path: str) -> int:

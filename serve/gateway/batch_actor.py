@@ -33,6 +33,9 @@ def owner_call(gateway: Gateway) -> Call:
                 return e.status, e.body()
         answer = await gateway.handle(key, path, {**body, "stream": False})
         assert answer.body is not None, "a batch line is never streamed"
+        if answer.status == 429 and "Retry-After" in answer.headers:
+            # The runner waits this long for the owner's budget instead of polling.
+            return 429, {**answer.body, "retry_after_s": float(answer.headers["Retry-After"])}
         return answer.status, answer.body
 
     return call

@@ -84,6 +84,9 @@ def test_tokens_per_minute_counts_max_tokens():
     assert post(client, chat("b", max_tokens=200), "sk-bob").status_code == 200
     r = post(client, chat("b", max_tokens=200), "sk-bob")
     assert r.status_code == 429 and "tokens" in r.json()["error"]["message"]
+    # More than a minute's budget can never be admitted: a clear 400, not a 429 retried forever.
+    r = post(client, chat("b", max_tokens=1000), "sk-bob")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "request_exceeds_token_limit"
 
 
 def test_auth_on_without_keys_fails_at_start(tmp_path):
