@@ -3,7 +3,7 @@ promoted student. Applied from the lifecycle store (Redis) by every gateway repl
 
 Loading an adapter at run time makes every engine replica read files, so it is an admin action
 (with auth on, a non-admin key gets 403) and the path must lie under `gateway.adapter_roots` once
-symlinks and `..` are resolved, or be a configured adapter's own path. With auth off there is no
+symlinks and `..` are resolved, or be the configured path of the adapter of that name. With auth off there is no
 key to check: the roots are then the only guard, and with no roots nothing new can be loaded.
 
 An adapter is tied to its weights by a content digest. A name already loaded from other weights
@@ -23,6 +23,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from serve.engine.secret import path_under_roots
 from serve.gateway.errors import APIError, bad_request
 
 logger = logging.getLogger("llmserve.lifecycle")
@@ -61,17 +62,14 @@ async def lifecycle_loop(gw: Any, store: Any, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
-def allowed_path(path: str, roots: list[str], configured: list[str]) -> str:
+def allowed_path(path: str, roots: list[str], configured: str | None) -> str:
     """The real path of `path` if runtime loading may read it: inside one of `roots` once symlinks
-    and `..` are resolved, or one of the configured adapters' paths. Raises a 400 or 403 otherwise."""
+    and `..` are resolved (the test a replica applies to registered adapters when it starts), or
+    the adapter's own configured path. Raises a 400 or 403 otherwise."""
     if not os.path.isabs(path):
         raise bad_request("`path` must be an absolute path.", param="path")
     real = os.path.realpath(path)
-    for root in roots:
-        base = os.path.realpath(root)
-        if os.path.commonpath([real, base]) == base:
-            return real
-    if real in {os.path.realpath(p) for p in configured}:
+    if path_under_roots(real, roots) or (configured is not None and real == os.path.realpath(configured)):
         return real
     if not roots:
         raise APIError(403, "Runtime adapter loading is off: no `gateway.adapter_roots` are configured.",
@@ -128,7 +126,7 @@ async def load(gw: Any, name: str, base: str, path: str, digest: str | None) -> 
     taken = gw.catalog.spec(name)
     if taken is not None and (gw.catalog.adapter_path(name) is None or taken.name != base):
         raise bad_request(f"`{name}` is already a model or an adapter of another base model.", param="name")
-    configured = [a.path for m in gw.config.models for a in m.adapters]
+    configured = next((a.path for m in gw.config.models for a in m.adapters if a.name == name), None)
     real = allowed_path(path, list(gw.config.gateway.adapter_roots), configured)
     try:  # hashing reads every weight file: off the event loop
         actual = await asyncio.to_thread(adapter_digest, real)

@@ -97,8 +97,9 @@ def test_without_roots_only_configured_paths_load(tmp_path):
     other = adapter(tmp_path / "other")
     # Auth off: no key to check, so the roots (none here) are the only guard.
     client, up = make(config(tmp_path / "unused", configured_path=v1, roots=False, auth=False))
-    r = load(client, name="v2", path=other)
-    assert r.status_code == 403 and r.json()["error"]["code"] == "adapter_loading_disabled"
+    for name, path in (("v2", other), ("v2", v1)):  # v1's files, but under another name
+        r = load(client, name=name, path=path)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "adapter_loading_disabled"
     assert up.calls == []
     assert load(client, name="v1", path=v1).status_code == 200  # the configured artefact itself
 
