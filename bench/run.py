@@ -64,14 +64,21 @@ def loadgen(base: str, model: str, requests: int, conc: int, max_tokens: int, se
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def stop(proc: subprocess.Popen | None) -> None:
+def stop(proc: subprocess.Popen | None, timeout_s: float = 60) -> float:
+    """Stop a server the way an operator does (SIGTERM to the process) and return the seconds it
+    took. Not to the whole process group: that would also hit the Ray daemons `llmserve run`
+    started, before its own shutdown could stop the engines through them (which then waits on a
+    dead GCS). The group is killed only if the process does not stop in time."""
     if proc is None or proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
+        return 0.0
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(60)
+        proc.wait(timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    return time.monotonic() - started
 
 
 def main(argv: list[str] | None = None) -> int:
