@@ -18,6 +18,13 @@ from tests.integration.conftest import free_port
 pytestmark = pytest.mark.integration
 
 
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_llmserve_run_stops_every_process_it_started(tmp_path, stack):
     from openai import OpenAI
 
@@ -45,10 +52,10 @@ def test_llmserve_run_stops_every_process_it_started(tmp_path, stack):
         proc.send_signal(signal.SIGTERM)  # to the process, as Kubernetes or systemd would
         assert proc.wait(120) == 0, log_path.read_text()[-3000:]
         deadline = time.monotonic() + 30  # an engine core's lifeline allows it a clean shutdown
-        alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        alive = [p for p in started if _alive(p)]
         while alive and time.monotonic() < deadline:
             time.sleep(0.5)
-            alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            alive = [p for p in alive if _alive(p)]
         assert not alive, [" ".join(p.cmdline()) for p in alive]
         text = log_path.read_text()
         assert "Traceback" not in text and "Failed to connect to GCS" not in text, text[-3000:]
