@@ -63,7 +63,10 @@ class DirectLLMServer(LLMServer):
         app = await self.__serve_build_asgi_app__()
         app.add_api_route("/llmserve/stats", self._stats, methods=["GET"])
         self._server, self._serve_task = await start_in_loop(RequireEngineSecret(app, secret), self._sock)
-        for adapter in [*(adapters or []), *self._runtime_adapters()]:
+        # A name reloaded at run time (other weights under a configured name) wins over the config:
+        # loading both would fail on the second ("already been loaded") and the replica never start.
+        wanted = {a["name"]: a for a in [*(adapters or []), *self._runtime_adapters()]}
+        for adapter in wanted.values():
             await self.load_adapter(adapter["name"], adapter["path"])
         self._registry = get_registry(self._namespace)
         await self._registry.register.remote(self._model_name, self._replica_id, self.url, TTL_S)
