@@ -56,8 +56,8 @@ async def _watch_startup(config: Config, registry: object, base: str, server: ob
 def cmd_run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serve.engine.cluster import deploy_models, shutdown
     from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
+    from serve.stack import start_stack, stop_stack
 
     config = load_config(args.config)
     if args.host:
@@ -67,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _warn_if_open(config)
     print("llmserve: starting Ray and the engines (the first start builds the tiny model)...", flush=True)
-    registry = deploy_models(config)
+    registry = start_stack(config)
     try:
         app = build_gateway(config, ray_snapshot_source(registry))
         server = uvicorn.Server(uvicorn_config(app, config))
@@ -91,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         code = asyncio.run(main())
     finally:
         print("llmserve: shutting down engines...", flush=True)
-        shutdown(config)
+        stop_stack(config)
     return code
 
 

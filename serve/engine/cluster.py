@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -56,10 +55,6 @@ def deploy_models(config: Config) -> Any:
         ],
         wait_for_applications_running=False,
     )
-    if config.batch.enabled:
-        from serve.gateway.batch_actor import start_batch_worker
-
-        start_batch_worker(config)
     return registry
 
 
@@ -107,11 +102,6 @@ def shutdown(config: Config) -> None:
         for spec in config.models:
             serve.delete(spec.name)
         serve.shutdown()
-        if config.batch.enabled:
-            from serve.gateway.batch_actor import WORKER_NAME
-
-            with contextlib.suppress(ValueError):  # ValueError: it is not running
-                ray.kill(ray.get_actor(WORKER_NAME, namespace=config.ray.namespace))
     finally:
         if not config.ray.address:
             ray.shutdown()

@@ -179,15 +179,16 @@ def stack(tmp_path_factory, redis_server):
     import uvicorn
 
     from serve.config import ModelSpec
-    from serve.engine.cluster import deploy_models, shutdown, wait_for_engines
+    from serve.engine.cluster import wait_for_engines
     from serve.engine.models import resolve_source
     from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
+    from serve.stack import start_stack, stop_stack
 
     os.environ.setdefault("LLMSERVE_CACHE_DIR", str(tmp_path_factory.getbasetemp().parent / "llmserve-cache"))
     base = resolve_source(ModelSpec(name="x", source="builtin://tiny?seed=1"))
     lora = make_lora_adapter(base, str(tmp_path_factory.mktemp("lora") / "tiny-a-lora"))
     config = stack_config(free_port(), redis_server.url, lora, str(tmp_path_factory.mktemp("batch")))
-    registry = deploy_models(config)
+    registry = start_stack(config)
     try:
         wait_for_engines(registry, [m.name for m in config.models], timeout_s=900)
         app = build_gateway(config, ray_snapshot_source(registry))
@@ -203,4 +204,4 @@ def stack(tmp_path_factory, redis_server):
         server.should_exit = True
         thread.join(timeout=40)
     finally:
-        shutdown(config)
+        stop_stack(config)

@@ -1,0 +1,34 @@
+"""A whole local stack, assembled in one place: the engines (serve/engine) and the batch worker
+(serve/gateway/batch_actor), started and stopped together. The composition root of `llmserve run`
+and of the integration tests; the packages below it never import each other upward."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from serve.config import Config
+from serve.engine.cluster import deploy_models, shutdown
+
+
+def start_stack(config: Config) -> Any:
+    """Deploy every model and start the batch worker; returns the registry gateways discover
+    engines through. Returns before the engines are ready."""
+    registry = deploy_models(config)
+    if config.batch.enabled:
+        from serve.gateway.batch_actor import start_batch_worker
+
+        start_batch_worker(config)
+    return registry
+
+
+def stop_stack(config: Config) -> None:
+    """Stop the batch worker, then the engines and (for a cluster started here) Ray."""
+    import ray
+
+    if config.batch.enabled and ray.is_initialized():
+        from serve.gateway.batch_actor import WORKER_NAME
+
+        with contextlib.suppress(ValueError):  # ValueError: it is not running
+            ray.kill(ray.get_actor(WORKER_NAME, namespace=config.ray.namespace))
+    shutdown(config)
