@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     from serve.students.train import Hyper, train
 
     device = pick_device(a.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as `students train` does on the CPU (see its --threads)
     if a.require_cuda and device.type != "cuda":
         print("no CUDA device", file=sys.stderr)
         return 1

@@ -145,6 +145,13 @@ def _write_adapter(peft_model: Any, output: Path) -> None:
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     peft_model.save_pretrained(str(tmp))
+    # peft writes target_modules from a set, in an order that changes from run to run: sorted, the
+    # same labels, seed and thread count give the same digest.
+    config = tmp / "adapter_config.json"
+    cfg = json.loads(config.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    config.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     if output.exists():
         shutil.rmtree(output)
     tmp.rename(output)
@@ -241,6 +248,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                batch_size=args.batch_size, max_length=args.max_length,
                targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), holdout=args.holdout,
                seed=args.seed, max_new_tokens=args.max_new_tokens, eval_limit=args.eval_limit)
+    import torch
+
+    if args.threads or pick_device(args.device).type == "cpu":
+        # One by default on the CPU: the tiny models gain nothing from intra-op threads, and on a
+        # machine shared with CPU engines OpenMP threads spin against them (here, with the load at
+        # 8 on 2 cores: 15 s of training with 1 thread, 246 s with 2).
+        torch.set_num_threads(args.threads or 1)
     result = train(examples, sources, args.base, args.output, hp, args.device, args.dtype, skipped)
     m = result.manifest
     held = m["agreement"]["held_out"]
@@ -276,6 +290,7 @@ def add_train_command(students_subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the split, the adapter's init and the order")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 on the CPU, torch's own on a GPU)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                    help="answer budget when scoring labels whose request set no max_tokens")
     p.add_argument("--eval-limit", type=int, default=d.eval_limit, help="labels scored per split, before and after")

@@ -66,7 +66,7 @@ def test_adapter_files_and_manifest(trained):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 8, 16)
-    assert set(config["target_modules"]) == set(ATTENTION + MLP)
+    assert config["target_modules"] == sorted(ATTENTION + MLP)  # sorted: the digest does not vary by run
     assert manifest["digest"] == summary["digest"] == adapter_digest(out)
     assert manifest["labels"] == [{"path": labels, "sha256": file_sha256(labels)}]
     ids = [qid for qid, _ in QUESTIONS]
@@ -103,13 +103,17 @@ def test_the_adapter_loads_with_peft_and_changes_the_answers(trained, tiny_env):
 
 
 def test_labels_with_transformers_agree_with_the_model_that_wrote_them(tiny_env):
-    from serve.students.generate import agreement, label_with_transformers, load, pick_device, resolve_base
+    from serve.students.generate import agreement, greedy, label_with_transformers, load, pick_device, resolve_base
 
-    reqs = [(qid, {"messages": [{"role": "user", "content": q}], "max_tokens": 5}) for qid, q in QUESTIONS[:5]]
+    questions = [*QUESTIONS[:4], ("long", "Please tell me, in a few words, " * 4 + "how I change my order?")]
+    reqs = [(qid, {"messages": [{"role": "user", "content": q}], "max_tokens": 5}) for qid, q in questions]
     labels = label_with_transformers("builtin://tiny?seed=1", reqs, teacher_model="t", device="cpu")
     assert [lab["id"] for lab in labels] == [qid for qid, _ in reqs]
     assert all(lab["teacher"] and lab["teacher_model"] == "t" for lab in labels)
     model, tok, _ = load(resolve_base("builtin://tiny?seed=1"), pick_device("cpu"))
+    # Prompts of different lengths decoded side by side answer as each does alone (padding is inert).
+    alone = [greedy(model, tok, [(r["messages"], 5)], batch_size=1)[0][0] for _, r in reqs]
+    assert [lab["teacher"] for lab in labels] == alone
     examples = [Example(lab["id"], lab["request"]["messages"], lab["teacher"], 5) for lab in labels]
     assert agreement(model, tok, examples, 64) == {"token_overlap": 1.0, "exact_match": 1.0}
     # A random model does not end its turn within 5 tokens: every answer is cut at the budget.
