@@ -125,6 +125,13 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         config.gateway.port = args.port
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _warn_if_open(config)
+    from serve.engine.secret import ENV as SECRET_ENV
+    from serve.engine.secret import engine_secret
+
+    if engine_secret() is None:
+        print(f"llmserve: set {SECRET_ENV} to the engines' secret (the chart keeps it in a Secret); engines "
+              "answer nothing else", file=sys.stderr)
+        return 2
     connect_ray(config)
     try:
         app = build_gateway(config, ray_snapshot_source(get_registry(config.ray.namespace)))

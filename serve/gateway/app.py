@@ -121,6 +121,13 @@ class Gateway:
             except BaseException:
                 ep.in_flight -= 1
                 raise
+            if resp.status == 401:
+                # The engine refused *us* (engine secret missing or stale): never the client's key.
+                ep.in_flight -= 1
+                await resp.aclose()
+                logger.error("engine %s refused the gateway's engine secret", ep.replica_id)
+                raise APIError(502, f"Model `{spec.name}` refused the gateway (engine secret mismatch).",
+                               code="engine_auth_failed")
             if resp.chunks is None:
                 ep.in_flight -= 1
             else:

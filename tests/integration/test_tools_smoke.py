@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import loadgen, report
+from serve.engine.secret import engine_secret
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +26,7 @@ def test_benchmark_pieces_produce_json_and_plot(stack, tmp_path):
     def go(base, conc, api_key):
         return asyncio.run(loadgen.run(base, "tiny-a", 6, conc, 4, seed=conc, api_key=api_key))
 
-    rounds = {"bare": {c: [go(bare_base, c, "none")] for c in (1, 2)},
+    rounds = {"bare": {c: [go(bare_base, c, engine_secret())] for c in (1, 2)},
               "llmserve": {c: [go(stack.base_url, c, "test")] for c in (1, 2)}}
     assert all(r[0]["ok"] == 6 for side in rounds.values() for r in side.values())
     results = {"model": "tiny-a", "max_tokens": 4, "machine": "ci", "summary": report.summarize(rounds),

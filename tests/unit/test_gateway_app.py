@@ -155,3 +155,11 @@ def test_unknown_route_and_method():
     client, _, _ = make()
     assert_openai_error(client.get("/v1/nothing"), 404)
     assert_openai_error(client.get("/v1/chat/completions"), 405)
+
+
+def test_an_engine_refusing_the_gateway_is_a_502_not_the_clients_401():
+    """An engine's 401 means the gateway's engine secret is wrong; the client's key is fine."""
+    client, up, _ = make(FakeUpstream(status_by_model={"b": 401}))
+    r = client.post("/v1/chat/completions", json=chat("b"))
+    assert_openai_error(r, 502, "engine_auth_failed")
+    assert up.calls and up.calls[-1][2]["model"] == "b"
