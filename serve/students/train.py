@@ -21,7 +21,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,10 @@ class Hyper:
     eval_limit: int = 200  # examples scored per split: generation, not training, dominates on big models
 
 
-@dataclass
+@dataclass(frozen=True)
 class Result:
-    manifest: dict[str, Any] = field(default_factory=dict)
-    manifest_path: Path = Path()
+    manifest: dict[str, Any]
+    manifest_path: Path
 
 
 def encode(tok: Any, ex: Example, max_length: int) -> tuple[list[int], list[int]] | None:
@@ -157,12 +157,6 @@ def _write_adapter(peft_model: Any, output: Path) -> None:
     tmp.rename(output)
 
 
-def _digest(path: Path) -> tuple[str, str]:
-    from serve.students.registry import adapter_digest
-
-    return adapter_digest(path), "serve.students.registry.adapter_digest"
-
-
 def train(examples: list[Example], sources: list[dict[str, str]], base: str, output: str | Path,
           hp: Hyper | None = None, device: str = "auto", dtype: str = "auto", skipped: int = 0) -> Result:
     """Train, save, measure; returns the manifest (also written next to the adapter)."""
@@ -182,6 +176,8 @@ def train(examples: list[Example], sources: list[dict[str, str]], base: str, out
     encoded = [(ex, encode(tok, ex, hp.max_length)) for ex in train_set]
     rows = [r for _, r in encoded if r is not None]
     too_long = [ex.id for ex, r in encoded if r is None]
+    if not rows:
+        raise SystemExit(f"llmserve: every training prompt fills --max-length {hp.max_length}: nothing to learn")
     held_rows = [r for r in (encode(tok, ex, hp.max_length) for ex in held) if r is not None]
     eval_train, eval_held = train_set[: hp.eval_limit], held[: hp.eval_limit]
     print(f"{len(examples)} labels: {len(train_set)} to train on, {len(held)} held out; "
@@ -201,12 +197,14 @@ def train(examples: list[Example], sources: list[dict[str, str]], base: str, out
     train_s = time.monotonic() - started
     after = measure(peft_model, "after")
     _write_adapter(peft_model, out)
-    digest, method = _digest(out)
     import peft
     import transformers
 
+    from serve.students.registry import adapter_digest
+
     manifest = {
-        "adapter": str(out.resolve()), "digest": digest, "digest_method": method,
+        "adapter": str(out.resolve()), "digest": adapter_digest(out),
+        "digest_method": "serve.students.registry.adapter_digest",
         "base": base, "base_path": str(base_path), "labels": sources, "skipped_labels": skipped,
         "split": {"seed": hp.seed, "holdout": hp.holdout, "method": "sha256(seed \\0 id) < holdout",
                   "train": [ex.id for ex in train_set], "held_out": [ex.id for ex in held],
