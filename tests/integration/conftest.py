@@ -6,18 +6,13 @@ generate models with different seeds (a student and a teacher) and a tiny embedd
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
-import shutil
-import socket
-import subprocess
-import threading
-import time
 
 import pytest
 
 from serve.config import Config
+from tests.support import RedisServer, free_port, serving
 
 pytestmark = pytest.mark.integration
 
@@ -74,12 +69,6 @@ def stack_config(port: int, redis_url: str, lora_dir: str, batch_dir: str) -> Co
     })
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Stack:
     def __init__(self, config: Config, registry, server, thread, redis: RedisServer):
         self.config = config
@@ -117,37 +106,6 @@ class Stack:
             return r.read().decode()
 
 
-class RedisServer:
-    """A real redis-server on a free loopback port, in a temp dir, no persistence."""
-
-    def __init__(self, workdir) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        assert exe, "redis-server is not installed (make system-deps installs it)"
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self._workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis"))
@@ -176,12 +134,10 @@ def make_lora_adapter(base_dir: str, out_dir: str, seed: int = 7, std: float = 0
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, redis_server):
-    import uvicorn
-
     from serve.config import ModelSpec
     from serve.engine.cluster import wait_for_engines
     from serve.engine.models import resolve_source
-    from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
+    from serve.gateway.server import build_gateway, ray_snapshot_source
     from serve.stack import start_stack, stop_stack
 
     os.environ.setdefault("LLMSERVE_CACHE_DIR", str(tmp_path_factory.getbasetemp().parent / "llmserve-cache"))
@@ -192,16 +148,7 @@ def stack(tmp_path_factory, redis_server):
     try:
         wait_for_engines(registry, [m.name for m in config.models], timeout_s=900)
         app = build_gateway(config, ray_snapshot_source(registry))
-        server = uvicorn.Server(uvicorn_config(app, config))
-        sockets = listen(app, config)
-        thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=sockets)), daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.1)
-        yield Stack(config, registry, server, thread, redis_server)
-        server.should_exit = True
-        thread.join(timeout=40)
+        with serving(app, config) as server:
+            yield Stack(config, registry, server, None, redis_server)
     finally:
         stop_stack(config)

@@ -4,17 +4,15 @@ that differ in a parameter vLLM honours never share an entry."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.support import free_port, serving
 
 pytestmark = pytest.mark.integration
 
@@ -29,27 +27,17 @@ def msgs(text):
 def second_gateway(stack):
     """Another gateway process's worth of state (its own LRU), in this process, on the same Redis
     and engines: what a second gateway replica is."""
-    import uvicorn
     from openai import OpenAI
 
-    from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
+    from serve.gateway.server import build_gateway, ray_snapshot_source
 
     gateway = stack.config.gateway.model_copy(update={"port": free_port(), "metrics_port": free_port()})
     # No batch worker: one per batch database is the stack's.
     batch = stack.config.batch.model_copy(update={"enabled": False})
     config = stack.config.model_copy(update={"gateway": gateway, "batch": batch})
     app = build_gateway(config, ray_snapshot_source(stack.registry))
-    server = uvicorn.Server(uvicorn_config(app, config))
-    sockets = listen(app, config)
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=sockets)), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the second gateway did not start"
-        time.sleep(0.1)
-    yield OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key="test", max_retries=0, timeout=120)
-    server.should_exit = True
-    thread.join(timeout=40)
+    with serving(app, config):
+        yield OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key="test", max_retries=0, timeout=120)
 
 
 def cache_state(client, question, **kw) -> str:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import free_port
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 

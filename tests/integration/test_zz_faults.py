@@ -94,7 +94,7 @@ def test_sigterm_drains_in_flight_streams(stack, tmp_path):
     import ray
     import yaml
 
-    from tests.integration.conftest import free_port
+    from tests.support import free_port
 
     port = free_port()
     cfg = stack.config.model_dump(mode="json")

@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 

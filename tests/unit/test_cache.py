@@ -7,9 +7,7 @@ import argparse
 import asyncio
 import json
 import random
-import shutil
 import socket
-import subprocess
 import time
 
 import pytest
@@ -25,6 +23,7 @@ from serve.policies.cache_key import (
     cache_key,
     is_deterministic,
 )
+from tests.support import free_port
 
 CHAT = {"model": "r", "messages": [{"role": "user", "content": "What  is\tthe capital of France? "}],
         "temperature": 0, "max_tokens": 16}
@@ -293,32 +292,6 @@ def test_replay_of_a_vllm_body_keeps_what_a_client_reads():
 
 
 # ---- HeadCache on a real Redis --------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed (make system-deps installs it)")
-    port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path_factory.mktemp("redis"))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
 
 
 def entry(text="Paris"):

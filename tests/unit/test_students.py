@@ -4,9 +4,6 @@ promotion stack in a real (local) Redis."""
 import asyncio
 import json
 import shutil
-import socket
-import subprocess
-import time
 
 import pytest
 import yaml
@@ -177,28 +174,6 @@ def test_promote_needs_an_evaluation_of_these_very_weights():
 
 
 # ---- the promotion stack (a real redis-server) ------------------------------------------------
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed (make system-deps installs it)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path_factory.mktemp("redis"))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
 
 
 async def test_rollback_walks_back_through_promotions(redis_url):
