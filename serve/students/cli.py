@@ -91,8 +91,10 @@ def cmd_label(args: argparse.Namespace) -> int:
     client = _client(args)
     batch_id, answers = _run_batch(client, _lines([{"id": k, "request": r} for k, r in sample.items()],
                                                   args.teacher), args.timeout)
+    # finish_reason: a student must not learn to stop where the teacher was only cut off.
     labels = [{"id": k, "request": r, "teacher": _text(answers[k]), "teacher_model": args.teacher,
-               "batch_id": batch_id} for k, r in sample.items() if k in answers]
+               "finish_reason": answers[k]["choices"][0].get("finish_reason"), "batch_id": batch_id}
+              for k, r in sample.items() if k in answers]
     data = "".join(json.dumps(x) + "\n" for x in labels)
     Path(args.output).write_text(data)
     stored = client.files.create(file=("labels.jsonl", io.BytesIO(data.encode())), purpose="evals")
@@ -285,6 +287,9 @@ def add_commands(sub: Any) -> None:
 
     st = sub.add_parser("students", help="student lifecycle: label, eval, calibrate, promote, rollback")
     ss = st.add_subparsers(dest="students_command", required=True)
+    from serve.students.train import add_train_command
+
+    add_train_command(ss)
     p = ss.add_parser("label", help="teacher answers for a sample of logged queries (Batch API)")
     p.add_argument("--log", required=True)
     p.add_argument("--teacher", required=True)
