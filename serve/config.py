@@ -64,12 +64,52 @@ class Autoscaling(_Strict):
     target_ongoing_requests: float = Field(
         16, gt=0, description="Ongoing requests per replica the autoscaler aims for."
     )
+    # Defaults from bench/autoscale (docs/operations.md, Autoscaling): policy slo asks at once and
+    # holds replicas for replica_start_s itself. For ray_default, Serve's own are 30 and 600.
+    upscale_delay_s: float = Field(
+        0, ge=0, description="Seconds a higher decision must hold before Serve adds replicas."
+    )
+    downscale_delay_s: float = Field(
+        30, ge=0, description="Seconds a lower decision must hold before Serve removes replicas."
+    )
+    look_back_period_s: float = Field(
+        30, gt=0, description="Window over which Serve averages the replicas' reported load."
+    )
+    # Excluded from model_dump(): Serve's autoscaling_config takes a policy as an import path
+    # (serve_autoscaling_config() builds it), and would refuse this name.
+    policy: Literal["ray_default", "slo"] = Field(
+        "slo", exclude=True,
+        description="ray_default: Serve's ongoing-requests policy; slo: serve.policies.autoscaling "
+                    "(engine queue, KV cache, TTFT and the replica start time; bench/autoscale).",
+    )
+    target_requests_per_s: float | None = Field(
+        None, gt=0, description="Policy slo: requests/s one replica serves within the TTFT target "
+                                "(measure it: docs/operations.md, Autoscaling); none: scale on "
+                                "target_ongoing_requests.",
+    )
+    ttft_target_s: float = Field(
+        1.0, gt=0, description="Policy slo: time to first token above which replicas count as saturated."
+    )
+    replica_start_s: float = Field(
+        420, ge=0, description="Policy slo: seconds from asking for a replica to its serving (node, "
+                               "image pull, model load); a replica is given back only when the load "
+                               "has not needed it for this long."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must not exceed max_replicas")
         return self
+
+    def serve_autoscaling_config(self) -> dict[str, Any]:
+        """Ray Serve's ``autoscaling_config`` for this model, policy included."""
+        slo = {"target_requests_per_s", "ttft_target_s", "replica_start_s"}
+        out: dict[str, Any] = self.model_dump(exclude=slo)
+        if self.policy == "slo":
+            out["policy"] = {"policy_function": "serve.policies.autoscaling:SLOPolicy",
+                             "policy_kwargs": self.model_dump(include=slo)}
+        return out
 
 
 class DeploymentSpec(_Strict):
