@@ -221,8 +221,9 @@ def replay(body: dict[str, Any]) -> Iterator[bytes]:
         seq += 1
         yield _event("response.output_item.done", seq, output_index=idx, item=item)
     seq += 1
-    final = "response.completed" if body.get("status") == "completed" else "response.incomplete"
-    yield _event(final, seq, response=body)
+    # vLLM ends every stream with response.completed, an incomplete one too (its `status` says
+    # so), and the SDK's stream helper waits for exactly that event.
+    yield _event("response.completed", seq, response=body)
 
 
 class ResponsesAssembler:
@@ -256,6 +257,13 @@ class ResponsesAssembler:
 
     def response(self) -> dict[str, Any] | None:
         return self.final if self.kind == "response.completed" else None
+
+
+def cacheable(body: dict[str, Any]) -> bool:
+    """A whole answer the same request would get again: completed, or cut at max_output_tokens
+    (as chat's finish_reason "length"); never a failed or cancelled one."""
+    status = body.get("status")
+    return status == "completed" or (status == "incomplete" and finish_reason(body) == "length")
 
 
 def fresh_id() -> str:

@@ -226,7 +226,7 @@ class RouteRunner:
             for c in body.get("choices", []):
                 c["logprobs"] = None
         out.served_by, out.replica = cs.student, replica
-        if store is not None and complete(body) and (path != RESPONSES or body.get("status") == "completed"):
+        if store is not None and complete(body) and (path != RESPONSES or responses.cacheable(body)):
             # An accepted student answer is the route's own answer (what the route serves for this
             # request), so it may be cached. (Its cost is added to the same dict below; harmless,
             # a hit replaces `usage` anyway.)
@@ -297,7 +297,7 @@ class RouteRunner:
         if resp.chunks is None:
             body = json.loads(resp.body)
             out.cost_usd += self.bill(out, model, body.get("usage"))
-            if store is not None and complete(body) and (out.path != RESPONSES or body.get("status") == "completed"):
+            if store is not None and complete(body) and (out.path != RESPONSES or responses.cacheable(body)):
                 # The same dict is then given its cost; harmless, a hit replaces `usage` anyway.
                 store(body, model)
             self._maybe_shadow(route, out, body)
@@ -326,7 +326,8 @@ class RouteRunner:
                         # Store before the last bytes go out: a client that hangs up right after
                         # [DONE] cancels this generator before it would run past the loop.
                         whole = assembler.response()
-                        if whole is not None and store is not None:
+                        if whole is not None and store is not None and (
+                                not is_responses or responses.cacheable(whole)):
                             store(whole, model)
                         assembler = None
                 if not is_responses and _USAGE.search(chunk):

@@ -98,7 +98,7 @@ def test_sigterm_drains_in_flight_streams(stack, tmp_path):
 
     port = free_port()
     cfg = stack.config.model_dump(mode="json")
-    cfg["gateway"].update(port=port, drain_timeout_s=30)
+    cfg["gateway"].update(port=port, metrics_port=free_port(), drain_timeout_s=30)
     cfg["ray"]["address"] = ray.get_runtime_context().gcs_address
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -162,3 +162,20 @@ def test_assembler_keeps_only_a_completed_response():
     assert a.response() is None
     a.feed(b'event: response.incomplete\ndata: {"type":"response.incomplete","response":{"id":"r"}}\n\n')
     assert a.done and a.response() is None
+
+
+def test_an_answer_cut_at_max_output_tokens_streams_to_completion_and_is_cached():
+    """vLLM marks it `incomplete` and still ends its stream with response.completed, which the
+    SDK's stream helper waits for; like chat's finish_reason "length", it is the answer the same
+    request gets again, so the cache keeps it."""
+    up = FakeUpstream(text="a b", logprob=-0.1, finish_reason="length")
+    client = make(up)
+    r = create(client, model="assistant", temperature=0, max_output_tokens=2)
+    assert r.json()["status"] == "incomplete" and r.headers["x-llmserve-cache"] == "miss"
+    hit = create(client, model="assistant", temperature=0, max_output_tokens=2, stream=True)
+    assert hit.headers["x-llmserve-cache"] == "hit"
+    evs = events(hit)
+    assert evs[-1]["type"] == "response.completed" and evs[-1]["response"]["status"] == "incomplete"
+    # The student hit the limit and escalated (escalate_on_length); the teacher's answer is cached.
+    assert [c[2]["model"] for c in up.calls] == ["student", "teacher"]
+    assert hit.headers["x-llmserve-served-by"] == "cache:teacher"
