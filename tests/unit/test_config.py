@@ -91,3 +91,21 @@ def test_example_configs_validate():
     assert examples
     for p in examples:
         load_config(p, environ={})
+
+
+@pytest.mark.parametrize("policy", ["ray_default", "slo"])
+def test_autoscaling_reaches_serve_as_a_valid_autoscaling_config(policy):
+    """What the engine deployment hands Ray Serve must pass Serve's own schema: our policy's
+    inputs go to its policy_kwargs, never into Serve's fields."""
+    from ray.serve.config import AutoscalingConfig
+
+    from serve.config import ModelSpec
+    from serve.engine.deployments import llm_config_for
+
+    spec = ModelSpec.model_validate({"name": "m", "source": "/models/m", "deployment": {"autoscaling": {
+        "min_replicas": 1, "max_replicas": 8, "policy": policy}}})
+    cfg = llm_config_for(spec, "ns").deployment_config["autoscaling_config"]
+    parsed = AutoscalingConfig(**cfg)
+    assert parsed.max_replicas == 8
+    if policy == "slo":
+        assert cfg["policy"]["policy_function"] == "serve.policies.autoscaling:SLOPolicy"
