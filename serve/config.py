@@ -102,13 +102,14 @@ class Autoscaling(_Strict):
             raise ValueError("min_replicas must not exceed max_replicas")
         return self
 
-    def serve_autoscaling_config(self) -> dict[str, Any]:
-        """Ray Serve's ``autoscaling_config`` for this model, policy included."""
+    def serve_autoscaling_config(self, max_ongoing_requests: int | None = None) -> dict[str, Any]:
+        """Ray Serve's ``autoscaling_config`` for this model, policy included. The policy is told
+        the deployment's max_ongoing_requests: replicas at it get no more from the gateway."""
         slo = {"target_requests_per_s", "ttft_target_s", "replica_start_s"}
         out: dict[str, Any] = self.model_dump(exclude=slo)
         if self.policy == "slo":
-            out["policy"] = {"policy_function": "serve.policies.autoscaling:SLOPolicy",
-                             "policy_kwargs": self.model_dump(include=slo)}
+            kwargs = {**self.model_dump(include=slo), "max_ongoing_requests": max_ongoing_requests}
+            out["policy"] = {"policy_function": "serve.policies.autoscaling:SLOPolicy", "policy_kwargs": kwargs}
         return out
 
 

@@ -17,6 +17,7 @@ from bench.autoscale.profiles import PROFILES
 from bench.autoscale.runner import (
     Run,
     arrivals_for,
+    gateway_limit,
     ray_default_settings,
     run_oracle,
     run_serve,
@@ -51,12 +52,15 @@ def run_case(profile_name: str, trace_name: str, seed: int) -> dict[str, Any]:
     arrivals = arrivals_for(trace, profile, seed)
     ray_scaling, ray_idle = ray_default_settings(VALUES[profile_name])
     slo_scaling, slo_idle = slo_settings(profile, VALUES[profile_name])
-    oracle, need = run_oracle(arrivals, profile)
+    limit, gateways = gateway_limit(VALUES[profile_name])
+    oracle, need = run_oracle(arrivals, profile, limit)
     initial = int(need[0])
     runs: dict[str, Run] = {
-        "static": run_static(arrivals, profile, need),
-        "ray_default": run_serve("ray_default", arrivals, profile, ray_scaling, ray_idle, initial),
-        "slo": run_serve("slo", arrivals, profile, slo_scaling, slo_idle, initial),
+        "static": run_static(arrivals, profile, need, limit),
+        "ray_default": run_serve("ray_default", arrivals, profile, ray_scaling, ray_idle, initial,
+                                 max_in_flight=limit, gateways=gateways),
+        "slo": run_serve("slo", arrivals, profile, slo_scaling, slo_idle, initial, max_in_flight=limit,
+                         gateways=gateways),
         "oracle": oracle,
     }
     step = max(1, len(arrivals) // PLOT_POINTS)
@@ -67,12 +71,13 @@ def run_case(profile_name: str, trace_name: str, seed: int) -> dict[str, Any]:
                    "gpus": {p: report.binned(out.nodes.astype(float), step) for p, out in o.items()}},
         "detail": {
             "summary": trace.summary, "duration_s": trace.duration_s, "requests": int(arrivals.sum()),
-            "oracle": oracle.note, "static": runs["static"].note,
+            "oracle": oracle.note, "static": runs["static"].note, "gateway_max_in_flight_per_replica": limit,
             "burst_exposure": round(burst_exposure(trace, arrivals, profile.cold_start_s), 4),
             "ray_default": {"autoscaling": ray_scaling, "idle_timeout_s": ray_idle},
             "slo": {"autoscaling": slo_scaling, "idle_timeout_s": slo_idle},
             "conservation": {p: {"arrivals": round(out.arrivals, 3), "completed": round(out.completed, 3),
-                                 "timed_out": round(out.timed_out, 3), "left_queued": round(out.left_queued, 3),
+                                 "timed_out": round(out.timed_out, 3), "rejected": round(out.rejected, 3),
+                                 "left_queued": round(out.left_queued, 3),
                                  "left_running": round(out.left_running, 6)} for p, out in o.items()},
         },
     }

@@ -53,11 +53,11 @@ def weighted_quantile(values: np.ndarray, weights: np.ndarray, q: float) -> floa
 
 
 def figures(out: Outcome, profile: Profile, seed: int = 0) -> Figures:
-    """Attainment: share of all arrivals whose first token came within the target; a request that
-    timed out or was still queued when the run ended is a miss, and counts in the p99 at the
-    gateway's request timeout (the time it waited before its failure)."""
+    """Attainment: share of all arrivals whose first token came within the target. A request that
+    failed (503 at the gateway, timed out, still queued when the run ended) is a miss and counts
+    in the p99 at the gateway's request timeout: as one that never got a first token."""
     ttft, weight = ttft_samples(out, profile, np.random.default_rng(seed))
-    failed = out.timed_out + out.left_queued
+    failed = out.timed_out + out.left_queued + out.rejected
     met = float(weight[ttft <= profile.ttft_target_s].sum())
     values = np.append(ttft, REQUEST_TIMEOUT_S)
     weights = np.append(weight, failed)

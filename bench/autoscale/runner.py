@@ -33,12 +33,13 @@ def chart_values(values_file: str = "values-production.yaml") -> dict[str, Any]:
     return {"autoscaling": scaling, "autoscaler": values.get("autoscaler", {})}
 
 
-def serve_config(autoscaling: dict[str, Any], policy_kwargs: dict[str, Any] | None = None) -> AutoscalingConfig:
+def serve_config(autoscaling: dict[str, Any], policy_kwargs: dict[str, Any] | None = None,
+                 max_ongoing_requests: int | None = None) -> AutoscalingConfig:
     """Serve's AutoscalingConfig for our config's `autoscaling` block (serve.config.Autoscaling),
     with `policy_kwargs` (SLOPolicy's other parameters) added for experiments."""
     from serve.config import Autoscaling
 
-    config = Autoscaling.model_validate(autoscaling).serve_autoscaling_config()
+    config = Autoscaling.model_validate(autoscaling).serve_autoscaling_config(max_ongoing_requests)
     if policy_kwargs and "policy" in config:
         config["policy"]["policy_kwargs"].update(policy_kwargs)
     return AutoscalingConfig(**config)
@@ -74,7 +75,7 @@ class Run:
     note: str = ""
 
 
-def run_oracle(arrivals: np.ndarray, profile: Profile) -> tuple[Run, np.ndarray]:
+def run_oracle(arrivals: np.ndarray, profile: Profile, max_in_flight: float = math.inf) -> tuple[Run, np.ndarray]:
     """The cheapest utilization (best first) at which knowing the trace meets the SLO."""
     best: tuple[Run, np.ndarray] | None = None
     lead = math.ceil(profile.cold_start_s)
@@ -82,7 +83,7 @@ def run_oracle(arrivals: np.ndarray, profile: Profile) -> tuple[Run, np.ndarray]
     for u in ORACLE_UTILIZATIONS:
         need = needed(arrivals, profile, u)
         plan = oracle_plan(need, lead)
-        out = simulate(arrivals, profile, Planned(plan), int(plan[0]), cfg)
+        out = simulate(arrivals, profile, Planned(plan), int(plan[0]), cfg, max_in_flight)
         run = Run("oracle", figures(out, profile), out, f"utilization {u}")
         best = (run, need)
         if run.figures.slo_attainment >= ORACLE_MIN_ATTAINMENT:
@@ -91,20 +92,22 @@ def run_oracle(arrivals: np.ndarray, profile: Profile) -> tuple[Run, np.ndarray]
     return best
 
 
-def run_static(arrivals: np.ndarray, profile: Profile, need: np.ndarray) -> Run:
+def run_static(arrivals: np.ndarray, profile: Profile, need: np.ndarray, max_in_flight: float = math.inf) -> Run:
     n = int(need.max())
-    out = simulate(arrivals, profile, Fixed(n), n, cluster_config(profile, idle_timeout_s=0))
+    out = simulate(arrivals, profile, Fixed(n), n, cluster_config(profile, idle_timeout_s=0), max_in_flight)
     return Run("static", figures(out, profile), out, f"{n} replicas")
 
 
 def run_serve(name: str, arrivals: np.ndarray, profile: Profile, autoscaling: dict[str, Any],
               idle_timeout_s: float, initial: int, conservative: bool = False,
-              policy_kwargs: dict[str, Any] | None = None) -> Run:
+              policy_kwargs: dict[str, Any] | None = None, reported: frozenset[str] | None = None,
+              max_in_flight: float = math.inf, gateways: int = 1) -> Run:
     # The simulation spans 1-64 replicas; the chart's groups stop lower (the l4 group at 8).
+    per_gateway = None if math.isinf(max_in_flight) else int(max_in_flight // gateways)
     config = serve_config({**autoscaling, "max_replicas": max(autoscaling.get("max_replicas", 1), MAX_REPLICAS)},
-                          policy_kwargs)
-    out = simulate(arrivals, profile, Serve(ServeAutoscaler(config)), max(initial, config.min_replicas),
-                   cluster_config(profile, idle_timeout_s, conservative))
+                          policy_kwargs, per_gateway)
+    out = simulate(arrivals, profile, Serve(ServeAutoscaler(config, reported)), max(initial, config.min_replicas),
+                   cluster_config(profile, idle_timeout_s, conservative), max_in_flight)
     return Run(name, figures(out, profile), out)
 
 
@@ -124,6 +127,15 @@ RAY_DEFAULT_BASELINE = {
 # shares are the highest that keep attainment >= 0.99 on the diurnal and Azure traces (sweep in
 # bench/README.md): the CPU profile's TTFT target leaves more slack over its service time.
 TARGET_SHARE = {"h100-llama-8b": 0.8, "cpu-tiny": 0.87}
+
+
+def gateway_limit(values_file: str = "values-production.yaml") -> tuple[float, int]:
+    """(requests the gateways send one replica at most, gateway pods): each gateway pod allows the
+    first model's max_ongoing_requests per replica (serve/gateway/backends.py), answers the rest 503."""
+    values = yaml.safe_load((CHART / values_file).read_text())
+    deployment = values["serve"]["models"][0].get("deployment", {})
+    gateways = int(values.get("gateway", {}).get("replicas", 1))
+    return float(deployment.get("max_ongoing_requests", 64) * gateways), gateways
 
 
 def ray_default_settings(values_file: str = "values-production.yaml") -> tuple[dict[str, Any], float]:

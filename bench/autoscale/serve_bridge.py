@@ -87,13 +87,15 @@ class Sample:
 class ServeAutoscaler:
     """Serve's controller for one deployment: metrics in, a replica target out."""
 
-    def __init__(self, config: AutoscalingConfig, custom_metrics: bool = True) -> None:
+    def __init__(self, config: AutoscalingConfig, reported: frozenset[str] | None = None) -> None:
+        """`reported`: the custom metrics the engines report (names in serve.policies.autoscaling);
+        None: all of them."""
         self.config = config
         self.policy = serve_policy(config)
         self.state: dict[str, Any] = {}
         self.record_every_s = config.look_back_period_s * RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR
         self.push_every_s = RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S
-        self.custom_metrics = custom_metrics
+        self.reported = reported
         self._samples: deque[Sample] = deque()
         self._next_record = 0.0
         self._visible_until = -1.0
@@ -154,6 +156,8 @@ class ServeAutoscaler:
             ours.KV_USAGE: [(s.ts, s.kv_usage) for s in visible],
             ours.TTFT: [(s.ts, s.ttft_s) for s in visible],
         }
+        if self.reported is not None:
+            series = {k: v for k, v in series.items() if k in self.reported}
         raw = {k: {r: [TimeStampedValue(ts, v) for ts, v in pts] for r in ids} for k, pts in series.items()}
         now = visible[-1].ts
         agg = {k: dict.fromkeys(ids, self._mean(pts, now)) for k, pts in series.items()}
@@ -175,7 +179,7 @@ class ServeAutoscaler:
         total = self._mean([(s.ts, s.running + s.queued) for s in visible], now)
         queued = self._mean([(s.ts, s.queued) for s in visible], now)
         custom: dict[str, Any] = {}
-        if self.custom_metrics:
+        if self.reported is None or self.reported:
             def lazy(i: int) -> Callable[[], dict[str, Any]]:
                 return lambda: (custom.setdefault("v", self._custom(visible)))[i]
             agg_fn, raw_fn = lazy(0), lazy(1)

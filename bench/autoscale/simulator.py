@@ -8,7 +8,9 @@ balances); decode runs at ``(1 - prefill share) / step(b)`` tokens per second pe
 sequence finishes at that rate over its output length. Admissions and completions flow together
 through the second (dB/dt = a - kB, integrated exactly), so a slot freed early in the second is
 filled again in it, as continuous batching does.
-Requests older than the gateway's request timeout leave the queue as failures.
+The gateway sends a replica at most ``max_in_flight`` requests (deployment.max_ongoing_requests
+per gateway, serve/gateway/backends.py) and answers the rest 503 at once; requests older than its
+request timeout leave the queue. Both are failures. The engines see (and count) only what was sent.
 
 Every admission is recorded as a chunk: so many requests of the cohort that arrived in second
 ``a`` (quantiles q0..q1 of it, arrivals spread evenly over the second) admitted during second
@@ -42,6 +44,7 @@ class Outcome:
     admitted: float = 0.0
     completed: float = 0.0
     timed_out: float = 0.0
+    rejected: float = 0.0  # 503 at the gateway: every replica had max_in_flight requests
     left_queued: float = 0.0  # still waiting when the drain limit hit (counted as SLO misses)
     left_running: float = 0.0
     gpu_seconds: float = 0.0
@@ -88,7 +91,7 @@ class Serve:
 
 
 def simulate(arrivals: np.ndarray, profile: Profile, controller: Controller, initial: int,
-             cluster_cfg: ClusterConfig) -> Outcome:
+             cluster_cfg: ClusterConfig, max_in_flight: float = math.inf) -> Outcome:
     """Run one trace (requests per second) through one controller; see the module docstring."""
     duration = len(arrivals)
     out = Outcome(duration_s=duration, running=np.zeros(duration, np.int16), nodes=np.zeros(duration, np.int16))
@@ -121,12 +124,12 @@ def simulate(arrivals: np.ndarray, profile: Profile, controller: Controller, ini
             r = cluster.running
             n = float(arrivals[t]) if t < duration else 0.0
             if n > 0:
+                out.arrivals += n
                 # The gateway forwards at once; the engines queue. Replicas are alike, so one
                 # counter stands for each replica's.
                 state["received"] += n / max(r, 1)
                 queue.append([now, n, n])
                 queued += n
-                out.arrivals += n
             while queue and now - queue[0][0] >= REQUEST_TIMEOUT_S:
                 out.timed_out += queue[0][2]
                 queued -= queue.popleft()[2]
@@ -161,6 +164,20 @@ def simulate(arrivals: np.ndarray, profile: Profile, controller: Controller, ini
                 after = decoding * decay + admit * (1 - decay) / k
                 out.completed += decoding + admit - after
                 decoding = after
+            excess = queued + decoding - r * max_in_flight
+            if excess > 0 and queue:
+                # In flight past the gateway's limit at the end of the second: those last to come
+                # were answered 503 instead (never sent, so the engines do not count them).
+                drop = min(excess, queued)
+                out.rejected += drop
+                queued -= drop
+                state["received"] -= drop / max(r, 1)
+                while drop > 1e-12 and queue:
+                    take = min(queue[-1][2], drop)
+                    queue[-1][2] -= take
+                    drop -= take
+                    if queue[-1][2] <= 1e-9:
+                        queue.pop()
             if t < duration:
                 state["now"], state["r"] = now, r
                 state["ttft"] = max((wait_sum / admit if admit else 0.0) + fixed_s + per_req / max(0.05, 1 - share),

@@ -19,8 +19,12 @@ weights) before it serves. This policy:
   back to ongoing requests when the engines report no rate;
 - reads the newest sample of each replica, not the look-back mean, and asks at once (the chart
   sets upscale_delay_s to 0);
-- when the engines are saturated (queued requests, KV cache above ``kv_high``, first tokens later
-  than ``ttft_target_s``) adds capacity to drain the backlog within ``drain_s``, and never shrinks;
+- when the engines queue, adds capacity to drain the backlog within ``drain_s``; when they are
+  overloaded (first tokens later than ``ttft_target_s``, KV cache above ``kv_high``, or as many
+  requests as the gateway sends one, ``max_ongoing_requests``) for ``overload_hold_s``, at least
+  ``saturated_growth`` times the serving replicas, as overloaded engines see only what the
+  gateway lets through;
+  it never shrinks while either holds;
 - gives a replica back only when the load has not needed it for ``replica_start_s`` (getting it
   back would take that long); on ongoing requests alone, by at most ``max_down_step`` a decision.
 
@@ -41,6 +45,7 @@ WAITING = "llmserve_waiting_requests"  # of those, not yet scheduled (no batch s
 KV_USAGE = "llmserve_kv_cache_usage"  # share of KV-cache blocks in use, 0..1
 TTFT = "llmserve_ttft_s"  # mean time to first token of recent requests
 HISTORY = "llmserve_demand"  # policy state: [[time, demand in replicas], ...] over replica_start_s
+OVERLOADED_SINCE = "llmserve_overloaded_since"  # policy state: when the current overload began
 
 
 @dataclass(frozen=True)
@@ -86,11 +91,15 @@ class SLOPolicy:
     """See the module docstring. Parameters come from ``policy_kwargs``."""
 
     def __init__(self, target_requests_per_s: float | None = None, ttft_target_s: float = 1.0,
-                 replica_start_s: float = 420.0, drain_s: float = 120.0, max_down_step: float = 0.25,
-                 kv_high: float = 0.9, sample_every_s: float = 10.0) -> None:
+                 replica_start_s: float = 420.0, max_ongoing_requests: int | None = None,
+                 saturated_growth: float = 2.0, overload_hold_s: float = 60.0, drain_s: float = 120.0,
+                 max_down_step: float = 0.25, kv_high: float = 0.9, sample_every_s: float = 10.0) -> None:
         self.target_requests_per_s = target_requests_per_s
         self.ttft_target_s = ttft_target_s
         self.replica_start_s = replica_start_s
+        self.max_ongoing_requests = max_ongoing_requests
+        self.saturated_growth = saturated_growth
+        self.overload_hold_s = overload_hold_s
         self.drain_s = drain_s
         self.max_down_step = max_down_step
         self.kv_high = kv_high
@@ -105,9 +114,12 @@ class SLOPolicy:
             return sig.rate / self.target_requests_per_s
         return sig.ongoing / target_ongoing
 
-    def saturated(self, sig: Signals) -> bool:
-        return (sig.waiting >= 1.0
-                or (sig.kv_usage is not None and sig.kv_usage >= self.kv_high)
+    def overloaded(self, sig: Signals, replicas: int) -> bool:
+        """Serving less than arrives: first tokens late, KV cache full, or as many requests as the
+        gateway sends a replica (max_ongoing_requests; past it the gateway answers 503 and the
+        engines may look calm)."""
+        full = bool(self.max_ongoing_requests) and sig.ongoing >= 0.9 * replicas * (self.max_ongoing_requests or 0)
+        return (full or (sig.kv_usage is not None and sig.kv_usage >= self.kv_high)
                 or (sig.ttft_s is not None and sig.ttft_s > self.ttft_target_s))
 
     def __call__(self, ctx: Any) -> tuple[float, dict[str, Any]]:
@@ -119,11 +131,21 @@ class SLOPolicy:
         history = [list(p) for p in ctx.policy_state.get(HISTORY, []) if now - p[0] <= self.replica_start_s]
         if not history or now - history[-1][0] >= self.sample_every_s:
             history.append([now, demand])
-        saturated = self.saturated(sig)
+        serving = int(ctx.current_num_replicas)
+        overloaded = self.overloaded(sig, max(serving, 1))
+        saturated = overloaded or sig.waiting >= 1.0
         if saturated:
             # The queue must drain as well as new arrivals be served.
             per_replica = self.target_requests_per_s * self.drain_s if self.target_requests_per_s else target_ongoing
             desired += sig.waiting / per_replica
+        since = ctx.policy_state.get(OVERLOADED_SINCE) if overloaded else None
+        since = now if overloaded and since is None else since
+        if since is not None and now - since >= self.overload_hold_s:
+            # What overloaded engines receive is capped by what they hold, so the demand may be any
+            # multiple of it: grow the serving replicas by saturated_growth (once per start time:
+            # the replicas asked for and still starting count already). Only an overload that
+            # lasts: a few busy seconds are what the replica's headroom is for.
+            desired = max(desired, serving * self.saturated_growth)
         if desired < target:
             if saturated:
                 desired = target
@@ -137,4 +159,4 @@ class SLOPolicy:
                 # Ongoing requests under-read the load of a fleet that is too large (requests
                 # finish faster on an idle replica): shrink by at most max_down_step a decision.
                 desired = max(desired, min(target - 1, math.floor(target * (1 - self.max_down_step))))
-        return math.ceil(desired - 1e-9), {HISTORY: history}
+        return math.ceil(desired - 1e-9), {HISTORY: history, OVERLOADED_SINCE: since}

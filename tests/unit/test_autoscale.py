@@ -37,28 +37,32 @@ def slo_autoscaler(**kw) -> ServeAutoscaler:
 
 
 # ---- the simulator -------------------------------------------------------------------------------
-@pytest.mark.parametrize("controller, initial", [
-    (lambda: Fixed(6), 6),  # enough replicas
-    (lambda: Fixed(1), 1),  # far too few: requests wait past the gateway timeout
-    (lambda: Serve(slo_autoscaler()), 2),
+@pytest.mark.parametrize("controller, initial, max_in_flight", [
+    (lambda: Fixed(6), 6, math.inf),  # enough replicas
+    (lambda: Fixed(1), 1, math.inf),  # far too few: requests wait past the gateway timeout
+    (lambda: Fixed(1), 1, 128.0),  # far too few, and the gateway answers 503 past 128 a replica
+    (lambda: Serve(slo_autoscaler()), 2, 128.0),
 ])
-def test_every_arrival_finishes_or_fails(controller, initial):
+def test_every_arrival_finishes_or_fails(controller, initial, max_in_flight):
     arrivals = step_load([(300, 1.5), (900, 5.0), (600, 1.0)])
-    out = simulate(arrivals, CPU_TINY, controller(), initial, cluster_config(CPU_TINY, 60))
+    out = simulate(arrivals, CPU_TINY, controller(), initial, cluster_config(CPU_TINY, 60), max_in_flight)
     assert out.arrivals == arrivals.sum()
     # Every arrival was admitted (then finished or still decoding at the end) or failed.
-    assert out.admitted + out.timed_out + out.left_queued == pytest.approx(out.arrivals, rel=1e-9)
+    assert out.admitted + out.timed_out + out.rejected + out.left_queued == pytest.approx(out.arrivals, rel=1e-9)
     assert out.completed + out.left_running == pytest.approx(out.admitted, rel=1e-9)
     assert out.left_running < 1e-5 and out.left_queued < 1e-6  # the drain after the trace emptied it
     # The per-request samples stand for exactly the admitted requests.
     assert sum(c[0] for c in out.chunks) == pytest.approx(out.admitted, rel=1e-9)
 
 
-def test_failed_requests_count_as_slo_misses():
+@pytest.mark.parametrize("max_in_flight", [math.inf, 64.0])
+def test_failed_requests_count_as_slo_misses(max_in_flight):
     arrivals = step_load([(1500, 4.0)])
-    out = simulate(arrivals, CPU_TINY, Fixed(1), 1, cluster_config(CPU_TINY, 60))
-    failed = (out.timed_out + out.left_queued) / out.arrivals
+    out = simulate(arrivals, CPU_TINY, Fixed(1), 1, cluster_config(CPU_TINY, 60), max_in_flight)
+    failed = (out.timed_out + out.rejected + out.left_queued) / out.arrivals
     assert failed > 0.5  # one replica for four replicas' load
+    # Past its limit the gateway answers 503 at once instead of queueing to the timeout.
+    assert (out.rejected > 0, out.timed_out > 0) == (max_in_flight < math.inf, max_in_flight == math.inf)
     f = figures(out, CPU_TINY)
     assert f.slo_attainment <= 1 - failed + 1e-9
     assert f.ttft_p99_s == REQUEST_TIMEOUT_S
@@ -179,13 +183,32 @@ def test_sizes_the_fleet_from_the_request_rate():
     assert POLICY(context(now=100, target=4, rate=27.0))[0] == 4  # 3 needed, but no history yet: held
 
 
-@pytest.mark.parametrize("signal", [{"waiting": 2160.0}, {"kv": 0.95, "waiting": 2160.0},
-                                    {"ttft": 3.0, "waiting": 2160.0}])
-def test_scales_up_for_the_backlog_as_soon_as_a_queue_grows(signal):
-    calm, _ = POLICY(context(now=100, target=10, rate=90.0))
-    queued, _ = POLICY(context(now=100, target=10, rate=90.0, **signal))
+def test_adds_replicas_to_drain_a_queue_at_once():
+    calm, _ = POLICY(context(now=100, target=10, rate=90.0, replicas=10))
+    queued, _ = POLICY(context(now=100, target=10, rate=90.0, replicas=10, waiting=2160.0))
     # 2160 waiting, drained in 120 s at 9 req/s a replica: 2 replicas more, in this very call.
     assert (calm, queued) == (10, 12)
+
+
+@pytest.mark.parametrize("signal", [{"ttft": 3.0}, {"kv": 0.95}, {"ongoing": 0.95 * 64 * 4}])
+def test_a_lasting_overload_grows_the_serving_replicas_once_per_start(signal):
+    policy = slo.SLOPolicy(target_requests_per_s=9.0, max_ongoing_requests=64, overload_hold_s=60)
+    # The gateway lets through only what 4 replicas hold, so the rate reads 4 replicas' worth;
+    # late first tokens, a full KV cache or replicas at the gateway's limit say the demand is more,
+    # by how much the engines cannot see. A busy moment is what headroom is for ...
+    n, state = policy(context(now=100, target=4, replicas=4, rate=36.0, **signal))
+    assert n == 4
+    n, state = policy(context(now=150, target=4, replicas=4, rate=36.0, state=state, **signal))
+    assert n == 4
+    # ... an overload that lasts 60 s doubles what serves ...
+    n, state = policy(context(now=160, target=4, replicas=4, rate=36.0, state=state, **signal))
+    assert n == 8
+    # ... and not again while those asked for are still starting (4 serve, 8 targeted).
+    n, state = policy(context(now=170, target=8, replicas=4, rate=36.0, state=state, **signal))
+    assert n == 8
+    # Once calm, the clock starts over.
+    n, state = policy(context(now=180, target=8, replicas=8, rate=36.0, state=state))
+    assert state[slo.OVERLOADED_SINCE] is None
 
 
 def test_saturated_replicas_are_never_given_back():
@@ -249,9 +272,10 @@ def test_without_a_rate_it_scales_on_ongoing_requests_and_shrinks_by_steps():
 
 def test_config_builds_serves_autoscaling_config_with_the_policy():
     spec = Autoscaling(min_replicas=1, max_replicas=8, policy="slo", target_requests_per_s=9.0, replica_start_s=300)
-    config = AutoscalingConfig(**spec.serve_autoscaling_config())
+    config = AutoscalingConfig(**spec.serve_autoscaling_config(max_ongoing_requests=256))
     assert config.policy.policy_function == "serve.policies.autoscaling:SLOPolicy"
-    assert config.policy.policy_kwargs == {"target_requests_per_s": 9.0, "ttft_target_s": 1.0, "replica_start_s": 300}
+    assert config.policy.policy_kwargs == {"target_requests_per_s": 9.0, "ttft_target_s": 1.0, "replica_start_s": 300,
+                                           "max_ongoing_requests": 256}
     assert (config.upscale_delay_s, config.downscale_delay_s) == (0, 30)
     # model_dump() (what deployments.py passes today) stays a config Serve accepts.
     AutoscalingConfig(**spec.model_dump())
