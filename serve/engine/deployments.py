@@ -45,7 +45,7 @@ def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None
         "graceful_shutdown_timeout_s": 30,
     }
     if dep.autoscaling is not None:
-        deployment_config["autoscaling_config"] = dep.autoscaling.serve_autoscaling_config()
+        deployment_config["autoscaling_config"] = dep.autoscaling.serve_autoscaling_config(dep.max_ongoing_requests)
     else:
         deployment_config["num_replicas"] = dep.replicas
 
