@@ -96,6 +96,35 @@ def test_each_key_sees_only_its_own_files_and_batches(stack):
     assert owner.files.retrieve(fid).id == fid  # nothing above touched the owner's objects
 
 
+def test_batch_lines_are_admitted_with_the_owners_key(stack):
+    """A key allowed only tiny-a cannot reach tiny-b by batch; its lines spend its own request
+    budget (2 a minute, shared with its online requests through Redis) and are billed at its
+    model's price in their answers."""
+    import openai
+    import redis
+
+    from tests.integration.conftest import PRICE_A
+
+    limited = stack.client("limited")
+    bucket = "llmserve:rl:requests:limited"
+    redis.Redis.from_url(stack.redis.url).delete(bucket)  # a full budget: 2 requests
+    b = submit(limited, [line("a-0"), line("a-1"), line("b-0", model="tiny-b")])
+    b = wait(limited, b.id)
+    assert b.status == "completed" and (b.request_counts.completed, b.request_counts.failed) == (2, 1), b
+    err = [json.loads(x) for x in limited.files.content(b.error_file_id).text.splitlines()]
+    assert [(e["custom_id"], e["error"]["code"]) for e in err] == [("b-0", "model_not_found")]
+    out = [json.loads(x) for x in limited.files.content(b.output_file_id).text.splitlines()]
+    for o in out:
+        usage = o["response"]["body"]["usage"]
+        price = usage["prompt_tokens"] * PRICE_A["input_per_million"] + \
+            usage["completion_tokens"] * PRICE_A["output_per_million"]
+        assert usage["cost_usd"] == round(price / 1e6, 10) > 0
+    # The two lines spent the key's budget: its next online request waits (429), like any other.
+    with pytest.raises(openai.RateLimitError):
+        limited.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    redis.Redis.from_url(stack.redis.url).delete(bucket)  # leave the budget as later tests expect it
+
+
 def test_cancel_keeps_finished_results(stack):
     client = stack.client()
     b = submit(client, [line(f"c-{i}", max_tokens=24) for i in range(60)])
