@@ -17,6 +17,8 @@ from serve.engine.deployments import build_engine_app
 
 def build(args: dict[str, Any]) -> Any:  # -> ray.serve.Application
     spec = ModelSpec.model_validate(args["model"])
-    # The Redis URL (runtime-promoted adapters) comes with the args or the pod's environment.
-    redis_url = args.get("redis_url") or os.environ.get("LLMSERVE_REDIS_URL")
+    # The Redis URL (runtime-promoted adapters) comes with the args or the pod's environment: the
+    # chart sets LLMSERVE__CACHE__REDIS_URL from a Secret (the same override the gateway reads).
+    redis_url = (args.get("redis_url") or os.environ.get("LLMSERVE__CACHE__REDIS_URL")
+                 or os.environ.get("LLMSERVE_REDIS_URL"))
     return build_engine_app(spec, str(args.get("namespace", "llmserve")), redis_url)

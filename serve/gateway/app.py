@@ -287,9 +287,12 @@ class Gateway:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def health(self, request: Request) -> Response:
+        # The pod's readiness probe: 200 once any model can be served, so one model's outage does
+        # not take every gateway out of the Service (and the others' traffic with it); the body
+        # says which models have no replica ("degraded").
         ready = {m.name: self.backends.ready_count(m.name) for m in self.config.models}
-        ok = all(ready.values())
-        return JSONResponse({"status": "ok" if ok else "starting", "replicas": ready}, 200 if ok else 503)
+        status = "ok" if all(ready.values()) else "degraded" if any(ready.values()) else "starting"
+        return JSONResponse({"status": status, "replicas": ready}, 503 if status == "starting" else 200)
 
 
 class ClientGone(Exception):

@@ -43,6 +43,18 @@ def owner_call(gateway: Gateway) -> Call:
     return call
 
 
+async def run_batch_worker(cfg: Config) -> None:
+    """The worker's whole life: a gateway of its own (the same admission as online requests) and
+    the runner over the shared store, until cancelled."""
+    from serve.engine.registry import get_registry
+    from serve.gateway.server import GatewayParts, ray_snapshot_source
+
+    parts = GatewayParts(cfg, ray_snapshot_source(get_registry(cfg.ray.namespace)))
+    async with parts.running() as gateway:
+        runner = BatchRunner(open_store(cfg), owner_call(gateway), concurrency=cfg.batch.concurrency)
+        await runner.run_forever()
+
+
 class BatchWorker:
     """Runs BatchRunner on its own thread's event loop, so it starts again on every Ray restart
     (Ray re-runs only the constructor)."""
@@ -56,14 +68,7 @@ class BatchWorker:
         asyncio.run(self._run())
 
     async def _run(self) -> None:
-        from serve.engine.registry import get_registry
-        from serve.gateway.server import GatewayParts, ray_snapshot_source
-
-        cfg = self._config
-        parts = GatewayParts(cfg, ray_snapshot_source(get_registry(cfg.ray.namespace)))
-        async with parts.running() as gateway:
-            runner = BatchRunner(open_store(cfg), owner_call(gateway), concurrency=cfg.batch.concurrency)
-            await runner.run_forever()
+        await run_batch_worker(self._config)
 
     def alive(self) -> bool:
         return self._thread.is_alive()

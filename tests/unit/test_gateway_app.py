@@ -114,11 +114,19 @@ def test_all_replicas_down_is_503_not_a_hang():
     assert "retry-after" in r.headers
 
 
-def test_no_replica_yet_is_503_and_health_says_starting():
+def test_no_replica_yet_is_503_and_health_says_degraded():
+    """One model without a replica: its requests get 503, but the gateway stays Ready (its probe
+    is /health) so the other model keeps its traffic."""
     client, _, _ = make(replicas={"a": [("a#1", "http://a1")]})
     assert_openai_error(client.post("/v1/chat/completions", json=chat("b")), 503, "model_not_ready")
     h = client.get("/health")
-    assert h.status_code == 503 and h.json()["replicas"]["b"] == 0
+    assert h.status_code == 200 and h.json() == {"status": "degraded", "replicas": {"a": 1, "b": 0, "emb": 0}}
+
+
+def test_health_is_503_until_any_model_has_a_replica():
+    client, _, _ = make(replicas={})
+    h = client.get("/health")
+    assert h.status_code == 503 and h.json() == {"status": "starting", "replicas": {"a": 0, "b": 0, "emb": 0}}
 
 
 # What vLLM's OpenAI server answers when a prompt does not fit: flat, not under "error", with its
