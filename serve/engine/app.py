@@ -3,7 +3,7 @@
     applications:
       - name: tiny
         import_path: serve.engine.app:build
-        args: {model: {...one entry of `models`...}, namespace: llmserve}
+        args: {model: {...one entry of `models`...}, namespace: llmserve, adapter_roots: [...]}
 """
 
 from __future__ import annotations
@@ -21,4 +21,7 @@ def build(args: dict[str, Any]) -> Any:  # -> ray.serve.Application
     # chart sets LLMSERVE__CACHE__REDIS_URL from a Secret (the same override the gateway reads).
     redis_url = (args.get("redis_url") or os.environ.get("LLMSERVE__CACHE__REDIS_URL")
                  or os.environ.get("LLMSERVE_REDIS_URL"))
-    return build_engine_app(spec, str(args.get("namespace", "llmserve")), redis_url)
+    # Runtime adapters load only from these directories (the gateway's adapter_roots; the chart
+    # passes them): without them an engine refuses every promotion.
+    return build_engine_app(spec, str(args.get("namespace", "llmserve")), redis_url,
+                            [str(r) for r in args.get("adapter_roots") or ()])
