@@ -255,7 +255,8 @@ def check_pod_references(cluster_spec: dict[str, Any], names: dict[str, set[str]
 def check_gateway_wiring(objs: tuple[dict[str, Any], ...] | list[dict[str, Any]], serve_config_v2: dict[str, Any],
                          config: Any) -> None:
     """The Service reaches the gateway: it selects exactly the pods of the Ray nodes the gateway's
-    label_selector pins its replicas to, on serve.gateway.port, and there are enough of them."""
+    label_selector pins its replicas (and the batch worker) to, on serve.gateway.port, and there are
+    enough of them."""
     svc = next(s for s in by_kind(objs, "Service") if "gateway" in s["metadata"]["name"]
                or s["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "gateway")
     selector = svc["spec"]["selector"]
@@ -263,9 +264,15 @@ def check_gateway_wiring(objs: tuple[dict[str, Any], ...] | list[dict[str, Any]]
     assert port["targetPort"] in (config.gateway.port, "serve")
     cluster = one(objs, "RayService")["spec"]["rayClusterConfig"]
     gateway_app = next(a for a in serve_config_v2["applications"] if a["name"] == "gateway")
-    [override] = gateway_app["deployments"]
-    assert override["ray_actor_options"]["num_cpus"] == 0
-    node_labels = override["ray_actor_options"]["label_selector"]
+    overrides = {d["name"]: d for d in gateway_app["deployments"]}
+    # The batch worker (a deployment of the gateway app when batch is on) runs on a gateway pod
+    # too: it reads the gateways' stored files, and the NetworkPolicy counts on where it runs.
+    assert set(overrides) == ({"gateway", "batch-worker"} if config.batch.enabled else {"gateway"})
+    for override in overrides.values():
+        assert override["ray_actor_options"]["num_cpus"] == 0
+        assert override["ray_actor_options"]["label_selector"] == overrides["gateway"]["ray_actor_options"][
+            "label_selector"]
+    node_labels = overrides["gateway"]["ray_actor_options"]["label_selector"]
     hosts = 0
     for group, tpl in pod_templates(cluster):
         pod_labels = tpl["metadata"].get("labels", {})

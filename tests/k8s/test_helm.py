@@ -107,7 +107,9 @@ def test_pods_reference_rendered_or_declared_objects(case: str) -> None:
     names = {k: {o["metadata"]["name"] for o in by_kind(objs, k)}
              for k in ("ConfigMap", "Secret", "PersistentVolumeClaim")}
     names["Secret"] |= {values.get("existingSecret") or "", values["hfToken"]["existingSecret"],
-                        values["engineSecret"]["existingSecret"]} - {""}
+                        values["engineSecret"]["existingSecret"], values["redis"]["auth"]["existingSecret"],
+                        values["redis"]["external"]["existingSecret"],
+                        values["batchStore"]["postgresql"]["existingSecret"]} - {""}
     names["PersistentVolumeClaim"].add(values["modelCache"].get("existingClaim") or "")
     for kind in ("RayService", "RayJob"):
         for obj in by_kind(objs, kind):
@@ -173,8 +175,8 @@ def test_api_keys_are_hashed_into_the_secret() -> None:
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     script = pod["spec"]["containers"][0]["args"][0]
     [svc] = [s for s in by_kind(objs, "Service") if s["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
-    assert f"http://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}/v1/models" in script
-    assert re.search(r"grep -q '\"id\": \*\"tiny-a\"'", script)
+    assert 'base="http://{}:{}"'.format(svc["metadata"]["name"], svc["spec"]["ports"][0]["port"]) in script
+    assert re.search(r"grep -q '\"id\": \*\"tiny-a\"'", script)  # what it checks: tests/k8s/test_helm_test.py
 
 
 def test_production_uses_the_existing_secret() -> None:

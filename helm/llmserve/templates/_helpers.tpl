@@ -49,11 +49,48 @@ llmserve.io/gateway: "true"
 {{- dig "gateway" "port" 8000 .Values.serve | int }}
 {{- end }}
 
+{{- define "llmserve.redisName" -}}
+{{- printf "%s-redis" (include "llmserve.fullname" .) }}
+{{- end }}
+
+{{- define "llmserve.redisSecret" -}}
+{{- .Values.redis.auth.existingSecret | default (include "llmserve.redisName" .) }}
+{{- end }}
+
+{{- define "llmserve.redisSelectorLabels" -}}
+{{ include "llmserve.selectorLabels" . }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{/*
+`ray start` parameters of a group (params: root, group, nodeType): the chart's defaults under the
+group's own rayStartParams (the group's win). dashboard-agent-listen-port is always explicit: the
+probes below call the agent's /api/healthz on it. Returned as YAML (fromYaml it).
+*/}}
+{{- define "llmserve.rayStartParams" -}}
+{{- $v := .root.Values }}
+{{- $defaults := dict "metrics-export-port" (toString $v.metrics.rayMetricsPort)
+      "dashboard-agent-listen-port" "52365" }}
+{{- if eq .nodeType "head" }}
+{{- $_ := set $defaults "dashboard-host" "0.0.0.0" }}
+{{- end }}
+{{- $params := dict }}
+{{- range $k, $val := (.group.rayStartParams | default dict) }}
+{{- $_ := set $params $k (toString $val) }}
+{{- end }}
+{{- toYaml (merge $params $defaults) }}
+{{- end }}
+
+{{/* The head's dashboard port (KubeRay submits serveConfigV2 there; the NetworkPolicy opens it). */}}
+{{- define "llmserve.dashboardPort" -}}
+{{- index (.Values.head.rayStartParams | default dict) "dashboard-port" | default 8265 | int }}
+{{- end }}
+
 {{/*
 serveConfigV2: one Serve application per model (serve.engine.app:build) and the gateway
 (serve.gateway.deployment:build), Serve's own HTTP proxy disabled. route_prefix is null: no app is
-reached through a Serve proxy. The gateway's replicas are pinned to Ray nodes labelled
-llmserve.io/gateway=true (the pods the Service selects) through a Serve deployment override.
+reached through a Serve proxy. The gateway's replicas and the batch worker are pinned to Ray nodes
+labelled llmserve.io/gateway=true (the pods the Service selects) through Serve deployment overrides.
 */}}
 {{- define "llmserve.serveConfigV2" -}}
 {{- $ns := dig "ray" "namespace" "llmserve" .Values.serve }}
@@ -63,20 +100,31 @@ llmserve.io/gateway=true (the pods the Service selects) through a Serve deployme
       "args" (dict "model" . "namespace" $ns)) }}
 {{- end }}
 {{- $gatewayActor := dict "num_cpus" 0 "label_selector" (dict "llmserve.io/gateway" "true") }}
+{{- $overrides := list (dict "name" "gateway" "ray_actor_options" $gatewayActor) }}
+{{- if dig "batch" "enabled" true .Values.serve }}
+{{- /* The batch worker (one replica, restarted by Serve) runs on a gateway pod too: it reads the
+files the gateways store, and the NetworkPolicy treats it as one of the release's Ray pods. Serve
+refuses an override for a deployment the app lacks, hence only with batch enabled. */}}
+{{- $overrides = append $overrides (dict "name" "batch-worker" "ray_actor_options" (deepCopy $gatewayActor)) }}
+{{- end }}
 {{- $gateway := dict "name" "gateway" "import_path" "serve.gateway.deployment:build" "route_prefix" nil
       "args" (dict "config" .Values.serve "replicas" (int .Values.gateway.replicas))
-      "deployments" (list (dict "name" "gateway" "ray_actor_options" $gatewayActor)) }}
+      "deployments" $overrides }}
 {{- toYaml (dict "proxy_location" "Disabled" "applications" (append $apps $gateway)) }}
 {{- end }}
 
 {{/*
 One Ray pod template. Params: root (.), group (head or a worker group's values), nodeType
-(head|worker), component (serve|batch), gateway (bool: this pod hosts a gateway replica).
+(head|worker), component (serve|batch), gateway (bool: this pod hosts a gateway replica), params
+(the group's rayStartParams, llmserve.rayStartParams).
 */}}
 {{- define "llmserve.podTemplate" -}}
 {{- $root := .root }}
 {{- $g := .group }}
 {{- $v := $root.Values }}
+{{- $params := .params }}
+{{- $agentPort := index $params "dashboard-agent-listen-port" | int }}
+{{- $gatewayProbed := and .gateway (eq .nodeType "worker") }}
 metadata:
   labels:
     {{- include "llmserve.selectorLabels" $root | nindent 4 }}
@@ -140,6 +188,9 @@ spec:
               name: {{ $v.hfToken.existingSecret }}
               key: {{ $v.hfToken.key }}
         {{- end }}
+        {{- with (include "llmserve.storeEnv" $root | trim) }}
+        {{- . | nindent 8 }}
+        {{- end }}
         {{- with $v.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -147,12 +198,59 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
       ports:
+        {{- if eq .nodeType "head" }}
+        # KubeRay builds the head Service from these named ports: without `dashboard` it cannot
+        # find where to submit serveConfigV2 (utils.FetchHeadServiceURL).
+        - name: gcs-server
+          containerPort: {{ index $params "port" | default 6379 | int }}
+        - name: dashboard
+          containerPort: {{ index $params "dashboard-port" | default 8265 | int }}
+        - name: client
+          containerPort: {{ index $params "ray-client-server-port" | default 10001 | int }}
+        {{- end }}
         - name: metrics
-          containerPort: {{ $v.metrics.rayMetricsPort }}
-        {{- if .gateway }}
+          containerPort: {{ index $params "metrics-export-port" | int }}
+        {{- if or .gateway (and (eq .nodeType "head") (eq .component "serve")) }}
+        # KubeRay reads the port named `serve`: on the head it is required for the RayService's
+        # <name>-serve-svc (even when the head runs no gateway), on a worker it is what KubeRay's
+        # injected readiness probe would call (the chart sets its own probes below).
         - name: serve
           containerPort: {{ include "llmserve.gatewayPort" $root }}
         {{- end }}
+      {{- /*
+      Explicit probes on every Ray container, so KubeRay injects none: its RayService worker
+      readiness probe greps Serve's proxy /-/healthz for "success" on the serve port, which engine
+      pods do not listen on and the gateway never answers, so those pods would stay NotReady.
+      Liveness is the Ray node (raylet, and GCS on the head) on the dashboard agent. Readiness of a
+      worker that hosts a gateway is the gateway's /health (200 once a model has a ready replica),
+      so the Service sends clients only to gateways that can route. The head is Ready by its Ray
+      node alone, even with head.gateway: KubeRay submits serveConfigV2 only once the head pod is
+      Ready (RayServiceReconciler.reconcileServe), so a head gated on the gateway would wait forever.
+      */}}
+      livenessProbe:
+        httpGet:
+          path: /api/healthz
+          port: {{ $agentPort }}
+        {{- toYaml $v.probes.liveness | nindent 8 }}
+      readinessProbe:
+        httpGet:
+          {{- if $gatewayProbed }}
+          path: /health
+          port: {{ include "llmserve.gatewayPort" $root }}
+          {{- else }}
+          path: /api/healthz
+          port: {{ $agentPort }}
+          {{- end }}
+        {{- toYaml $v.probes.readiness | nindent 8 }}
+      {{- if $gatewayProbed }}
+      # Holds liveness and readiness off while the models load (image pull, weights, warm-up): the
+      # gateway's /health answers 503 until one model has a ready replica.
+      startupProbe:
+        httpGet:
+          path: /health
+          port: {{ include "llmserve.gatewayPort" $root }}
+        {{- toYaml $v.probes.startup | nindent 8 }}
+      {{- end }}
       {{- with $g.resources }}
       resources:
         {{- $res := deepCopy . }}
@@ -237,11 +335,10 @@ autoscalerOptions:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end }}
+{{- $headParams := include "llmserve.rayStartParams" (dict "root" $root "group" $v.head "nodeType" "head") | fromYaml }}
 headGroupSpec:
   rayStartParams:
-    dashboard-host: "0.0.0.0"
-    metrics-export-port: {{ $v.metrics.rayMetricsPort | quote }}
-    {{- range $k, $val := $v.head.rayStartParams }}
+    {{- range $k, $val := $headParams }}
     {{ $k }}: {{ $val | quote }}
     {{- end }}
   {{- if and $serve $v.head.gateway }}
@@ -250,7 +347,7 @@ headGroupSpec:
   {{- end }}
   template:
     {{- include "llmserve.podTemplate" (dict "root" $root "group" $v.head "nodeType" "head" "component" .component
-          "gateway" (and $serve $v.head.gateway)) | trim | nindent 4 }}
+          "gateway" (and $serve $v.head.gateway) "params" $headParams) | trim | nindent 4 }}
 {{- if .workerGroups }}
 workerGroupSpecs:
   {{- range .workerGroups }}
@@ -261,9 +358,9 @@ workerGroupSpecs:
     {{- with .idleTimeoutSeconds }}
     idleTimeoutSeconds: {{ . }}
     {{- end }}
+    {{- $params := include "llmserve.rayStartParams" (dict "root" $root "group" . "nodeType" "worker") | fromYaml }}
     rayStartParams:
-      metrics-export-port: {{ $v.metrics.rayMetricsPort | quote }}
-      {{- range $k, $val := .rayStartParams }}
+      {{- range $k, $val := $params }}
       {{ $k }}: {{ $val | quote }}
       {{- end }}
     {{- if and $serve .gateway }}
@@ -272,7 +369,40 @@ workerGroupSpecs:
     {{- end }}
     template:
       {{- include "llmserve.podTemplate" (dict "root" $root "group" . "nodeType" "worker" "component" $.component
-            "gateway" (and $serve .gateway)) | trim | nindent 6 }}
+            "gateway" (and $serve .gateway) "params" $params) | trim | nindent 6 }}
   {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where the serving stores are, as env of every Ray container (gateways, the batch worker and the
+engines read them through serve/config.py's LLMSERVE__ overrides). Passwords stay in Secrets: the
+RayService (and its serveConfigV2) holds none.
+*/}}
+{{- define "llmserve.storeEnv" -}}
+{{- if .Values.redis.enabled }}
+# The in-chart Redis. The password comes first: Kubernetes expands $(VAR) only from variables
+# defined earlier in the list.
+- name: LLMSERVE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "llmserve.redisSecret" . }}
+      key: redis-password
+- name: LLMSERVE__CACHE__REDIS_URL
+  value: {{ printf "redis://:$(LLMSERVE_REDIS_PASSWORD)@%s:6379/0" (include "llmserve.redisName" .) | quote }}
+{{- else if .Values.redis.external.existingSecret }}
+- name: LLMSERVE__CACHE__REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.external.existingSecret }}
+      key: url
+{{- end }}
+{{- with .Values.batchStore.postgresql.existingSecret }}
+# The batch store shared by every gateway and the batch worker.
+- name: LLMSERVE__BATCH__DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: url
 {{- end }}
 {{- end }}
