@@ -308,10 +308,18 @@ class AuthSpec(_Strict):
 class BatchSpec(_Strict):
     enabled: bool = Field(True, description="Serve /v1/files and /v1/batches and run a batch worker.")
     db_path: str | None = Field(
-        None, description="SQLite file for file and batch metadata; default: <cache dir>/batch/batch.db."
+        None, description="SQLite file for file and batch metadata; default: <cache dir>/batch/batch.db. "
+                          "Ignored when database_url is set."
+    )
+    database_url: str | None = Field(
+        None, pattern=r"^postgres(ql)?://",
+        description="PostgreSQL for file and batch metadata (postgresql://user:password@host:port/db), "
+                    "needed when more than one gateway runs: SQLite's locks do not hold across pods. "
+                    "Unset: SQLite at db_path.",
     )
     storage_dir: str | None = Field(
-        None, description="Directory for uploaded and result files; default: <cache dir>/batch/files."
+        None, description="Directory for uploaded and result files; default: <cache dir>/batch/files. "
+                          "With several gateways, a volume they and the batch worker all mount."
     )
     concurrency: int = Field(
         4, ge=1, description="Batch lines in flight at once (kept low so online requests keep priority)."

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.testclient import TestClient
 
 from serve.batch.lines import BadLine, Line, parse
-from serve.batch.store import CHUNK, BatchStore, EmptyFile, FileTooLarge
+from serve.batch.store import CHUNK, EmptyFile, FileTooLarge, SqliteStore
 from serve.batch.worker import BatchRunner, new_batch
 from serve.config import ApiKey, AuthSpec, Config
 from serve.gateway.app import create_app
@@ -51,12 +51,12 @@ def test_parse_keeps_going_past_bad_lines():
 
 # ---- store -------------------------------------------------------------------------------------
 def test_store_survives_reopen(tmp_path):
-    s = BatchStore(tmp_path / "b.db", tmp_path / "files")
+    s = SqliteStore(tmp_path / "b.db", tmp_path / "files")
     f = s.put_file(b"hello", "in.jsonl", "batch", owner="ann")
     s.put_batch(new_batch("batch-1", f["id"], EP, "24h", None), owner="ann")
     assert s.put_result("batch-1", 0, "a", True, {"x": 1})
     assert not s.put_result("batch-1", 0, "a", True, {"x": 2})  # never twice
-    s2 = BatchStore(tmp_path / "b.db", tmp_path / "files")
+    s2 = SqliteStore(tmp_path / "b.db", tmp_path / "files")
     assert s2.file_content(f["id"], owner="ann") == b"hello"
     assert s2.get_batch("batch-1", owner="ann")["status"] == "validating" and s2.batch_owner("batch-1") == "ann"
     assert s2.results("batch-1", True) == [{"x": 1}]
@@ -64,7 +64,7 @@ def test_store_survives_reopen(tmp_path):
 
 
 def test_store_shows_each_owner_only_its_own(tmp_path):
-    s = BatchStore(tmp_path / "b.db", tmp_path / "files")
+    s = SqliteStore(tmp_path / "b.db", tmp_path / "files")
     fa = s.put_file(b"a", "a.jsonl", "batch", owner="ann")["id"]
     fb = s.put_file(b"b", "b.jsonl", "batch", owner="bob")["id"]
     s.put_batch(new_batch("batch-a", fa, EP, "24h", None), owner="ann")
@@ -96,7 +96,7 @@ def test_store_from_before_owners_gains_the_column(tmp_path):
         INSERT INTO batches VALUES ('batch-old', '{"id": "batch-old"}', 'completed', 1);""")
     db.commit()
     db.close()
-    s = BatchStore(tmp_path / "b.db", tmp_path / "files")
+    s = SqliteStore(tmp_path / "b.db", tmp_path / "files")
     assert s.get_file("file-old", owner="anonymous")["filename"] == "old.jsonl"
     assert s.get_file("file-old", owner="ann") is None and s.batch_owner("batch-old") == "anonymous"
     new = s.put_file(b"new", "n.jsonl", "batch", owner="ann")["id"]  # the old table takes new rows
@@ -114,7 +114,7 @@ class Reads(io.BytesIO):
 
 
 def test_put_file_stream_copies_in_chunks_and_stores_nothing_over_the_cap(tmp_path):
-    s = BatchStore(tmp_path / "b.db", tmp_path / "files")
+    s = SqliteStore(tmp_path / "b.db", tmp_path / "files")
     src = Reads(b"x" * (CHUNK * 2 + 5))
     f = s.put_file_stream(src, "big", "batch", owner="ann", max_bytes=CHUNK * 3)
     assert f["bytes"] == CHUNK * 2 + 5 and s.file_content(f["id"], owner="ann") == src.getvalue()
@@ -135,7 +135,7 @@ def run_batch(store, lines_, call, concurrency=2, owner="ann", batch_id="batch-x
 
 
 def test_runner_completes_with_errors_in_error_file_owned_by_the_batch_owner(tmp_path):
-    store = BatchStore(tmp_path / "b.db", tmp_path / "f")
+    store = SqliteStore(tmp_path / "b.db", tmp_path / "f")
     owners = []
 
     async def call(owner, path, body):
@@ -160,7 +160,7 @@ def test_runner_completes_with_errors_in_error_file_owned_by_the_batch_owner(tmp
 
 
 def test_runner_reads_only_the_owners_input_file(tmp_path):
-    store = BatchStore(tmp_path / "b.db", tmp_path / "f")
+    store = SqliteStore(tmp_path / "b.db", tmp_path / "f")
     theirs = store.put_file(line("secret").encode(), "in.jsonl", "batch", owner="bob")["id"]
     store.put_batch(new_batch("batch-x", theirs, EP, "24h", None), owner="ann")  # as if the API had not checked
     calls = []
@@ -175,7 +175,7 @@ def test_runner_reads_only_the_owners_input_file(tmp_path):
 
 
 def test_killed_runner_resumes_without_loss_or_duplicates(tmp_path):
-    store = BatchStore(tmp_path / "b.db", tmp_path / "f")
+    store = SqliteStore(tmp_path / "b.db", tmp_path / "f")
     calls = []
 
     async def slow(owner, path, body):
@@ -203,7 +203,7 @@ def test_killed_runner_resumes_without_loss_or_duplicates(tmp_path):
 
 
 def test_cancel_stops_and_keeps_finished(tmp_path):
-    store = BatchStore(tmp_path / "b.db", tmp_path / "f")
+    store = SqliteStore(tmp_path / "b.db", tmp_path / "f")
 
     async def call(owner, path, body):
         if text(body) == "r5":
@@ -217,7 +217,7 @@ def test_cancel_stops_and_keeps_finished(tmp_path):
 
 
 def test_busy_engines_are_waited_for_not_failed(tmp_path):
-    store = BatchStore(tmp_path / "b.db", tmp_path / "f")
+    store = SqliteStore(tmp_path / "b.db", tmp_path / "f")
     attempts = []
 
     async def call(owner, path, body):
@@ -232,7 +232,7 @@ def test_busy_engines_are_waited_for_not_failed(tmp_path):
 
 
 def test_engines_down_for_good_fail_the_line_after_max_retries(tmp_path):
-    store = BatchStore(tmp_path / "b.db", tmp_path / "f")
+    store = SqliteStore(tmp_path / "b.db", tmp_path / "f")
 
     async def call(owner, path, body):
         return 503, {"error": {"message": "no ready replica", "code": "model_not_ready"}}
@@ -243,7 +243,7 @@ def test_engines_down_for_good_fail_the_line_after_max_retries(tmp_path):
 
 
 def test_rate_limited_lines_wait_past_max_retries_and_honour_the_hint(tmp_path):
-    store = BatchStore(tmp_path / "b.db", tmp_path / "f")
+    store = SqliteStore(tmp_path / "b.db", tmp_path / "f")
     attempts = []
 
     async def call(owner, path, body):
@@ -260,7 +260,7 @@ def test_rate_limited_lines_wait_past_max_retries_and_honour_the_hint(tmp_path):
 
 
 def test_a_line_waiting_for_budget_stops_at_cancel_and_at_expiry(tmp_path):
-    store = BatchStore(tmp_path / "b.db", tmp_path / "f")
+    store = SqliteStore(tmp_path / "b.db", tmp_path / "f")
     clock = [1000.0]
     calls = []
 
@@ -280,7 +280,7 @@ def test_a_line_waiting_for_budget_stops_at_cancel_and_at_expiry(tmp_path):
     assert b["status"] == "expired" and b["request_counts"] == {"total": 3, "completed": 1, "failed": 0}
     assert store.done_lines("batch-x") == {0} and "c" not in calls  # "b" was not failed, "c" never sent
 
-    store2 = BatchStore(tmp_path / "b2.db", tmp_path / "f2")
+    store2 = SqliteStore(tmp_path / "b2.db", tmp_path / "f2")
 
     async def cancelled_while_waiting(owner, path, body):
         store2.update_batch("batch-x", owner=None, status="cancelling")
@@ -296,7 +296,7 @@ def test_a_throttled_batch_does_not_hold_up_another_owners(tmp_path):
     """With one slot, a line waiting for its owner's budget must not keep it, and a batch that
     waits must not keep a later one from starting: the other owner's batch, submitted while the
     throttled one waits, finishes first."""
-    store = BatchStore(tmp_path / "b.db", tmp_path / "f")
+    store = SqliteStore(tmp_path / "b.db", tmp_path / "f")
     log = []
 
     async def call(owner, path, body):
@@ -329,7 +329,7 @@ def test_a_throttled_batch_does_not_hold_up_another_owners(tmp_path):
 def test_files_and_batches_http_api(tmp_path):
     cfg = Config.model_validate({"models": [{"name": "m", "source": "x"}], "auth": {"enabled": False}})
     client = TestClient(create_app(cfg, Backends(), FakeUpstream(),
-                                   batch_store=BatchStore(tmp_path / "b.db", tmp_path / "f")))
+                                   batch_store=SqliteStore(tmp_path / "b.db", tmp_path / "f")))
     r = client.post("/v1/files", files={"file": ("in.jsonl", line("a").encode())}, data={"purpose": "batch"})
     assert r.status_code == 200 and r.json()["object"] == "file"
     fid = r.json()["id"]
@@ -373,7 +373,7 @@ def as_(name):
 
 
 def test_another_key_sees_nothing_and_gets_what_an_unknown_id_gets(tmp_path):
-    store = BatchStore(tmp_path / "b.db", tmp_path / "f")
+    store = SqliteStore(tmp_path / "b.db", tmp_path / "f")
     c = TestClient(tenant_app(store))
     fid = c.post("/v1/files", files={"file": ("in.jsonl", line("a").encode())}, data={"purpose": "batch"},
                  headers=as_("ann")).json()["id"]
@@ -406,7 +406,7 @@ def test_another_key_sees_nothing_and_gets_what_an_unknown_id_gets(tmp_path):
 
 
 def test_admin_sees_all_only_when_asking(tmp_path):
-    store = BatchStore(tmp_path / "b.db", tmp_path / "f")
+    store = SqliteStore(tmp_path / "b.db", tmp_path / "f")
     c = TestClient(tenant_app(store))
     fid = c.post("/v1/files", files={"file": ("in.jsonl", line("a").encode())}, data={"purpose": "batch"},
                  headers=as_("ann")).json()["id"]
@@ -426,7 +426,7 @@ def test_admin_sees_all_only_when_asking(tmp_path):
 
 
 def test_upload_over_the_cap_gets_413_and_stores_nothing(tmp_path):
-    store = BatchStore(tmp_path / "b.db", tmp_path / "f")
+    store = SqliteStore(tmp_path / "b.db", tmp_path / "f")
     c = TestClient(tenant_app(store, max_upload_bytes=100))  # the store's own check, behind the middleware
     r = c.post("/v1/files", files={"file": ("in.jsonl", b"x" * 101)}, data={"purpose": "batch"}, headers=as_("ann"))
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
@@ -434,7 +434,7 @@ def test_upload_over_the_cap_gets_413_and_stores_nothing(tmp_path):
                   headers=as_("ann")).status_code == 200
 
     # The middleware, on a chunked upload: cut off as the bytes arrive.
-    store = BatchStore(tmp_path / "b2.db", tmp_path / "f2")
+    store = SqliteStore(tmp_path / "b2.db", tmp_path / "f2")
     app = tenant_app(store, body_limit=64 * 1024)
     pulled = []
 
