@@ -1,16 +1,23 @@
-"""Real services the tests start, shared by unit and integration tests: a Redis server, and a
-gateway app served by uvicorn on a thread."""
+"""Real services the tests start, shared by unit and integration tests: a Redis server, a
+PostgreSQL server, and a gateway app served by uvicorn on a thread."""
 
 from __future__ import annotations
 
 import asyncio
+import glob
+import ipaddress
+import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 
@@ -49,6 +56,145 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+def postgres_bin(name: str) -> str | None:
+    """A PostgreSQL server program: on PATH, or where Debian's `postgresql` puts it (newest version)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                      key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    return versions[-1] if versions else None
+
+
+class PostgresServer:
+    """A real PostgreSQL on `host` (default loopback) and a free port, in its own temp dir, with a
+    database `llmserve` owned by a password user of the same name; `.url` connects as that user.
+
+    The server refuses to run as root, so under root it runs as the `postgres` user (the data dir
+    is made theirs); Popen's `user=` sets the uid in the child itself, so the pid we hold is the
+    postmaster's and stop() signals it directly (`runuser` would sit in between). No fsync: a test
+    database need not survive a crash of the machine. stop() (or leaving the `with`) shuts it down
+    fast, kills anything left in its process group and removes the data directory. The server's
+    log goes to `workdir`/postgres.log when a workdir is given (kept for a failing test to read).
+    """
+
+    USER = "llmserve"
+
+    def __init__(self, workdir: str | Path | None = None, host: str = "127.0.0.1", port: int | None = None,
+                 clients: str | None = None) -> None:
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.host = host
+        self.port = port or _free_port(host)
+        ip = ipaddress.ip_address(host)
+        # Who may connect: the loopback range, or the /16 around `host` (a pod network on a bridge).
+        self.clients = clients or str(ipaddress.ip_network(f"{host}/{8 if ip.is_loopback else 16}", strict=False))
+        self.password = secrets.token_hex(12)
+        self._admin_password = secrets.token_hex(12)
+        self.url = f"postgresql://{self.USER}:{self.password}@{host}:{self.port}/{self.USER}"
+        self.dir: Path | None = None  # the data directory's parent, removed by stop()
+        self.log_path: Path | None = None
+        self.proc: subprocess.Popen | None = None
+        self.started_in_s = 0.0
+
+    def _as_owner(self) -> dict[str, Any]:
+        return {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        initdb, postgres = postgres_bin("initdb"), postgres_bin("postgres")
+        assert initdb and postgres, "PostgreSQL is not installed (make system-deps installs it)"
+        # Not under pytest's tmp_path: that is root's 0700 tree, which the postgres user cannot enter.
+        self.dir = Path(tempfile.mkdtemp(prefix="llmserve-pg-"))
+        data, pwfile = self.dir / "data", self.dir / "pw"
+        if self.workdir is not None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = (self.workdir or self.dir) / "postgres.log"
+        pwfile.write_text(self._admin_password + "\n")
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+            shutil.chown(pwfile, "postgres", "postgres")
+        subprocess.run([initdb, "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}", "--auth=scram-sha-256",
+                        "-E", "UTF8", "--no-locale", "--no-sync", "--no-instructions"],
+                       check=True, cwd=self.dir, capture_output=True, **self._as_owner())
+        with open(data / "pg_hba.conf", "a") as hba:
+            hba.write(f"host all all {self.clients} scram-sha-256\n")
+        log = open(self.log_path, "wb")  # noqa: SIM115 (the server writes it until stop)
+        self.proc = subprocess.Popen(
+            [postgres, "-D", str(data), "-p", str(self.port), "-c", f"listen_addresses={self.host}",
+             "-c", "unix_socket_directories=", "-c", "fsync=off", "-c", "synchronous_commit=off",
+             "-c", "full_page_writes=off", "-c", "max_connections=200"],
+            cwd=self.dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **self._as_owner())
+        log.close()
+        try:
+            self._create_user()
+        except BaseException:
+            self.stop()
+            raise
+        self.started_in_s = time.monotonic() - t0
+
+    def _admin(self, dbname: str = "postgres") -> Any:
+        import psycopg
+
+        return psycopg.connect(host=self.host, port=self.port, user="postgres", password=self._admin_password,
+                               dbname=dbname, autocommit=True, connect_timeout=2)
+
+    def _create_user(self) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.proc is not None and self.proc.poll() is None, f"postgres exited: {self.log()}"
+            try:
+                conn = self._admin()
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline, f"postgres did not start: {self.log()}"
+                time.sleep(0.05)
+        with conn:
+            conn.execute(f"CREATE ROLE {self.USER} LOGIN PASSWORD '{self.password}'")
+            conn.execute(f"CREATE DATABASE {self.USER} OWNER {self.USER}")
+
+    def new_database(self, name: str) -> str:
+        """Another empty database owned by the user; its URL (a test that needs a clean slate)."""
+        with self._admin() as conn:
+            conn.execute(f"CREATE DATABASE {name} OWNER {self.USER}")
+        return f"postgresql://{self.USER}:{self.password}@{self.host}:{self.port}/{name}"
+
+    def log(self) -> str:
+        path = self.log_path
+        return path.read_text(errors="replace")[-4000:] if path and path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGINT)  # fast shutdown: ends client sessions, then exits
+                try:
+                    self.proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+            # Backends that outlived their postmaster (it was killed) are still in its group.
+            with suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def __enter__(self) -> PostgresServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 @contextmanager
