@@ -318,3 +318,25 @@ def test_two_gateways_serve_one_tenants_files_and_batches(stores):
     assert two.get(f"/v1/batches/{bid}").json()["status"] == "cancelling"
     assert two.delete(f"/v1/files/{fid}").json()["deleted"] is True
     assert one.get(f"/v1/files/{fid}").status_code == 404
+
+
+def test_postgres_server_leaves_no_process_or_directory(tmp_path):
+    """The fixture's own promise: even with a client still connected (a smart shutdown would wait
+    for it forever), stop() ends the postmaster and every backend, and removes the data."""
+    import os
+
+    import psycopg
+
+    from tests.support import PostgresServer, postgres_bin
+
+    if postgres_bin("postgres") is None:
+        pytest.skip("PostgreSQL is not installed (make system-deps installs it)")
+    with PostgresServer(tmp_path / "pg", host="127.0.0.2") as server:
+        assert server.proc is not None and server.dir is not None
+        group, data = server.proc.pid, server.dir
+        client = psycopg.connect(server.url)
+        assert client.execute("SELECT inet_server_addr()::text").fetchone() == ("127.0.0.2/32",)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(group, 0)
+    assert not data.exists() and "database system is shut down" in (tmp_path / "pg" / "postgres.log").read_text()
+    client.close()
