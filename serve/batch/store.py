@@ -9,14 +9,13 @@ name's objects, exactly as if the others did not exist; None means any owner, fo
 for an admin who asked for it. The argument has no default, so a forgotten filter is a TypeError
 rather than a leak.
 
-Several processes may share one store (gateway replicas and the batch worker, each with its own
-store object), so every change of state is one atomic step in the database, never a read in Python
+Several processes may share one store (gateways and the batch worker, each with its own store
+object), so every change of state is one atomic step in the database, never a read in Python
 followed by a blind write: a status moves only along TRANSITIONS, checked under the row's lock (a
-cancel racing the worker's completion ends in whichever came first, never in a mix of both); a
-batch is worked by the one worker holding its lease (`claim_batch`); a line is recorded once
-(`put_result`). SQLite (here) is the embedded default for `llmserve run`: its locks hold between
-processes on one machine but not on a network volume, so several pods use PostgreSQL
-(`serve/batch/pg.py`, chosen by `batch.database_url`).
+cancel racing the worker's completion ends in whichever came first, never a mix of both); a batch
+is worked by the one worker holding its lease (`claim_batch`); a line is recorded once. SQLite
+(here, the default of `llmserve run`) locks between processes on one machine, not on a network
+volume: several pods use PostgreSQL (`serve/batch/pg.py`, chosen by `batch.database_url`).
 """
 
 from __future__ import annotations
@@ -33,11 +32,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from serve.batch.files import CHUNK, EmptyFile, FileBytes, FileTooLarge, LocalFiles
+from serve.batch.files import CHUNK as CHUNK  # re-exported: callers import the upload errors from here
+from serve.batch.files import EmptyFile as EmptyFile
+from serve.batch.files import FileBytes, LocalFiles
+from serve.batch.files import FileTooLarge as FileTooLarge
 from serve.config import Config
-
-__all__ = ["ACTIVE", "ANONYMOUS", "CHUNK", "BatchStore", "EmptyFile", "FileTooLarge", "SqliteStore",
-           "allowed", "new_id", "open_store"]
 
 ANONYMOUS = "anonymous"  # the owner of everything made while auth is off
 
