@@ -1,17 +1,22 @@
-"""k8s/ (kustomize): each overlay renders offline, every object validates, and it deploys the same
-objects as the Helm chart with the matching values file (k8s/ was written from the chart's renders;
-this keeps the two from drifting apart)."""
+"""k8s/ (kustomize) is generated from the chart by k8s/generate.py: the files on disk are exactly what
+it writes now (any drift fails, whichever side moved), each overlay builds offline and validates,
+holds no generated secret, and names the Secrets its user creates; the dashboard exists once."""
 
 from __future__ import annotations
 
-import base64
+import functools
+import importlib.util
 import json
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 import yaml
 
 from tests.k8s.support import (
-    CHART,
     KUSTOMIZE,
     OBSERVABILITY,
     OVERLAYS,
@@ -19,34 +24,50 @@ from tests.k8s.support import (
     check_gateway_wiring,
     check_pod_references,
     check_serve_config_v2,
-    helm_template,
+    docs,
     kustomize,
     one,
+    pod_templates,
+    run,
+    tool,
     validate,
 )
 
-VALUES = {"cpu-dev": "values-cpu-dev.yaml", "gpu-production": "values-production.yaml"}
-# Objects an overlay expects to exist outside git (created by the operator, see its kustomization.yaml).
-EXTERNAL = {"cpu-dev": {"Secret": {"llmserve-engine"}},
-            "gpu-production": {"Secret": {"llmserve-api-keys", "hf-token", "llmserve-engine"}}}
+
+@functools.cache
+def generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("k8s_generate", KUSTOMIZE / "generate.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
 
 
-def _helm(overlay: str) -> tuple[dict, ...]:
-    return helm_template("-f", str(CHART / VALUES[overlay]), release="llmserve")
+def _overlay(name: str) -> Any:
+    return next(o for o in generator().OVERLAYS if o.name == name)
 
 
 def _named(objs: tuple[dict, ...], kind: str, name: str) -> dict:
     return next(o for o in by_kind(objs, kind) if o["metadata"]["name"] == name)
 
 
+def test_k8s_is_what_the_generator_writes() -> None:
+    want, have = generator().render_all(), generator().on_disk()
+    drift = sorted(p for p in want.keys() | have.keys() if want.get(p) != have.get(p))
+    assert drift == [], "k8s/ differs from the chart's render: run `python k8s/generate.py`"
+    assert sorted({p.split("/")[1] for p in want if p.startswith("overlays/")}) == sorted(OVERLAYS)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_and_every_object_validates(overlay: str) -> None:
     objs = kustomize(overlay)
     kinds = {o["kind"] for o in objs}
-    assert {"RayService", "Service", "ConfigMap", "PodDisruptionBudget"} <= kinds, kinds
+    assert {"RayService", "Service", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy", "StatefulSet"} <= kinds
+    assert "Pod" not in kinds, "no helm test hooks in plain manifests"
     for obj in objs:
         validate(obj)
-        assert obj["metadata"].get("namespace"), f"{obj['kind']} without a namespace"
+        assert obj["metadata"].get("namespace") == _overlay(overlay).namespace, obj["metadata"]["name"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -60,39 +81,65 @@ def test_overlay_serve_config(overlay: str) -> None:
     check_gateway_wiring(objs, raw, config)
     names = {k: {o["metadata"]["name"] for o in by_kind(objs, k)} for k in ("ConfigMap", "Secret",
                                                                            "PersistentVolumeClaim")}
-    names["Secret"] |= EXTERNAL[overlay]["Secret"]
+    names["Secret"] |= {s.name for s in _overlay(overlay).secrets}
     check_pod_references(one(objs, "RayService")["spec"]["rayClusterConfig"], names)
 
 
+def _referenced_secrets(objs: tuple[dict[str, Any], ...]) -> set[tuple[str, str | None]]:
+    """(Secret, key) of every secretKeyRef and (Secret, None) of every secret volume in any pod."""
+    specs = [tpl["spec"] for rs in by_kind(objs, "RayService")
+             for _, tpl in pod_templates(rs["spec"]["rayClusterConfig"])]
+    specs += [s["spec"]["template"]["spec"] for s in by_kind(objs, "StatefulSet")]
+    refs: set[tuple[str, str | None]] = set()
+    for spec in specs:
+        for c in spec["containers"]:
+            for e in c.get("env", []):
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if ref:
+                    refs.add((ref["name"], ref["key"]))
+        refs |= {(v["secret"]["secretName"], None) for v in spec.get("volumes", []) if "secret" in v}
+    return refs
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_overlay_deploys_what_the_chart_deploys(overlay: str) -> None:
-    ours, chart = kustomize(overlay), _helm(overlay)
-    ours_rs, chart_rs = one(ours, "RayService")["spec"], one(chart, "RayService")["spec"]
-    assert yaml.safe_load(ours_rs["serveConfigV2"]) == yaml.safe_load(chart_rs["serveConfigV2"])
-    assert {**ours_rs, "serveConfigV2": None} == {**chart_rs, "serveConfigV2": None}
-    for kind in ("Service", "PodDisruptionBudget", "Ingress", "PersistentVolumeClaim", "ServiceMonitor",
-                 "PodMonitor", "PrometheusRule"):
-        assert len(by_kind(ours, kind)) == len(by_kind(chart, kind)), kind
-        for a, b in zip(by_kind(ours, kind), by_kind(chart, kind), strict=True):
-            assert a["spec"] == b["spec"], f"{kind} differs from the chart's"
-    for name in ("llmserve-config", "llmserve-dashboard"):
-        a, b = _named(ours, "ConfigMap", name)["data"], _named(chart, "ConfigMap", name)["data"]
-        assert {k: yaml.safe_load(v) for k, v in a.items()} == {k: yaml.safe_load(v) for k, v in b.items()}
-    secrets = [_named(objs, "Secret", "llmserve-api-keys") if by_kind(objs, "Secret") else None
-               for objs in (ours, chart)]
-    if secrets[1] is None:
-        assert secrets[0] is None
-    else:
-        a, b = (yaml.safe_load(base64.b64decode(s["data"]["keys.yaml"])) for s in secrets)
-        assert a == b
+def test_overlay_holds_no_generated_secret_and_lists_the_ones_to_create(overlay: str) -> None:
+    objs = kustomize(overlay)
+    rendered = {s["metadata"]["name"] for s in by_kind(objs, "Secret")}
+    # Only the API-key Secret may be rendered: keys.yaml holds hashes of keys given in the values.
+    assert rendered <= {"llmserve-api-keys"}
+    for s in by_kind(objs, "Secret"):
+        assert set(s["data"]) == {"keys.yaml"}
+    external = {(n, k) for n, k in _referenced_secrets(objs) if n not in rendered}
+    listed = _overlay(overlay).secrets
+    assert {n for n, _ in external} == {s.name for s in listed}
+    for s in listed:
+        assert {k for n, k in external if n == s.name} - {None} <= {s.key}, s.name
+    text = (KUSTOMIZE / "overlays" / overlay / "kustomization.yaml").read_text()
+    for s in listed:
+        assert s.command(_overlay(overlay).namespace) in text
 
 
-def test_observability_copies_match_the_chart() -> None:
-    copy = KUSTOMIZE / "base" / "observability" / "dashboard.json"
-    assert json.loads(copy.read_text()) == json.loads((OBSERVABILITY / "dashboard.json").read_text()), (
-        "cp helm/llmserve/files/dashboard.json k8s/base/observability/dashboard.json")
-    rule = yaml.safe_load((KUSTOMIZE / "components" / "monitoring" / "prometheusrule.yaml").read_text())
-    assert rule["spec"]["groups"] == yaml.safe_load((OBSERVABILITY / "alerts.yaml").read_text())["groups"], (
-        "k8s/components/monitoring/prometheusrule.yaml must carry helm/llmserve/files/alerts.yaml's groups")
-    dash = _named(kustomize("cpu-dev"), "ConfigMap", "llmserve-dashboard")
-    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+def test_one_dashboard_file() -> None:
+    assert not list(KUSTOMIZE.rglob("*.json")), "helm/llmserve/files/dashboard.json is the only copy"
+    for overlay in OVERLAYS:
+        dash = _named(kustomize(overlay), "ConfigMap", "llmserve-dashboard")
+        assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert json.loads(dash["data"]["llmserve.json"]) == json.loads((OBSERVABILITY / "dashboard.json").read_text())
+
+
+def test_monitoring_component_adds_the_charts_monitors(tmp_path: Path) -> None:
+    """An overlay of cpu-dev with the component (built in a copy: kustomize refuses absolute paths)."""
+    shutil.copytree(KUSTOMIZE, tmp_path / "k8s", ignore=shutil.ignore_patterns("__pycache__"))
+    overlay = tmp_path / "k8s" / "overlays" / "with-monitoring"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: llmserve-dev\n"
+        "resources: [../cpu-dev]\ncomponents: [../../components/monitoring]\n")
+    objs = docs(run([tool("kubectl"), "kustomize", str(overlay)]))
+    monitors = [o for o in objs if o["apiVersion"] == "monitoring.coreos.com/v1"]
+    assert sorted(o["kind"] for o in monitors) == ["PodMonitor", "PrometheusRule", "ServiceMonitor"]
+    for obj in monitors:
+        validate(obj)
+        assert obj["metadata"]["namespace"] == "llmserve-dev"
+    rule = one(objs, "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load((OBSERVABILITY / "alerts.yaml").read_text())["groups"]
