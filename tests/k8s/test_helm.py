@@ -311,3 +311,18 @@ def test_metrics_are_served_only_on_a_cluster_internal_service() -> None:
     [monitor] = by_kind(objs, "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway-metrics"
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+
+
+def test_api_key_entries_take_every_field_the_gateway_reads() -> None:
+    """values.schema.json's apiKeys items are serve/config.py's ApiKey (plus the clear `key` the chart
+    hashes): a field added there is usable from the chart's values."""
+    import json
+
+    from serve.config import ApiKey
+
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["apiKeys"]["items"]
+    assert set(schema["properties"]) == set(ApiKey.model_fields) | {"key"}
+    objs = helm_template("-f", CPU_DEV, "--set", "apiKeys[0].name=ops,apiKeys[0].key=sk-ops,apiKeys[0].admin=true")
+    [secret] = [s for s in by_kind(objs, "Secret") if "keys.yaml" in s.get("data", {})]
+    [key] = yaml.safe_load(base64.b64decode(secret["data"]["keys.yaml"]))["keys"]
+    assert ApiKey.model_validate(key).admin is True
