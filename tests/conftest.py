@@ -10,7 +10,8 @@ import psutil
 import pytest
 
 # What our stacks start: vLLM's processes name themselves with setproctitle; Ray's by binary or title.
-MARKERS = ("VLLM::", "ray::", "gcs_server", "raylet", "dashboard/agent.py", "log_monitor.py")
+MARKERS = ("VLLM::", "ray::", "gcs_server", "raylet", "dashboard/agent.py", "log_monitor.py", "bin/postgres",
+           "postgres: ", "redis-server")
 _STARTED = time.time()
 
 

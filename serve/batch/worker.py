@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,8 +37,13 @@ MAX_HINT_S = 30.0  # a longer hint is slept in pieces, so a cancel is seen withi
 class BatchRunner:
     def __init__(self, store: BatchStore, call: Call, concurrency: int = 4, poll_s: float = 1.0,
                  progress_every: int = 5, retry_s: float = 1.0, max_retries: int = 120,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, worker_id: str | None = None,
+                 lease_s: float = 60.0) -> None:
         self.store = store
+        # A batch is run by the worker holding its lease (renewed every poll): two workers (a
+        # replaced replica and its successor, say) never run the same batch twice.
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.lease_s = lease_s
         self.call = call
         self.concurrency = concurrency
         self.poll_s = poll_s
@@ -83,15 +91,19 @@ class BatchRunner:
         running: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
-                for bid, task in list(running.items()):
-                    if task.done():
-                        del running[bid]
-                        if not task.cancelled() and task.exception() is not None:
-                            logger.error("batch %s failed in the worker; retrying", bid,
-                                         exc_info=task.exception())
                 try:
+                    for bid, task in list(running.items()):
+                        if task.done():
+                            del running[bid]
+                            await asyncio.to_thread(self.store.release_batch, bid, self.worker_id)
+                            if not task.cancelled() and task.exception() is not None:
+                                logger.error("batch %s failed in the worker; retrying", bid,
+                                             exc_info=task.exception())
+                        elif not await self._claim(bid):
+                            logger.warning("batch %s: lease lost to another worker; stopping here", bid)
+                            task.cancel()
                     for b in await asyncio.to_thread(self.store.active_batches):
-                        if b["id"] not in running:
+                        if b["id"] not in running and await self._claim(b["id"]):
                             running[b["id"]] = asyncio.create_task(self.process(b["id"]))
                 except Exception:
                     logger.exception("batch worker loop failed; retrying")
@@ -103,9 +115,16 @@ class BatchRunner:
     async def run_once(self) -> bool:
         """Run every active batch to its end, side by side (tests and one-shot tools)."""
         self._slots = asyncio.Semaphore(self.concurrency)
-        batches = await asyncio.to_thread(self.store.active_batches)
-        await asyncio.gather(*(self.process(b["id"]) for b in batches))
+        batches = [b for b in await asyncio.to_thread(self.store.active_batches) if await self._claim(b["id"])]
+        try:
+            await asyncio.gather(*(self.process(b["id"]) for b in batches))
+        finally:
+            for b in batches:
+                await asyncio.to_thread(self.store.release_batch, b["id"], self.worker_id)
         return bool(batches)
+
+    async def _claim(self, batch_id: str) -> bool:
+        return await asyncio.to_thread(self.store.claim_batch, batch_id, self.worker_id, self.lease_s)
 
     def _cancelled(self, batch_id: str) -> bool:
         b = self.store.get_batch(batch_id, owner=None)

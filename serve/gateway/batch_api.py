@@ -180,6 +180,8 @@ class BatchAPI:
                                           cancelling_at=int(time.time()))
         if updated is None:
             raise _not_found("batch", bid)
+        if updated["status"] != "cancelling":  # it finished meanwhile (another gateway, the worker)
+            raise APIError(409, f"Cannot cancel a batch with status '{updated['status']}'.", code="invalid_state")
         return JSONResponse(updated)
 
     def routes(self) -> list[Route]:

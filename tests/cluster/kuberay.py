@@ -189,7 +189,8 @@ class KubeRay:
         for kind in ("StatefulSet", "Deployment"):
             for wl in [o for o in self.objects if o.get("kind") == kind]:
                 for i in range(int(wl["spec"].get("replicas", 1))):
-                    name = f"{wl['metadata']['name']}-{i}" if kind == "StatefulSet" else f"{wl['metadata']['name']}-{i}x"
+                    base = wl["metadata"]["name"]
+                    name = f"{base}-{i}" if kind == "StatefulSet" else f"{base}-{i}x"
                     self._launch(self._workload_pod(wl, name, i))
         spec = self.rayservice["spec"]["rayClusterConfig"]
         head = self._ray_pod(spec["headGroupSpec"], "head", "headgroup", f"{self.cluster}-head", spec)
@@ -201,7 +202,8 @@ class KubeRay:
         self.wait(lambda: self._http(head.ip, 8265, "/api/gcs_healthz") is not None, 180, "head GCS")
         for g in spec.get("workerGroupSpecs", []):
             for i in range(int(g.get("replicas", g.get("minReplicas", 1)))):
-                self._launch(self._ray_pod(g, "worker", g["groupName"], f"{self.cluster}-{g['groupName']}-worker-{i}", spec))
+                name = f"{self.cluster}-{g['groupName']}-worker-{i}"
+                self._launch(self._ray_pod(g, "worker", g["groupName"], name, spec))
 
     def submit_serve_config(self) -> float:
         """Once the head pod is Ready, PUT serveConfigV2 as KubeRay does; returns the time."""
@@ -368,8 +370,9 @@ class KubeRay:
                                           "timeoutSeconds": 2, "periodSeconds": 5, "failureThreshold": 120}
                     injected.append("liveness")
                 if "readiness" not in probes:
-                    probes["readiness"] = {"httpGet": {"path": "/api/healthz", "port": agent}, "initialDelaySeconds": 10,
-                                           "timeoutSeconds": 2, "periodSeconds": 5, "failureThreshold": 10}
+                    probes["readiness"] = {"httpGet": {"path": "/api/healthz", "port": agent},
+                                           "initialDelaySeconds": 10, "timeoutSeconds": 2, "periodSeconds": 5,
+                                           "failureThreshold": 10}
                     if node_type == "worker":
                         serve = next((p["containerPort"] for p in c.get("ports", []) if p.get("name") == "serve"), 8000)
                         probes["readiness"] = {
@@ -387,7 +390,8 @@ class KubeRay:
         tmpl = wl["spec"]["template"]
         pod = Pod(name, "workload", wl["metadata"]["name"], dict(tmpl["metadata"].get("labels") or {}),
                   tmpl["spec"], self._pod_dir(name))
-        claims = {t["metadata"]["name"]: f"{t['metadata']['name']}-{name}" for t in wl["spec"].get("volumeClaimTemplates", [])}
+        claims = {t["metadata"]["name"]: f"{t['metadata']['name']}-{name}"
+                  for t in wl["spec"].get("volumeClaimTemplates", [])}
         pod.spec = {**tmpl["spec"], "volumes": [*tmpl["spec"].get("volumes", []),
                                                  *({"name": t, "persistentVolumeClaim": {"claimName": c}}
                                                    for t, c in claims.items())]}

@@ -340,3 +340,28 @@ def test_postgres_server_leaves_no_process_or_directory(tmp_path):
         os.killpg(group, 0)
     assert not data.exists() and "database system is shut down" in (tmp_path / "pg" / "postgres.log").read_text()
     client.close()
+
+
+def test_two_workers_over_one_batch_answer_each_line_once(stores):
+    """Two runners (a replaced batch-worker replica and its successor, on two stores) over one
+    20-line batch: the lease gives it to one of them, so each line is sent once."""
+    a, b = stores(), stores()
+    lines = "\n".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": EP,
+                                  "body": {"model": "m", "messages": []}}) for i in range(20))
+    fid = a.put_file(lines.encode(), "in.jsonl", "batch", owner="ann")["id"]
+    bid = new_batch(f"batch-{uuid.uuid4().hex[:12]}", fid, EP, "24h", None)["id"]
+    a.put_batch(new_batch(bid, fid, EP, "24h", None), owner="ann")
+    calls: list[str] = []
+
+    async def call(owner: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        calls.append(owner)
+        await asyncio.sleep(0.01)
+        return 200, {"ok": True}
+
+    async def both() -> None:
+        await asyncio.gather(BatchRunner(a, call, concurrency=4).run_once(),
+                             BatchRunner(b, call, concurrency=4).run_once())
+
+    asyncio.run(both())
+    assert len(calls) == 20
+    assert a.get_batch(bid, owner=None)["status"] == "completed"
