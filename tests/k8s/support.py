@@ -216,7 +216,7 @@ def check_serve_config_v2(text: str) -> tuple[dict[str, Any], Any]:
         app = apps[model.name]
         assert app["import_path"] == "serve.engine.app:build"
         assert app["route_prefix"] is None
-        assert set(app["args"]) == {"model", "namespace"}
+        assert set(app["args"]) == {"model", "namespace", "adapter_roots"}
         assert ModelSpec.model_validate(app["args"]["model"]) == model
         assert app["args"]["namespace"] == config.ray.namespace
     return raw, config

@@ -145,3 +145,20 @@ def test_several_gateways_need_postgresql_for_batches() -> None:
     [gateway] = [a for a in apps if a["name"] == "gateway"]
     # Serve refuses an override of a deployment the app lacks: no batch-worker without batches.
     assert [d["name"] for d in gateway["deployments"]] == ["gateway"]
+
+
+def test_several_gateways_need_batch_files_on_a_shared_volume() -> None:
+    """An upload lands on the pod of the gateway that took it; the batch worker and the other
+    gateways read it there, so with several gateways the files must be on a volume all mount."""
+    err = _refused("-f", PRODUCTION, "--set", "modelCache.type=emptyDir")
+    assert "gateway.replicas is 2" in err and "modelCache.type: pvc" in err
+    helm_template("-f", PRODUCTION, "--set", "modelCache.type=emptyDir,serve.batch.storage_dir=/shared/batch")
+    helm_template("-f", PRODUCTION, "--set", "modelCache.type=emptyDir,serve.batch.enabled=false")
+
+
+def test_engines_get_the_adapter_roots() -> None:
+    """A replica started after a promotion loads the promoted adapter only from these roots."""
+    objs = helm_template("-f", CPU_DEV, "--set", "serve.gateway.adapter_roots[0]=/model-cache/adapters")
+    apps = yaml.safe_load(one(objs, "RayService")["spec"]["serveConfigV2"])["applications"]
+    engines = [a for a in apps if a["import_path"] == "serve.engine.app:build"]
+    assert len(engines) == 2 and all(a["args"]["adapter_roots"] == ["/model-cache/adapters"] for a in engines)

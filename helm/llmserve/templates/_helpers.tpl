@@ -97,7 +97,7 @@ labelled llmserve.io/gateway=true (the pods the Service selects) through Serve d
 {{- $apps := list }}
 {{- range .Values.serve.models }}
 {{- $apps = append $apps (dict "name" .name "import_path" "serve.engine.app:build" "route_prefix" nil
-      "args" (dict "model" . "namespace" $ns)) }}
+      "args" (dict "model" . "namespace" $ns "adapter_roots" (dig "gateway" "adapter_roots" (list) $.Values.serve))) }}
 {{- end }}
 {{- $gatewayActor := dict "num_cpus" 0 "label_selector" (dict "llmserve.io/gateway" "true") }}
 {{- $overrides := list (dict "name" "gateway" "ray_actor_options" $gatewayActor) }}
