@@ -12,12 +12,13 @@ FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 EXTRAS ?= cpu,test,load
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps k8s-tools run test lint unit integration bench soak clean image
+.PHONY: help install system-deps k8s-tools run test lint unit integration bench soak clean image k8s
 
 help:
 	@echo "make run    - install and start the gateway on the tiny local model (http://127.0.0.1:8000/v1)"
 	@echo "make test   - install and run lint + unit + integration tests (real Ray Serve + vLLM on CPU)"
 	@echo "make image  - build the CPU and GPU container images (docker/; needs a running docker or podman)"
+	@echo "make k8s    - regenerate the kustomize overlays in k8s/ from the chart"
 
 # The chart's images (docker/): the CPU one (values.yaml's tag) and the CUDA one (values-production.yaml),
 # tagged with pyproject's version (tests/unit/test_images.py checks both against the chart). Fails,
@@ -79,8 +80,12 @@ k8s-tools:
 run: install
 	$(VENV)/bin/llmserve run $(ARGS)
 
+# k8s/: the kustomize overlays, rendered from the chart (tests/k8s fails on drift).
+k8s: install k8s-tools
+	$(PY) k8s/generate.py
+
 lint: install
-	$(VENV)/bin/ruff check serve tests bench loadtests
+	$(VENV)/bin/ruff check serve tests bench loadtests k8s
 	$(VENV)/bin/mypy
 
 unit: install
