@@ -1,8 +1,11 @@
 """The engine replica: Ray Serve LLM's LLMServer, plus vLLM's own OpenAI app on a port of its own.
 
-This is the one module that relies on Ray Serve LLM's less public surface
-(``LLMServer.__serve_build_asgi_app__``, which Ray 2.60's direct streaming uses to get vLLM's
-FastAPI app with LoRA resolution attached). Everything else in the project uses public APIs.
+This is the one module that relies on Ray Serve LLM's and vLLM's less public surface, each in
+one place: ``LLMServer.__serve_build_asgi_app__`` (which Ray 2.60's direct streaming uses to get
+vLLM's FastAPI app with LoRA resolution attached), Ray's engine wrapper's ``_engine_client``
+(vLLM's AsyncLLM: ``_engine_client()``) and AsyncLLM's ``logger_manager`` (where ``EngineLoad``,
+a vLLM stat logger, joins the engine's own: ``_engine_load()``). Everything else in the project
+uses public APIs.
 
 The port is closed to everyone without the engine secret (serve/engine/secret.py): the app is
 served wrapped in RequireEngineSecret rather than with vLLM's --api-key, whose middleware guards
@@ -13,6 +16,10 @@ Why: a request that goes proxy -> ingress replica -> LLMServer handle pays two R
 per-chunk object transfers; on 2 cores that served ~0.3x bare vLLM. Serving vLLM's app straight
 from the replica lets the gateway forward bytes over one keep-alive HTTP connection, while Ray
 Serve still owns placement, replica restarts, health checks and autoscaling.
+
+Autoscaling: the gateways bypass Serve's handles, so Serve's own count of a replica's ongoing
+requests stays near 0. The replica reports its load itself through Serve's custom-metrics hook,
+``record_autoscaling_stats`` (the metric names serve/policies/autoscaling.py reads, per replica).
 """
 
 from __future__ import annotations
@@ -21,21 +28,98 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 import uuid
+from collections import deque
 from typing import Any
 
 from ray.serve.llm import LLMServer
+from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
 from serve.asgi import bind_socket, start_in_loop
 from serve.engine.lifeline import tie_engine_cores_to_replica
 from serve.engine.registry import get_registry
 from serve.engine.secret import ENV as SECRET_ENV
-from serve.engine.secret import RequireEngineSecret, adapter_roots, engine_secret, runtime_adapters_for
+from serve.engine.secret import (
+    ASGIApp,
+    Receive,
+    RequireEngineSecret,
+    Scope,
+    Send,
+    adapter_roots,
+    engine_secret,
+    runtime_adapters_for,
+)
+from serve.policies.autoscaling import KV_USAGE, ONGOING, REQUESTS, TTFT, WAITING
 
 logger = logging.getLogger("llmserve.engine")
 
 HEARTBEAT_S = 2.0
 TTL_S = 8.0
+# The TTFT reported is the mean of the first tokens of this long: about one of Serve's samples of a
+# replica (every min(look_back_period_s x 0.2, metrics_interval_s), 6 s with the chart's defaults).
+TTFT_WINDOW_S = 10.0
+
+
+class CountRequests:
+    """ASGI middleware: counts the inference requests the engine's app receives (POST under /v1/,
+    vLLM's LoRA load/unload excluded), when they arrive: the autoscaler's request rate."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.received = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and scope.get("method") == "POST" and scope["path"].startswith("/v1/")
+                and not scope["path"].endswith("_lora_adapter")):
+            self.received += 1
+        await self.app(scope, receive, send)
+
+
+class EngineLoad(AggregateStatLoggerBase):
+    """A vLLM stat logger keeping what the autoscaler needs from the stats the engine already
+    makes: each engine core's newest scheduler stats (waiting requests, KV-cache use) and recent
+    times to first token. vLLM calls record() from its output loop after each engine step, on the
+    replica's event loop, where the hook reads it: nothing is computed or locked per read."""
+
+    def __init__(self, vllm_config: Any = None, engine_indexes: list[int] | None = None) -> None:
+        self._waiting: dict[int, int] = {}
+        self._kv: dict[int, float] = {}
+        self._ttft: deque[tuple[float, float]] = deque()  # (monotonic time, seconds)
+        self._last_ttft = 0.0
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+               engine_idx: int = 0) -> None:
+        if scheduler_stats is not None:
+            # Deferred ("skipped") requests wait too: vLLM's own log counts them as waiting.
+            self._waiting[engine_idx] = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+            self._kv[engine_idx] = float(scheduler_stats.kv_cache_usage)
+        if iteration_stats is not None and iteration_stats.time_to_first_tokens_iter:
+            now = time.monotonic()
+            self._ttft.extend((now, t) for t in iteration_stats.time_to_first_tokens_iter)
+            self._last_ttft = float(iteration_stats.time_to_first_tokens_iter[-1])
+            self._prune(now)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def _prune(self, now: float) -> None:
+        while self._ttft and now - self._ttft[0][0] > TTFT_WINDOW_S:
+            self._ttft.popleft()
+
+    def waiting(self) -> int:
+        return sum(self._waiting.values())
+
+    def kv_usage(self) -> float:
+        return sum(self._kv.values()) / len(self._kv) if self._kv else 0.0
+
+    def ttft_s(self, busy: bool) -> float:
+        """Mean TTFT of the first tokens of the last TTFT_WINDOW_S. None in it: the last one seen
+        while requests are still in the engine (all decoding, or none scheduled yet), 0 when idle."""
+        self._prune(time.monotonic())
+        if self._ttft:
+            return sum(t for _, t in self._ttft) / len(self._ttft)
+        return self._last_ttft if busy else 0.0
 
 
 class DirectLLMServer(LLMServer):
@@ -62,7 +146,7 @@ class DirectLLMServer(LLMServer):
         self.url = f"http://{advertise}:{self._sock.getsockname()[1]}"
         app = await self.__serve_build_asgi_app__()
         app.add_api_route("/llmserve/stats", self._stats, methods=["GET"])
-        self._server, self._serve_task = await start_in_loop(RequireEngineSecret(app, secret), self._sock)
+        self._server, self._serve_task = await start_in_loop(self._engine_app(app, secret), self._sock)
         # A name reloaded at run time (other weights under a configured name) wins over the config:
         # loading both would fail on the second ("already been loaded") and the replica never start.
         wanted = {a["name"]: a for a in [*(adapters or []), *self._runtime_adapters()]}
@@ -72,6 +156,13 @@ class DirectLLMServer(LLMServer):
         await self._registry.register.remote(self._model_name, self._replica_id, self.url, TTL_S)
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
         logger.info("engine %s serving at %s", self._replica_id, self.url)
+
+    def _engine_app(self, app: ASGIApp, secret: str) -> ASGIApp:
+        """vLLM's app as the port serves it, and the load it reports to the autoscaler. The request
+        counter sits inside the secret check: only requests that reach the engine count."""
+        self._requests = CountRequests(app)
+        self._load = EngineLoad()
+        return RequireEngineSecret(self._requests, secret)
 
     @staticmethod
     def _node_ip(bind_host: str) -> str:
@@ -89,13 +180,49 @@ class DirectLLMServer(LLMServer):
             except Exception:  # the registry restarts on its own; keep beating
                 logger.warning("registry heartbeat failed", exc_info=True)
 
+    def _engine_client(self) -> Any:
+        """vLLM's AsyncLLM, behind Ray's engine wrapper (None before the engine started)."""
+        return getattr(self.engine, "_engine_client", None)
+
+    def _engine_load(self, client: Any) -> EngineLoad | None:
+        """self._load, among the engine's stat loggers (AsyncLLM takes custom ones only when built,
+        and Ray builds it). Checked on every read: vLLM replaces its logger manager when it rescales
+        (scale_elastic_ep). None when the engine makes no stats (disable_log_stats)."""
+        manager = getattr(client, "logger_manager", None)
+        if manager is None:
+            return None
+        if not any(logger is self._load for logger in manager.stat_loggers):
+            manager.stat_loggers.append(self._load)
+        return self._load
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's replica hook for custom autoscaling metrics (Ray 2.60, ray/serve/_private/
+        replica.py: looked up by this name on the replica's instance, awaited on its event loop
+        every min(look_back_period_s x 0.2, metrics_interval_s); ints and floats only, or Serve
+        turns custom metrics off for good). Serve's controller hands the values to the policy per
+        replica as time series (AutoscalingContext.raw_metrics[name][replica])."""
+        client = self._engine_client()
+        if client is None:  # not after __init__; an error here is counted and logged by Serve
+            raise RuntimeError("the engine has not started")
+        ongoing = int(client.get_num_unfinished_requests())
+        stats = {REQUESTS: float(self._requests.received), ONGOING: float(ongoing)}
+        load = self._engine_load(client)
+        if load is not None:
+            # Scheduler stats come after each engine step; the frontend's count is current, so an
+            # idle engine reads idle even if its last stats were sent mid-step.
+            stats[WAITING] = float(min(load.waiting(), ongoing))
+            stats[KV_USAGE] = load.kv_usage() if ongoing else 0.0
+            stats[TTFT] = load.ttft_s(busy=ongoing > 0)
+        return stats
+
     async def _stats(self) -> dict[str, Any]:
         """Requests the engine still holds (running or waiting): what must drop to zero after a
-        client disconnects. Read from vLLM's AsyncLLM through Ray's engine wrapper."""
-        client = getattr(self.engine, "_engine_client", None)
+        client disconnects; and what the replica reports to Serve's autoscaler."""
+        client = self._engine_client()
         unfinished = client.get_num_unfinished_requests() if client is not None else -1
+        autoscaling = await self.record_autoscaling_stats() if client is not None else {}
         return {"replica": self._replica_id, "model": self._model_name, "unfinished_requests": unfinished,
-                "pid": os.getpid()}
+                "autoscaling": autoscaling, "pid": os.getpid()}
 
     def _runtime_adapters(self) -> list[dict[str, str]]:
         """Adapters promoted while the service ran (registered in Redis for this base model), if
