@@ -1,0 +1,434 @@
+"""The engine replica's autoscaling metrics (serve/engine/direct.py, record_autoscaling_stats), from a
+stand-in vLLM engine through Ray Serve 2.60's own replica and controller code to the chart's policy.
+
+No Ray cluster and no vLLM engine: the replica class is DirectLLMServer with its __init__ (engine,
+port, registry) replaced by the state the hook reads, built by the same DirectLLMServer._engine_app;
+the engine is a stand-in AsyncLLM whose output loop reports to vLLM's own StatLoggerManager with
+vLLM's own SchedulerStats and IterationStats. Serve's pieces are Ray's: UserCallableWrapper (finds
+the hook), ReplicaMetricsManager (validates, records and pushes what it returns), the compressed
+report, DeploymentAutoscalingState (builds the AutoscalingContext, runs the policy in Serve's
+wrapper with its delays and bounds). Time is a fake clock in all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time as real_time
+from collections.abc import Iterable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import ray
+import yaml
+from ray.serve import autoscaling_policy as ray_policy
+from ray.serve._private import autoscaling_state as ray_state
+from ray.serve._private import replica as ray_replica
+from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
+from ray.serve._private.config import DeploymentConfig, ReplicaConfig
+from ray.serve._private.constants import RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR
+from ray.serve._private.deployment_info import DeploymentInfo
+from ray.serve._private.utils import decompress_metric_report
+from ray.serve.config import AutoscalingConfig
+from vllm.v1.metrics.loggers import StatLoggerBase, StatLoggerManager
+from vllm.v1.metrics.stats import IterationStats, SchedulerStats
+
+from serve.config import ModelSpec
+from serve.engine import direct
+from serve.engine.direct import DirectLLMServer, EngineLoad
+from serve.policies import autoscaling as slo
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "unit-test-engine-secret-0123456789"
+DEP = DeploymentID(name="engine:tiny", app_name="tiny")
+
+
+# ---- stand-ins for vLLM's engine and app ---------------------------------------------------------
+class FakeAsyncLLM:
+    """What the replica reads of vLLM's AsyncLLM: the frontend's unfinished requests, and the stat
+    logger manager its output loop reports every engine step to (vLLM's class and record())."""
+
+    def __init__(self) -> None:
+        self.unfinished = 0
+        self.logger_manager = self.new_logger_manager()
+
+    @staticmethod
+    def new_logger_manager() -> StatLoggerManager:
+        manager = StatLoggerManager.__new__(StatLoggerManager)  # its loggers need a VllmConfig
+        manager.engine_indexes, manager.stat_loggers = [0, 1], []
+        return manager
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.unfinished
+
+    def step(self, *, running: int, waiting: int, skipped: int = 0, kv: float = 0.0,
+             ttfts: Iterable[float] = (), engine_idx: int = 0) -> None:
+        """One engine step's stats, passed as AsyncLLM's output handler passes them (vllm 0.32,
+        v1/engine/async_llm.py, output_handler)."""
+        iteration = IterationStats()
+        iteration.time_to_first_tokens_iter = list(ttfts)
+        self.logger_manager.record(
+            engine_idx=engine_idx, iteration_stats=iteration, mm_cache_stats=None,
+            scheduler_stats=SchedulerStats(num_running_reqs=running, num_waiting_reqs=waiting,
+                                           num_skipped_waiting_reqs=skipped, kv_cache_usage=kv))
+
+
+async def inference_app(scope: Any, receive: Any, send: Any) -> None:
+    """Stands in for vLLM's OpenAI app: every route answers 200."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
+class EngineReplica(DirectLLMServer):
+    """DirectLLMServer with a stand-in engine and app (its real __init__ loads vLLM and binds a port)."""
+
+    def __init__(self, engine: FakeAsyncLLM) -> None:
+        self.engine = SimpleNamespace(_engine_client=engine)
+        self.app = self._engine_app(inference_app, SECRET)
+        self._replica_id, self._model_name = "tiny#test", "tiny"
+
+    def __del__(self) -> None:  # the real one unregisters and stops the port: neither exists here
+        pass
+
+
+async def call(app: Any, method: str, path: str, secret: str | None = SECRET) -> int:
+    headers = [(b"authorization", f"Bearer {secret}".encode())] if secret else []
+    status: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    await app({"type": "http", "method": method, "path": path, "headers": headers}, receive, send)
+    return status[0]
+
+
+class ReadNames(dict):
+    """raw_metrics that notes every metric name the policy looks up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return True
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.names.add(key)
+        return super().get(key, default)
+
+
+def names_the_policy_reads() -> set[str]:
+    raw = ReadNames()
+    slo.read_signals(SimpleNamespace(raw_metrics=raw, total_num_requests=0.0, total_queued_requests=0.0))
+    return raw.names
+
+
+# ---- the hook's values -----------------------------------------------------------------------------
+async def test_counts_the_inference_requests_that_reach_the_engine():
+    replica = EngineReplica(FakeAsyncLLM())
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"):
+        assert await call(replica.app, "POST", path) == 200
+    # Not inference: reads, LoRA loading, the probe; refused without the secret: never reached vLLM.
+    assert await call(replica.app, "GET", "/v1/models") == 200
+    assert await call(replica.app, "POST", "/v1/load_lora_adapter") == 200
+    assert await call(replica.app, "POST", "/v1/unload_lora_adapter") == 200
+    assert await call(replica.app, "GET", "/health", secret=None) == 200
+    assert await call(replica.app, "POST", "/v1/chat/completions", secret=None) == 401
+    assert await call(replica.app, "POST", "/v1/chat/completions", secret="x" * 40) == 401
+    assert (await replica.record_autoscaling_stats())[slo.REQUESTS] == 4.0
+
+
+async def test_reports_exactly_what_the_policy_reads_from_the_engines_state():
+    engine = FakeAsyncLLM()
+    replica = EngineReplica(engine)
+    await replica.record_autoscaling_stats()  # joins the engine's stat loggers, as on Serve's first call
+    for _ in range(3):
+        await call(replica.app, "POST", "/v1/chat/completions")
+    engine.unfinished = 7
+    engine.step(running=4, waiting=2, skipped=1, kv=0.5, ttfts=[0.2, 0.4])
+    stats = await replica.record_autoscaling_stats()
+    assert set(stats) == names_the_policy_reads()
+    assert stats == {slo.REQUESTS: 3.0, slo.ONGOING: 7.0, slo.WAITING: 3.0, slo.KV_USAGE: 0.5,
+                     slo.TTFT: pytest.approx(0.3)}
+    # What Ray's replica accepts (ReplicaMetricsManager._fetch_custom_autoscaling_metrics): anything
+    # else on the first call turns custom metrics off for the replica's life.
+    assert all(type(v) in (int, float) for v in stats.values())
+
+
+async def test_an_idle_engine_reads_idle_even_if_its_last_step_was_busy():
+    engine = FakeAsyncLLM()
+    replica = EngineReplica(engine)
+    await replica.record_autoscaling_stats()
+    engine.step(running=8, waiting=5, kv=0.9, ttfts=[2.0])
+    engine.unfinished = 0  # the frontend saw them finish; no engine step has reported since
+    stats = await replica.record_autoscaling_stats()
+    assert (stats[slo.ONGOING], stats[slo.WAITING], stats[slo.KV_USAGE]) == (0.0, 0.0, 0.0)
+
+
+async def test_sums_waiting_and_averages_kv_over_data_parallel_engine_cores():
+    engine = FakeAsyncLLM()
+    replica = EngineReplica(engine)
+    await replica.record_autoscaling_stats()
+    engine.unfinished = 40
+    engine.step(running=10, waiting=6, kv=0.8, engine_idx=0)
+    engine.step(running=10, waiting=4, kv=0.4, engine_idx=1)
+    engine.step(running=12, waiting=3, kv=0.6, engine_idx=0)  # engine 0's newer step replaces its last
+    stats = await replica.record_autoscaling_stats()
+    assert stats[slo.WAITING] == 7.0
+    assert stats[slo.KV_USAGE] == pytest.approx(0.5)
+
+
+class FakeTime:
+    """A `time` module whose clock the test sets."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(real_time, name)
+
+
+async def test_ttft_is_the_mean_of_the_last_window_and_holds_while_requests_remain(monkeypatch):
+    clock = FakeTime()
+    monkeypatch.setattr(direct, "time", clock)
+    engine = FakeAsyncLLM()
+    replica = EngineReplica(engine)
+    await replica.record_autoscaling_stats()
+    engine.unfinished = 5
+    engine.step(running=5, waiting=0, ttfts=[1.0])
+    clock.now += 5
+    engine.step(running=5, waiting=0, ttfts=[3.0, 2.0])
+    assert (await replica.record_autoscaling_stats())[slo.TTFT] == pytest.approx(2.0)
+    clock.now += direct.TTFT_WINDOW_S - 2  # the first one left the window
+    assert (await replica.record_autoscaling_stats())[slo.TTFT] == pytest.approx(2.5)
+    clock.now += 30  # none since: the last first token still stands while requests are in the engine
+    assert (await replica.record_autoscaling_stats())[slo.TTFT] == 2.0
+    engine.unfinished = 0
+    assert (await replica.record_autoscaling_stats())[slo.TTFT] == 0.0
+
+
+async def test_joins_the_engines_stat_loggers_once_and_again_when_vllm_replaces_them():
+    engine = FakeAsyncLLM()
+    replica = EngineReplica(engine)
+    for _ in range(3):
+        await replica.record_autoscaling_stats()
+    assert [type(x) for x in engine.logger_manager.stat_loggers] == [EngineLoad]
+    engine.logger_manager = FakeAsyncLLM.new_logger_manager()  # AsyncLLM.scale_elastic_ep
+    await replica.record_autoscaling_stats()
+    engine.unfinished = 9
+    engine.step(running=4, waiting=5)
+    assert (await replica.record_autoscaling_stats())[slo.WAITING] == 5.0
+    # An engine without stats (disable_log_stats): what the replica knows, no made-up zeros.
+    engine.logger_manager = None  # type: ignore[assignment]
+    assert set(await replica.record_autoscaling_stats()) == {slo.REQUESTS, slo.ONGOING}
+
+
+def test_engine_load_is_a_vllm_stat_logger_taking_what_vllm_passes():
+    assert issubclass(EngineLoad, StatLoggerBase)
+    ours = inspect.signature(EngineLoad.record).parameters
+    assert list(ours) == list(inspect.signature(StatLoggerBase.record).parameters)
+    assert not inspect.isabstract(EngineLoad)
+
+
+async def test_the_stats_route_shows_what_the_replica_reports():
+    engine = FakeAsyncLLM()
+    replica = EngineReplica(engine)
+    await replica.record_autoscaling_stats()
+    await call(replica.app, "POST", "/v1/completions")
+    engine.unfinished = 2
+    engine.step(running=1, waiting=1, kv=0.25, ttfts=[0.5])
+    stats = await replica._stats()
+    assert stats["unfinished_requests"] == 2
+    assert stats["autoscaling"] == {slo.REQUESTS: 1.0, slo.ONGOING: 2.0, slo.WAITING: 1.0, slo.KV_USAGE: 0.25,
+                                    slo.TTFT: 0.5}
+
+
+# ---- through Ray Serve's replica and controller -----------------------------------------------------
+def chart_autoscaling(**change: Any) -> tuple[AutoscalingConfig, int]:
+    """Serve's autoscaling_config for the chart's default model, built as deployments.py builds it."""
+    values = yaml.safe_load((ROOT / "helm/llmserve/values.yaml").read_text())
+    model = values["serve"]["models"][0]
+    model["deployment"]["autoscaling"].update(change)
+    dep = ModelSpec(**model).deployment
+    assert dep.autoscaling is not None and dep.autoscaling.policy == "slo"
+    config = AutoscalingConfig(**dep.autoscaling.serve_autoscaling_config(dep.max_ongoing_requests))
+    assert config.policy.policy_function == "serve.policies.autoscaling:SLOPolicy"
+    return config, dep.max_ongoing_requests
+
+
+class Noop:
+    pass
+
+
+class Controller:
+    """Serve's controller for one deployment: Ray's DeploymentAutoscalingState, fed the replicas'
+    compressed reports as ServeController.record_autoscaling_metrics_from_replica feeds it."""
+
+    def __init__(self, config: AutoscalingConfig, max_ongoing: int) -> None:
+        self.state = ray_state.DeploymentAutoscalingState(DEP)
+        info = DeploymentInfo(
+            deployment_config=DeploymentConfig(autoscaling_config=config, max_ongoing_requests=max_ongoing),
+            replica_config=ReplicaConfig.create(Noop), start_time_ms=0, deployer_job_id="test")
+        self.target = self.state.register(info, config.min_replicas)
+        self.record_autoscaling_metrics_from_replica = SimpleNamespace(remote=self._receive)
+
+    def _receive(self, compressed: bytes) -> object:
+        self.state.record_request_metrics_for_replica(decompress_metric_report(compressed))
+        return object()  # the push's ObjectRef
+
+
+class ServedReplica:
+    """One engine replica as Ray runs it: the user callable in Ray's wrapper, Ray's metrics manager."""
+
+    def __init__(self, n: int, config: AutoscalingConfig, max_ongoing: int) -> None:
+        self.id = ReplicaID(unique_id=f"r{n}", deployment_id=DEP)
+        self.config, self.max_ongoing = config, max_ongoing
+        self.engine = FakeAsyncLLM()
+        self.wrapper = ray_replica.UserCallableWrapper(
+            EngineReplica, (self.engine,), {}, deployment_id=DEP, run_sync_methods_in_threadpool=False,
+            run_user_code_in_separate_thread=False, local_testing_mode=True,
+            deployment_config=DeploymentConfig(autoscaling_config=config), actor_id=f"actor-{n}")
+        self.received = 0
+
+    async def start(self) -> None:
+        await self.wrapper.initialize_callable()
+        self.app = self.wrapper._callable.app
+        self.metrics = ray_replica.ReplicaMetricsManager(self.id, asyncio.get_running_loop(), self.config,
+                                                         False, self.max_ongoing)
+        # What Replica.initialize does once the user callable is up (ray/serve/_private/replica.py).
+        has_hook = getattr(self.wrapper, "_user_autoscaling_stats", None) is not None
+        self.metrics.enable_custom_autoscaling_metrics(
+            custom_metrics_enabled=has_hook, record_autoscaling_stats_fn=self.wrapper.call_record_autoscaling_stats)
+
+    async def serve(self, requests: int, request_s: float) -> None:
+        """`requests` arrive this second through the port's app, each in the engine for `request_s`."""
+        for _ in range(requests):
+            assert await call(self.app, "POST", "/v1/chat/completions") == 200
+        self.engine.unfinished = ongoing = round(requests * request_s)
+        self.engine.step(running=ongoing, waiting=0, kv=ongoing / 256, ttfts=[0.1] * requests)
+
+
+async def run(config: AutoscalingConfig, max_ongoing: int, load: list[tuple[int, int, float]],
+              monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
+    """Ticks of one second: the gateway spreads `rate` requests over the serving replicas, each
+    replica records and pushes its metrics at Serve's intervals, the controller decides, replicas
+    start or stop at once. `load`: [(seconds, requests/s, seconds a request is in the engine)].
+    Returns the target at each second."""
+    clock = FakeTime(0.0)
+    for module in (ray_replica, ray_state, ray_policy, direct):
+        monkeypatch.setattr(module, "time", clock)
+    started: list[ReplicaID] = []
+    # The pusher's two periodic tasks are driven below on the fake clock, at the intervals it uses.
+    monkeypatch.setattr(ray_replica.ReplicaMetricsManager, "start_metrics_pusher",
+                        lambda self: started.append(self._replica_id))
+    monkeypatch.setattr(ray_replica, "check_obj_ref_ready_nowait", lambda ref: True)
+    controller = Controller(config, max_ongoing)
+    monkeypatch.setattr(ray, "get_actor", lambda *a, **k: controller)
+    record_every = min(config.look_back_period_s * RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR,
+                       config.metrics_interval_s)
+    replicas: list[ServedReplica] = []
+    made = 0
+    targets: dict[int, int] = {}
+    begin = 0
+    for seconds, rate, request_s in load:
+        for t in range(begin, begin + seconds):
+            clock.now = float(t)
+            while len(replicas) < controller.target:
+                replica = ServedReplica(made, config, max_ongoing)
+                made += 1
+                await replica.start()
+                replicas.append(replica)
+            while len(replicas) > controller.target:
+                controller.state.on_replica_stopped(replicas.pop().id)
+            controller.state.update_running_replica_ids([r.id for r in replicas])
+            for i, replica in enumerate(replicas):
+                await replica.serve(rate // len(replicas) + (i < rate % len(replicas)), request_s)
+                if t % record_every < 1:
+                    await replica.metrics._add_autoscaling_metrics_point_async()
+                if t % config.metrics_interval_s < 1:
+                    replica.metrics._push_autoscaling_metrics()
+            decision = controller.state.get_decision_num_replicas(controller.target)
+            if decision != controller.target:
+                (controller.state.record_scale_up if decision > controller.target
+                 else controller.state.record_scale_down)()
+            controller.target = targets[t] = decision
+        begin += seconds
+    # Every replica's hook was found and Serve's pusher asked for: custom metrics on, on each.
+    assert started == [ReplicaID(unique_id=f"r{n}", deployment_id=DEP) for n in range(made)]
+    assert all(r.metrics._custom_metrics_enabled and r.metrics._checked_custom_metrics for r in replicas)
+    return targets
+
+
+async def test_load_through_serve_scales_the_chart_deployment_up_and_back_down(monkeypatch):
+    config, max_ongoing = chart_autoscaling()
+    assert (config.min_replicas, config.max_replicas, config.upscale_delay_s) == (1, 2, 0)
+    start_s = config.policy.policy_kwargs["replica_start_s"]
+    rate = int(1.5 * config.policy.policy_kwargs["target_requests_per_s"])  # 1.5 replicas' worth
+    # Short requests: ~10 in the engine, under target_ongoing_requests; the rate alone says 2 replicas.
+    targets = await run(config, max_ongoing, [(60, rate, 0.1), (200, 0, 0.0)], monkeypatch)
+    assert targets[0] == 1  # one sample of the counter: no rate yet
+    # Up at the first push whose window holds two samples of the counter.
+    assert min(t for t, n in targets.items() if n == 2) <= 2 * config.metrics_interval_s
+    # Down only after the load was gone for replica_start_s and then the downscale delay, to min_replicas.
+    assert all(n == 2 for t, n in targets.items() if 20 <= t < 60 + start_s + config.downscale_delay_s)
+    assert targets[259] == 1
+
+
+async def test_without_a_measured_rate_it_scales_on_the_engines_ongoing_requests(monkeypatch):
+    config, max_ongoing = chart_autoscaling(target_requests_per_s=None)
+    assert config.policy.policy_kwargs["target_requests_per_s"] is None
+    # 40 requests in the engine, 16 a replica: more than one replica; nothing reaches Serve's handles.
+    targets = await run(config, max_ongoing, [(40, 40, 1.0), (80, 0, 0.0)], monkeypatch)
+    assert min(t for t, n in targets.items() if n == 2) <= 2 * config.metrics_interval_s
+    assert targets[119] == 1
+
+
+async def test_serve_hands_the_policy_each_replicas_series_of_what_the_hook_returned(monkeypatch):
+    config, max_ongoing = chart_autoscaling()
+    clock = FakeTime(0.0)
+    for module in (ray_replica, ray_state, direct):
+        monkeypatch.setattr(module, "time", clock)
+    monkeypatch.setattr(ray_replica.ReplicaMetricsManager, "start_metrics_pusher", lambda self: None)
+    controller = Controller(config, max_ongoing)
+    monkeypatch.setattr(ray, "get_actor", lambda *a, **k: controller)
+    replica = ServedReplica(0, config, max_ongoing)
+    await replica.start()
+    controller.state.update_running_replica_ids([replica.id])
+    for t, (requests, waiting) in enumerate([(30, 0), (50, 2), (60, 4)]):
+        clock.now = 6.0 * t
+        for _ in range(requests):
+            await call(replica.app, "POST", "/v1/completions")
+        replica.engine.unfinished = 20 + waiting
+        replica.engine.step(running=20, waiting=waiting, kv=0.7, ttfts=[0.25])
+        await replica.metrics._add_autoscaling_metrics_point_async()
+    replica.metrics._push_autoscaling_metrics()
+    ctx = controller.state.get_autoscaling_context(1)
+    assert ctx.raw_metrics[slo.REQUESTS][replica.id] == [
+        TimeStampedValue(0.0, 30.0), TimeStampedValue(6.0, 80.0), TimeStampedValue(12.0, 140.0)]
+    signals = slo.read_signals(ctx)
+    assert signals == slo.Signals(rate=pytest.approx(110 / 12), ongoing=24.0, waiting=4.0, kv_usage=0.7, ttft_s=0.25)
+
+
+async def test_rays_replica_finds_the_hook_by_the_name_it_looks_up_and_keeps_its_values(monkeypatch):
+    config, max_ongoing = chart_autoscaling()
+    monkeypatch.setattr(ray, "get_actor", lambda *a, **k: None)
+    monkeypatch.setattr(ray_replica.ReplicaMetricsManager, "start_metrics_pusher", lambda self: None)
+    replica = ServedReplica(0, config, max_ongoing)
+    await replica.start()
+    # UserCallableWrapper.initialize_callable: getattr(callable, "record_autoscaling_stats", None).
+    assert replica.wrapper._user_autoscaling_stats.__func__ is DirectLLMServer.record_autoscaling_stats
+    stats = await replica.metrics._fetch_custom_autoscaling_metrics()
+    assert stats is not None and set(stats) == names_the_policy_reads()
+    assert replica.metrics._custom_metrics_enabled and replica.metrics._checked_custom_metrics
