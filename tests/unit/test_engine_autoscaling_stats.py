@@ -242,6 +242,22 @@ def test_engine_load_is_a_vllm_stat_logger_taking_what_vllm_passes():
     assert not inspect.isabstract(EngineLoad)
 
 
+def test_the_engine_internals_the_stand_ins_copy_are_the_installed_ones():
+    """FakeAsyncLLM and EngineReplica copy what direct.py reads of Ray's engine wrapper and vLLM's
+    AsyncLLM; an upgrade that renames any of it must fail here, not in a cluster."""
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    assert "self._engine_client = self._start_async_llm_engine(" in inspect.getsource(VLLMEngine)
+    assert callable(AsyncLLM.get_num_unfinished_requests)
+    init, loop = inspect.getsource(AsyncLLM.__init__), inspect.getsource(AsyncLLM._run_output_handler)
+    assert "self.logger_manager = StatLoggerManager(" in init
+    assert "self._logger_ref = [self.logger_manager]" in loop and "logger_ref[0].record(" in loop
+    manager = inspect.getsource(StatLoggerManager)
+    assert "self.stat_loggers: list[AggregateStatLoggerBase] = []" in manager
+    assert "for stat_logger in self.stat_loggers:" in inspect.getsource(StatLoggerManager.record)
+
+
 async def test_the_stats_route_shows_what_the_replica_reports():
     engine = FakeAsyncLLM()
     replica = EngineReplica(engine)
