@@ -12,10 +12,11 @@ FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 EXTRAS ?= cpu,test,load
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps k8s-tools run test lint unit integration bench soak clean image k8s
+.PHONY: help install system-deps k8s-tools run demo test lint unit integration bench soak clean image k8s
 
 help:
 	@echo "make run    - install and start the gateway on the tiny local model (http://127.0.0.1:8000/v1)"
+	@echo "make demo   - run the teacher-to-student loop (cache, trained student, cascade) and write its economics report to demo-out/"
 	@echo "make test   - install and run lint + unit + integration tests (real Ray Serve + vLLM on CPU)"
 	@echo "make image  - build the CPU and GPU container images (docker/; needs a running docker or podman)"
 	@echo "make k8s    - regenerate the kustomize overlays in k8s/ from the chart"
@@ -79,6 +80,11 @@ k8s-tools:
 
 run: install
 	$(VENV)/bin/llmserve run $(ARGS)
+
+# The whole loop on the tiny models (examples/demo.yaml), its own Redis, Ray and engines, all stopped
+# at the end: demo-out/report/economics.txt, .json and .png (about 10 minutes on 2 cores).
+demo: install system-deps
+	$(VENV)/bin/llmserve demo $(ARGS)
 
 # k8s/: the kustomize overlays, rendered from the chart (tests/k8s fails on drift).
 k8s: install k8s-tools

@@ -191,10 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_tiny_model)
 
     from serve.cli_tools import add_commands
+    from serve.demo import add_command as add_demo_command
     from serve.students.cli import add_commands as add_student_commands
+    from serve.students.report import add_commands as add_report_commands
 
     add_commands(sub)
     add_student_commands(sub)
+    add_report_commands(sub)
+    add_demo_command(sub)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("config")

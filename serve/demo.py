@@ -1,0 +1,354 @@
+"""`llmserve demo` (`make demo`): the teacher-to-student loop, end to end, on the tiny CPU models.
+
+synthesise a Zipf query log -> the teacher answers the head through the Batch API -> cache build ->
+label a tail sample with the teacher -> students train -> eval -> calibrate on held-out labels ->
+promote through the gate -> replay the log through the route -> the economics report.
+
+Every step after the stack is up is the `llmserve` command a user would type, run as a child
+process and printed before it runs. The demo starts its own Redis, Ray, engines and gateway, and
+stops all of them when it ends, however it ends (Ctrl-C and SIGTERM included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from serve.config import Config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
+ROUTE = "assistant"
+
+
+class DemoError(RuntimeError):
+    """A step failed; the message says which and why."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Demo:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out = Path(args.out).resolve()
+        self.times: list[tuple[str, float]] = []
+        self.key = secrets.token_urlsafe(24)  # this run's admin key; never written anywhere
+        self.env = {**os.environ, "LLMSERVE_API_KEY": self.key}
+        self.notes: list[str] = []
+
+    # ---- printing and child commands -----------------------------------------------------------
+    @contextlib.contextmanager
+    def step(self, title: str) -> Iterator[None]:
+        n = len(self.times) + 1
+        print(f"\n=== [{n}] {title}", flush=True)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            took = time.monotonic() - started
+            self.times.append((title, took))
+            print(f"--- [{n}] {took:.1f}s", flush=True)
+
+    def llmserve(self, *argv: str, ok: tuple[int, ...] = (0,)) -> tuple[int, str]:
+        """Run `llmserve ARGV` as a child (its progress bars on our stderr); returns (code, stdout)."""
+        print("$ llmserve " + shlex.join(argv), flush=True)
+        done = subprocess.run([sys.executable, "-m", "serve.cli", *argv], stdout=subprocess.PIPE, text=True,
+                              env=self.env)
+        print(done.stdout, end="", flush=True)
+        if done.returncode not in ok:
+            raise DemoError(f"`llmserve {argv[0]} {argv[1] if len(argv) > 1 else ''}` exited {done.returncode}")
+        return done.returncode, done.stdout
+
+    @staticmethod
+    def last_json(stdout: str) -> dict[str, Any]:
+        for line in reversed(stdout.splitlines()):
+            if line.startswith("{"):
+                return dict(json.loads(line))
+        return {}
+
+    # ---- configuration -------------------------------------------------------------------------
+    def configure(self, redis_url: str) -> Config:
+        raw = yaml.safe_load(Path(self.args.config).read_text())
+        state = self.out / "state"
+        raw["cache"] = {**raw.get("cache", {}), "redis_url": redis_url}
+        raw["batch"] = {**raw.get("batch", {}), "db_path": str(state / "batch.db"),
+                        "storage_dir": str(state / "files")}
+        raw["gateway"] = {**raw.get("gateway", {}), "host": "127.0.0.1", "port": self.args.port or _free_port(),
+                          "metrics_port": _free_port(), "adapter_roots": [str(self.out / "adapters")]}
+        raw["auth"] = {"enabled": True, "keys": [{"name": "demo", "admin": True,
+                                                  "sha256": hashlib.sha256(self.key.encode()).hexdigest()}]}
+        config = Config.model_validate(raw)
+        self.write_config(config)
+        return config
+
+    def write_config(self, config: Config) -> None:
+        (self.out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+    @property
+    def cfg(self) -> str:
+        return str(self.out / "config.yaml")
+
+
+# ---- what the demo starts ----------------------------------------------------------------------
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise DemoError("redis-server is not installed (`make system-deps` installs it), or pass --redis-url")
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError as e:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise DemoError("redis-server did not start") from e
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def gateway(config: Config, registry: Any) -> Iterator[str]:
+    """The gateway on a thread of this process (as `llmserve run` serves it); yields its base URL."""
+    import uvicorn
+
+    from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
+
+    app = build_gateway(config, ray_snapshot_source(registry))
+    server = uvicorn.Server(uvicorn_config(app, config))
+    sockets = listen(app, config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=sockets)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise DemoError("the gateway did not start")
+        time.sleep(0.1)
+    try:
+        yield f"http://{config.gateway.host}:{config.gateway.port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=config.gateway.drain_timeout_s + 10)
+
+
+def _sigterm_is_interrupt() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every `finally` below stops what it started."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+def _tail_log(log: Path, tail: Path, top: int) -> tuple[int, float]:
+    """Write the log's requests outside its `top` head queries to `tail`; (distinct head, coverage)."""
+    from serve.cache.pipeline import read_log, select_head
+    from serve.policies.cache_key import cache_key, endpoint_for
+
+    with log.open("rb") as f:
+        requests = read_log(f)
+    head, total = select_head(requests, ROUTE, top)
+    keys = {q.key for q in head}
+    rest = [r for r in requests if cache_key(ROUTE, endpoint_for(r), r) not in keys]
+    tail.write_text("".join(json.dumps(r) + "\n" for r in rest))
+    return len(head), sum(q.count for q in head) / max(total, 1)
+
+
+def _held_out_labels(labels: Path, manifest: dict[str, Any], out: Path) -> int:
+    """The labels `students train` held out (by id, from its manifest): eval and calibration use
+    only these, so no score is measured on what the student was trained on."""
+    held = set(manifest["split"]["held_out"])
+    rows = [x for x in labels.read_text().splitlines() if x.strip() and json.loads(x)["id"] in held]
+    out.write_text("".join(r + "\n" for r in rows))
+    return len(rows)
+
+
+def _load_adapter(url: str, key: str, name: str, path: str, base: str) -> dict[str, Any]:
+    import httpx
+
+    r = httpx.post(f"{url}/llmserve/adapters", json={"name": name, "path": path, "base": base},
+                   headers={"Authorization": f"Bearer {key}"}, timeout=300)
+    if r.status_code != 200:
+        raise DemoError(f"loading {name} failed: {r.status_code} {r.text[:300]}")
+    return dict(r.json())
+
+
+def run_loop(demo: Demo) -> int:
+    from serve.engine.cluster import wait_for_engines
+    from serve.stack import start_stack, stop_stack
+
+    a = demo.args
+    out = demo.out
+    log, tail, labels, held = out / "log.jsonl", out / "tail.jsonl", out / "labels.jsonl", out / "heldout.jsonl"
+    adapter = out / "adapters" / a.adapter
+    with demo.step(f"synthesise a query log: {a.requests} requests over {a.distinct} queries, Zipf s={a.s}"):
+        demo.llmserve("cache", "synth-log", "-o", str(log), "--requests", str(a.requests), "--distinct",
+                      str(a.distinct), "--s", str(a.s), "--max-tokens", "16", "--model", ROUTE)
+        n_head, coverage = _tail_log(log, tail, a.top)
+        print(f"the {n_head} most frequent queries are {coverage:.1%} of the log; the rest (the tail) -> {tail}")
+
+    with contextlib.ExitStack() as stack:
+        redis_url = a.redis_url or stack.enter_context(redis_server(out / "redis"))
+        config = demo.configure(redis_url)
+        with demo.step("start the stack: Ray, a teacher and a student engine (vLLM on CPU), the gateway"):
+            print(f"configuration: {demo.cfg} (from {a.config}); Redis {redis_url}", flush=True)
+            registry = start_stack(config)
+            stack.callback(stop_stack, config)  # registered at once: a failed start is stopped too
+            stack.callback(print, "stopping the engines and Ray...", flush=True)
+            wait_for_engines(registry, [m.name for m in config.models], timeout_s=900)
+            gw = contextlib.ExitStack()
+            stack.enter_context(gw)
+            url = gw.enter_context(gateway(config, registry))
+            print(f"gateway on {url}", flush=True)
+        remote = ["--config", demo.cfg, "--url", url]
+        student_base = next(m for m in config.models if m.name == "student")
+
+        with demo.step(f"cache build: the teacher answers the {a.top} head queries through the Batch API"):
+            demo.llmserve("cache", "build", "--log", str(log), "--top", str(a.top), "--model", "teacher",
+                          "--route", ROUTE, *remote)
+        with demo.step(f"label a tail sample: the teacher answers {a.labels} tail queries (Batch API)"):
+            demo.llmserve("students", "label", "--log", str(tail), "--teacher", "teacher", "--sample",
+                          str(a.labels), "-o", str(labels), *remote)
+        with demo.step("students train: a LoRA adapter for the student base on the teacher's labels"):
+            _, stdout = demo.llmserve("students", "train", "--labels", str(labels), "--base", student_base.source,
+                                      "-o", str(adapter), "--holdout", str(a.holdout))
+            manifest_path = demo.last_json(stdout)["manifest"]
+            manifest = json.loads(Path(manifest_path).read_text())
+            n_held = _held_out_labels(labels, manifest, held)
+            print(f"{n_held} held-out labels (never trained on) -> {held}")
+        with demo.step("eval: load the adapter into the student's engine, score it on the held-out labels"):
+            print(f"POST {url}/llmserve/adapters {{name: {a.adapter}, path: {adapter}, base: student}}", flush=True)
+            print(json.dumps(_load_adapter(url, demo.key, a.adapter, str(adapter), "student")))
+            _, stdout = demo.llmserve("students", "eval", "--adapter", a.adapter, "--labels", str(held),
+                                      "--path", str(adapter), *remote)
+            score = demo.last_json(stdout)["scores"]["token_overlap"]
+        with demo.step("calibrate the cascade threshold on the held-out labels"):
+            target = a.target if a.target is not None else round(score + 0.02, 3)
+            print(f"target: the answers the student keeps must agree at {target} (its mean was {score:.3f})"
+                  if a.target is None else f"target: {target}", flush=True)
+            code, stdout = demo.llmserve("students", "calibrate", "--student", a.adapter, "--labels", str(held),
+                                         "--target", str(target), "--out", str(out / "calibration"), *remote,
+                                         ok=(0, 1))
+            cal = demo.last_json(stdout)
+        with demo.step("promote the trained student on the route, through the route's gate"):
+            code_p, _ = demo.llmserve("students", "promote", a.adapter, "--route", ROUTE, "--path", str(adapter),
+                                      "--base", "student", *remote, ok=(0, 1))
+            if code_p:
+                demo.notes.append(f"the gate refused {a.adapter}: the route kept its untrained student")
+        with demo.step("roll the gateway onto the calibrated threshold"):
+            cascade = config.route(ROUTE).cascade  # type: ignore[union-attr]
+            assert cascade is not None
+            if code == 0 and cal.get("threshold") is not None:
+                cascade.min_mean_logprob = float(cal["threshold"])
+                held_cal = cal.get("held_out") or {}
+                demo.notes.append(f"cascade threshold {cascade.min_mean_logprob:.4f} from calibration (target "
+                                  f"{target}; on the held-out half: teacher share {held_cal.get('teacher_share')}, "
+                                  f"kept agreement {held_cal.get('agreement')})")
+            else:
+                demo.notes.append(f"calibration found no threshold meeting {target} on held-out labels; the "
+                                  f"configured {cascade.min_mean_logprob} stays")
+            print(demo.notes[-1], flush=True)
+            demo.write_config(config)
+            gw.close()  # the engines, Redis (the cache, the promotion) stay; only the gateway restarts
+            url = gw.enter_context(gateway(config, registry))
+            remote = ["--config", demo.cfg, "--url", url]
+            time.sleep(2 * config.gateway.discovery_interval_s)  # it picks up the promotion from Redis
+        with demo.step(f"replay the {a.requests}-request log through route {ROUTE!r}: the economics report"):
+            notes = [x for n in demo.notes for x in ("--note", n)]
+            code_r, _ = demo.llmserve("report", "economics", "--route", ROUTE, "--log", str(log), *remote,
+                                      "--labels", str(held), "--base", "student", "--manifest", manifest_path,
+                                      "--out", str(out / "report"), "--concurrency", str(a.concurrency), *notes)
+    return code_r
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if not Path(args.config).is_file():
+        print(f"llmserve: no demo configuration at {args.config}: pass --config", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    demo = Demo(args)
+    if demo.out.exists() and any(demo.out.iterdir()):
+        shutil.rmtree(demo.out)  # one run's outputs: a leftover adapter or labels would mix two runs
+    demo.out.mkdir(parents=True)
+    _sigterm_is_interrupt()
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # our lines and the children's, in order, through a pipe
+    started = time.monotonic()
+    code = 1
+    try:
+        code = run_loop(demo)
+    except DemoError as e:
+        print(f"llmserve demo: {e}", file=sys.stderr)
+    except Exception:  # an engine that failed to start, a Ray error: said, and everything stopped
+        traceback.print_exc()
+        print("llmserve demo: failed; everything it started is stopped", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("llmserve demo: interrupted; everything it started is stopped", file=sys.stderr)
+        code = 130
+    total = time.monotonic() - started
+    rows = [f"  {took:7.1f}s  {title}" for title, took in demo.times]
+    print("\nsteps:\n" + "\n".join(rows) + f"\n  {total:7.1f}s  in all", flush=True)
+    (demo.out / "steps.json").write_text(json.dumps(
+        {"steps": [{"step": t, "seconds": round(s, 1)} for t, s in demo.times], "total_seconds": round(total, 1),
+         "exit": code}, indent=1) + "\n")
+    if code == 0:
+        print(f"report: {demo.out / 'report' / 'economics.txt'} (and .json, .png)")
+    return code
+
+
+def add_command(sub: Any) -> None:
+    p = sub.add_parser("demo", help="run the whole teacher-to-student loop on the tiny models and write the "
+                                    "economics report (starts and stops its own stack)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="the demo's models and route (examples/demo.yaml)")
+    p.add_argument("--out", default="demo-out", help="directory for everything the run writes (replaced)")
+    p.add_argument("--redis-url", help="use this Redis instead of starting one (its route state is shared)")
+    p.add_argument("--port", type=int, help="gateway port (default: a free one)")
+    p.add_argument("--requests", type=int, default=10_000, help="requests in the synthesised log")
+    p.add_argument("--distinct", type=int, default=1000, help="distinct queries in the log")
+    p.add_argument("--s", type=float, default=1.1, help="Zipf exponent of the log")
+    p.add_argument("--top", type=int, default=100, help="head queries the teacher answers into the cache")
+    p.add_argument("--labels", type=int, default=500, help="tail queries the teacher labels for training")
+    p.add_argument("--holdout", type=float, default=0.3, help="share of labels held out from training")
+    p.add_argument("--adapter", default="student-v1", help="name the trained adapter is served under")
+    p.add_argument("--target", type=float,
+                   help="calibration target; default: the trained student's held-out agreement + 0.02 (its "
+                        "confident answers must beat its average)")
+    p.add_argument("--concurrency", type=int, default=16, help="replay requests in flight")
+    p.set_defaults(func=cmd_demo)
