@@ -265,14 +265,21 @@ class KubeRay:
         port = next(p for p in ports if port_name is None or p.get("name") == port_name)
         return self.services[name], int(port["port"])
 
+    def unready(self) -> dict[str, Any]:
+        """Pods not Ready, with their probe failures and problems (for a failing test's message)."""
+        return {p.name: {"fails": {f"{c}/{k}": n for (c, k), n in p.fails.items() if n}, "problems": p.problems}
+                for p in self.pods if not p.ready and not p.killed}
+
     @staticmethod
-    def wait(cond: Any, timeout_s: float, what: str, every_s: float = 1.0) -> float:
+    def wait(cond: Any, timeout_s: float, what: Any, every_s: float = 1.0) -> float:
+        """Seconds until cond() holds; `what` (a string, or a callable for a late message) names it."""
         t0 = time.monotonic()
         while True:
             with contextlib.suppress(Exception):
                 if cond():
                     return time.monotonic() - t0
-            assert time.monotonic() - t0 < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
+            if time.monotonic() - t0 >= timeout_s:
+                raise AssertionError(f"timed out after {timeout_s} s waiting for {what() if callable(what) else what}")
             time.sleep(every_s)
 
     @staticmethod
@@ -478,6 +485,9 @@ class KubeRay:
         self.pods.append(pod)
         for c in pod.containers:
             c.env = {k: v.replace("<pod-ip>", pod.ip) for k, v in c.env.items()}
+            # The kubelet expands $(VAR) in command and args too, from the container's env.
+            c.argv = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m, e=c.env: e.get(m.group(1), m.group(0)), a)
+                      for a in c.argv]
             pod.ready_c[c.name] = False
             pod.startup_ok[c.name] = "startup" not in c.probes
             pod.procs.append(self._run(pod, c))
