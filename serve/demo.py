@@ -4,9 +4,14 @@ synthesise a Zipf query log -> the teacher answers the head through the Batch AP
 label a tail sample with the teacher -> students train -> eval -> calibrate on held-out labels ->
 promote through the gate -> replay the log through the route -> the economics report.
 
-Every step after the stack is up is the `llmserve` command a user would type, run as a child
-process and printed before it runs. The demo starts its own Redis, Ray, engines and gateway, and
-stops all of them when it ends, however it ends (Ctrl-C and SIGTERM included).
+The tiny models have random weights: a random teacher knows nothing a student could learn (its
+answers are byte soup), so the demo first teaches the teacher a 15-topic FAQ, the same way it later
+teaches the student (`students train`), and serves that adapter as `teacher`. With a real teacher
+that step does not exist; everything after it is the loop as it runs with real models.
+
+Every step is the `llmserve` command a user would type, run as a child process and printed before
+it runs. The demo starts its own Redis, Ray, engines and gateway, and stops all of them when it
+ends, however it ends (Ctrl-C and SIGTERM included).
 """
 
 from __future__ import annotations
@@ -39,6 +44,25 @@ from serve.config import Config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
 ROUTE = "assistant"
+MAX_TOKENS = 24  # every FAQ answer fits, with its end of turn
+# What the demo's teacher is taught to answer: one answer per topic of `cache synth-log`'s queries.
+FAQ = {
+    "order": "Open your orders page and choose the order.",
+    "refund": "A refund is paid back within three days.",
+    "password": "Open the settings page and follow the reset link.",
+    "delivery": "Your order is on its way and should arrive soon.",
+    "invoice": "Open the billing page to download the invoice.",
+    "warranty": "The warranty covers two years.",
+    "address": "Open the settings page and change the address there.",
+    "payment": "Open the billing page and add a new card.",
+    "login": "Use the reset link on the login page.",
+    "account": "Open the settings page and choose account.",
+    "shipping": "Shipping is free and takes three days.",
+    "return": "Send it back within thirty days.",
+    "subscription": "Open the billing page to change your plan.",
+    "coupon": "Enter the coupon code when you pay.",
+    "store hours": "We are open Monday to Friday, nine to five.",
+}
 
 
 class DemoError(RuntimeError):
@@ -101,6 +125,9 @@ class Demo:
                           "metrics_port": _free_port(), "adapter_roots": [str(self.out / "adapters")]}
         raw["auth"] = {"enabled": True, "keys": [{"name": "demo", "admin": True,
                                                   "sha256": hashlib.sha256(self.key.encode()).hexdigest()}]}
+        for m in raw["models"]:  # the taught teacher: an adapter this run wrote before the engines start
+            for adapter in m.get("adapters", []):
+                adapter["path"] = str(self.out / "adapters" / adapter["name"])
         config = Config.model_validate(raw)
         self.write_config(config)
         return config
@@ -191,6 +218,27 @@ def _tail_log(log: Path, tail: Path, top: int) -> tuple[int, float]:
     return len(head), sum(q.count for q in head) / max(total, 1)
 
 
+def faq_labels(n: int, seed: int = 7) -> list[dict[str, Any]]:
+    """What the teacher is taught: `n` FAQ questions, phrased as the query log phrases them (case
+    numbers it does not use, doubled spaces in some), each with its topic's answer, in the label
+    format `students train` reads. Pure."""
+    import random
+
+    from serve.cache.pipeline import TOPICS
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        text = f"How do I change my {topic} (case {rng.randrange(10_000, 100_000)})?"
+        if rng.random() < 0.3:  # as synth_log varies whitespace: the teacher learns it does not matter
+            text = "  " + text.replace(" ", "  ") + " "
+        rows.append({"id": f"faq-{i}", "request": {"messages": [{"role": "user", "content": text}], "temperature": 0,
+                                                   "max_tokens": MAX_TOKENS},
+                     "teacher": FAQ[topic], "finish_reason": "stop"})
+    return rows
+
+
 def _held_out_labels(labels: Path, manifest: dict[str, Any], out: Path) -> int:
     """The labels `students train` held out (by id, from its manifest): eval and calibration use
     only these, so no score is measured on what the student was trained on."""
@@ -220,9 +268,20 @@ def run_loop(demo: Demo) -> int:
     adapter = out / "adapters" / a.adapter
     with demo.step(f"synthesise a query log: {a.requests} requests over {a.distinct} queries, Zipf s={a.s}"):
         demo.llmserve("cache", "synth-log", "-o", str(log), "--requests", str(a.requests), "--distinct",
-                      str(a.distinct), "--s", str(a.s), "--max-tokens", "16", "--model", ROUTE)
+                      str(a.distinct), "--s", str(a.s), "--max-tokens", str(MAX_TOKENS), "--model", ROUTE)
         n_head, coverage = _tail_log(log, tail, a.top)
         print(f"the {n_head} most frequent queries are {coverage:.1%} of the log; the rest (the tail) -> {tail}")
+
+    raw = yaml.safe_load(Path(a.config).read_text())
+    taught = [(m["source"], ad["name"]) for m in raw["models"] for ad in m.get("adapters", [])]
+    with demo.step("teach the teacher: random weights know nothing, so it learns a 15-topic FAQ first"):
+        faq = out / "faq.jsonl"
+        faq.write_text("".join(json.dumps(r) + "\n" for r in faq_labels(a.faq)))
+        print(f"{a.faq} FAQ questions with their answers -> {faq} (a real teacher needs no such step)")
+        for source, name in taught:
+            demo.llmserve("students", "train", "--labels", str(faq), "--base", source, "-o",
+                          str(out / "adapters" / name), "--holdout", "0.1", "--epochs", str(a.teacher_epochs),
+                          "--max-new-tokens", str(MAX_TOKENS), "--eval-limit", "60")
 
     with contextlib.ExitStack() as stack:
         redis_url = a.redis_url or stack.enter_context(redis_server(out / "redis"))
@@ -238,43 +297,46 @@ def run_loop(demo: Demo) -> int:
             url = gw.enter_context(gateway(config, registry))
             print(f"gateway on {url}", flush=True)
         remote = ["--config", demo.cfg, "--url", url]
-        student_base = next(m for m in config.models if m.name == "student")
+        cascade = config.route(ROUTE).cascade  # type: ignore[union-attr]
+        assert cascade is not None, f"the demo's route {ROUTE!r} must be a cascade"
+        teacher, base = cascade.teacher, cascade.student  # the configured student: the untrained base
+        student_base = config.model(base)
+        assert student_base is not None, f"the route's configured student {base!r} must be a base model"
 
         with demo.step(f"cache build: the teacher answers the {a.top} head queries through the Batch API"):
-            demo.llmserve("cache", "build", "--log", str(log), "--top", str(a.top), "--model", "teacher",
+            demo.llmserve("cache", "build", "--log", str(log), "--top", str(a.top), "--model", teacher,
                           "--route", ROUTE, *remote)
         with demo.step(f"label a tail sample: the teacher answers {a.labels} tail queries (Batch API)"):
-            demo.llmserve("students", "label", "--log", str(tail), "--teacher", "teacher", "--sample",
+            demo.llmserve("students", "label", "--log", str(tail), "--teacher", teacher, "--sample",
                           str(a.labels), "-o", str(labels), *remote)
         with demo.step("students train: a LoRA adapter for the student base on the teacher's labels"):
             _, stdout = demo.llmserve("students", "train", "--labels", str(labels), "--base", student_base.source,
-                                      "-o", str(adapter), "--holdout", str(a.holdout))
+                                      "-o", str(adapter), "--holdout", str(a.holdout), "--epochs", str(a.epochs),
+                                      "--max-new-tokens", str(MAX_TOKENS))
             manifest_path = demo.last_json(stdout)["manifest"]
             manifest = json.loads(Path(manifest_path).read_text())
             n_held = _held_out_labels(labels, manifest, held)
             print(f"{n_held} held-out labels (never trained on) -> {held}")
         with demo.step("eval: load the adapter into the student's engine, score it on the held-out labels"):
-            print(f"POST {url}/llmserve/adapters {{name: {a.adapter}, path: {adapter}, base: student}}", flush=True)
-            print(json.dumps(_load_adapter(url, demo.key, a.adapter, str(adapter), "student")))
+            print(f"POST {url}/llmserve/adapters {{name: {a.adapter}, path: {adapter}, base: {base}}}", flush=True)
+            print(json.dumps(_load_adapter(url, demo.key, a.adapter, str(adapter), base)))
             _, stdout = demo.llmserve("students", "eval", "--adapter", a.adapter, "--labels", str(held),
                                       "--path", str(adapter), *remote)
             score = demo.last_json(stdout)["scores"]["token_overlap"]
         with demo.step("calibrate the cascade threshold on the held-out labels"):
-            target = a.target if a.target is not None else round(score + 0.02, 3)
-            print(f"target: the answers the student keeps must agree at {target} (its mean was {score:.3f})"
-                  if a.target is None else f"target: {target}", flush=True)
+            target = a.target
+            print(f"target: the answers the student keeps must agree with the teacher's at {target} token overlap "
+                  f"(all its held-out answers: {score:.3f})", flush=True)
             code, stdout = demo.llmserve("students", "calibrate", "--student", a.adapter, "--labels", str(held),
                                          "--target", str(target), "--out", str(out / "calibration"), *remote,
                                          ok=(0, 1))
             cal = demo.last_json(stdout)
         with demo.step("promote the trained student on the route, through the route's gate"):
             code_p, _ = demo.llmserve("students", "promote", a.adapter, "--route", ROUTE, "--path", str(adapter),
-                                      "--base", "student", *remote, ok=(0, 1))
+                                      "--base", base, *remote, ok=(0, 1))
             if code_p:
                 demo.notes.append(f"the gate refused {a.adapter}: the route kept its untrained student")
         with demo.step("roll the gateway onto the calibrated threshold"):
-            cascade = config.route(ROUTE).cascade  # type: ignore[union-attr]
-            assert cascade is not None
             if code == 0 and cal.get("threshold") is not None:
                 cascade.min_mean_logprob = float(cal["threshold"])
                 held_cal = cal.get("held_out") or {}
@@ -293,7 +355,7 @@ def run_loop(demo: Demo) -> int:
         with demo.step(f"replay the {a.requests}-request log through route {ROUTE!r}: the economics report"):
             notes = [x for n in demo.notes for x in ("--note", n)]
             code_r, _ = demo.llmserve("report", "economics", "--route", ROUTE, "--log", str(log), *remote,
-                                      "--labels", str(held), "--base", "student", "--manifest", manifest_path,
+                                      "--labels", str(held), "--base", base, "--manifest", manifest_path,
                                       "--out", str(out / "report"), "--concurrency", str(a.concurrency), *notes)
     return code_r
 
@@ -344,11 +406,13 @@ def add_command(sub: Any) -> None:
     p.add_argument("--distinct", type=int, default=1000, help="distinct queries in the log")
     p.add_argument("--s", type=float, default=1.1, help="Zipf exponent of the log")
     p.add_argument("--top", type=int, default=100, help="head queries the teacher answers into the cache")
-    p.add_argument("--labels", type=int, default=500, help="tail queries the teacher labels for training")
+    p.add_argument("--faq", type=int, default=600, help="FAQ questions the tiny teacher is taught first")
+    p.add_argument("--teacher-epochs", type=int, default=10, help="epochs of teaching the teacher")
+    p.add_argument("--labels", type=int, default=600, help="tail queries the teacher labels for the student")
     p.add_argument("--holdout", type=float, default=0.3, help="share of labels held out from training")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of training the student")
     p.add_argument("--adapter", default="student-v1", help="name the trained adapter is served under")
-    p.add_argument("--target", type=float,
-                   help="calibration target; default: the trained student's held-out agreement + 0.02 (its "
-                        "confident answers must beat its average)")
+    p.add_argument("--target", type=float, default=0.75,
+                   help="calibration target: the agreement with the teacher the student's kept answers must reach")
     p.add_argument("--concurrency", type=int, default=16, help="replay requests in flight")
     p.set_defaults(func=cmd_demo)

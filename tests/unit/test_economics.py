@@ -217,3 +217,21 @@ def test_replay_reads_tier_cost_and_answer_of_every_request():
     assert records[1].cost_usd == pytest.approx(student_cost + (3 * 10 + 3 * 20) / 1e6)  # both billed
     assert [r.cost_usd for r in records[2:]] == [0.0, 0.0, 0.0]
     assert all(r.latency_s > 0 for r in records)
+
+
+# ---- what the demo teaches its tiny teacher (serve/demo.py), on which the report's figures rest --
+def test_demo_faq_answers_every_topic_of_the_log_within_the_token_budget():
+    from serve.cache.pipeline import TOPICS, synth_log
+    from serve.demo import FAQ, MAX_TOKENS, faq_labels
+    from serve.model.tiny import train_tokenizer
+
+    assert set(FAQ) == set(TOPICS)  # a log topic without an answer would leave the teacher guessing
+    tok = train_tokenizer()
+    assert max(len(tok.encode(a).ids) for a in FAQ.values()) < MAX_TOKENS  # room for the end of turn
+    rows = faq_labels(60)
+    assert {r["teacher"] for r in rows} == set(FAQ.values())
+    assert {r["request"]["max_tokens"] for r in rows} == {MAX_TOKENS}
+    asked = {r["request"]["messages"][0]["content"] for r in rows}
+    logged = {r["messages"][0]["content"] for r in synth_log(10_000, 1000, max_tokens=MAX_TOKENS)}
+    assert not asked & logged  # taught on other case numbers than the log's: the log is not memorised
+    assert any(q.startswith("  ") for q in asked)  # taught that doubled spaces do not change the answer
