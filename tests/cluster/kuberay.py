@@ -415,6 +415,7 @@ class KubeRay:
     def _pod_dir(self, name: str) -> Path:
         d = self.state / "pods" / name
         (d / "tmp").mkdir(parents=True, exist_ok=True)
+        (d / "home").mkdir(parents=True, exist_ok=True)
         return d
 
     def _container(self, pod: Pod, c: dict[str, Any], argv: list[str], probes: dict[str, Any],
@@ -502,13 +503,14 @@ class KubeRay:
                 lines.append(f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(dst)}")
             else:
                 lines.append(f"mount --bind {shlex.quote(src)} {shlex.quote(dst)}")
-        # The pod's own /tmp (Ray's session dir and sockets live there; every node has one).
-        lines.append(f"mount --bind {shlex.quote(str(pod.dir / 'tmp'))} /tmp")
+        # The pod's own /tmp/ray (Ray's session dir and sockets: every node has its own). Only that
+        # directory: the rest of /tmp stays the host's, where the checkout and its venv may live.
+        lines.append(f"mkdir -p /tmp/ray && mount --bind {shlex.quote(str(pod.dir / 'tmp'))} /tmp/ray")
         lines.append(f"cd {shlex.quote(c.spec.get('workingDir') or str(Path.cwd()))}")
         lines.append('exec env -i "$@"')
         venv_bin = str(Path(sys.executable).parent)
         image_env = {"PATH": f"{venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                     "HOME": "/tmp", "LANG": "C.UTF-8", "HOSTNAME": pod.name}
+                     "HOME": str(pod.dir / "home"), "LANG": "C.UTF-8", "HOSTNAME": pod.name}
         env = {**image_env, **c.env}
         argv = ["ip", "netns", "exec", pod.ns, "bash", "-c", "\n".join(lines), pod.name,
                 *(f"{k}={v}" for k, v in env.items()), *c.argv]
