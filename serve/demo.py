@@ -339,10 +339,11 @@ def run_loop(demo: Demo) -> int:
         with demo.step("roll the gateway onto the calibrated threshold"):
             if code == 0 and cal.get("threshold") is not None:
                 cascade.min_mean_logprob = float(cal["threshold"])
-                held_cal = cal.get("held_out") or {}
+                share, kept = ((cal.get("held_out") or {}).get(k) for k in ("teacher_share", "agreement"))
+                checked = (f"; on the held-out half it sends {share:.0%} to the teacher and the student's kept "
+                           f"answers agree at {kept:.3f}") if share is not None and kept is not None else ""
                 demo.notes.append(f"cascade threshold {cascade.min_mean_logprob:.4f} from calibration (target "
-                                  f"{target}; on the held-out half: teacher share {held_cal.get('teacher_share')}, "
-                                  f"kept agreement {held_cal.get('agreement')})")
+                                  f"{target}{checked})")
             else:
                 demo.notes.append(f"calibration found no threshold meeting {target} on held-out labels; the "
                                   f"configured {cascade.min_mean_logprob} stays")
