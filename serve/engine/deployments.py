@@ -60,14 +60,13 @@ def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None
     if adapter_roots:
         # Where adapters registered at runtime may be loaded from by a new replica (direct.py).
         env[secret.ADAPTER_ROOTS_ENV] = os.pathsep.join(adapter_roots)
-    engine_secret = secret.engine_secret()
-    if engine_secret:
-        # Ray 2.60 starts a worker with the raylet's environment and sets runtime_env env_vars over
-        # it (ray._private.runtime_env.context.RuntimeEnvContext.exec_worker -> update_envs), so
-        # pods that got the secret from a Kubernetes Secret pass it on already; this copy is for a
-        # cluster that did not start with it (`ray.address` of an existing cluster). Set after
-        # spec.env so a model's env cannot replace it.
-        env[secret.ENV] = engine_secret
+    # The engine secret never goes into runtime_env: Serve logs a deployment's options (env vars
+    # included) and the dashboard shows them. Ray 2.60 starts a worker with the raylet's
+    # environment (ray._private.runtime_env.context.RuntimeEnvContext.exec_worker), which has it:
+    # `llmserve run` exports it before it starts Ray, the chart's pods get it from a Secret, and a
+    # cluster joined with `ray.address` needs it in its nodes' environment. Nor may a model's env
+    # replace it (engines and gateways would then disagree).
+    env.pop(secret.ENV, None)
     kwargs: dict[str, Any] = {
         "model_loading_config": {"model_id": spec.name, "model_source": source},
         "engine_kwargs": engine_kwargs,

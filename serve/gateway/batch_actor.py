@@ -11,8 +11,6 @@ from typing import Any
 from serve.batch.store import open_store
 from serve.batch.worker import BatchRunner, Call
 from serve.config import Config
-from serve.engine.secret import ENV as SECRET_ENV
-from serve.engine.secret import engine_secret
 from serve.gateway.app import Gateway
 from serve.gateway.errors import APIError
 
@@ -78,10 +76,9 @@ def start_batch_worker(config: Config) -> Any:
     import ray
 
     actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(BatchWorker)
-    # The worker talks to engines: it needs the engine secret even on a cluster it did not start.
-    secret = engine_secret()
+    # The worker talks to engines with the engine secret from its raylet's environment (never in
+    # runtime_env, which Ray logs and its dashboard shows; serve/engine/deployments.py).
     handle = actor.options(name=WORKER_NAME, namespace=config.ray.namespace, get_if_exists=True,
-                           runtime_env={"env_vars": {SECRET_ENV: secret}} if secret else None,
                            lifetime="detached").remote(config.model_dump(mode="json"))
     with contextlib.suppress(Exception):
         ray.get(handle.alive.remote(), timeout=60)

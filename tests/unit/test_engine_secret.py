@@ -111,14 +111,17 @@ def _fake_llm_config(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray.serve.llm", fake)
 
 
-def test_llm_config_carries_the_secret_and_adapter_roots(monkeypatch):
+def test_llm_config_carries_adapter_roots_and_never_the_secret(monkeypatch):
+    """Serve logs a deployment's options and the dashboard shows them: the secret reaches engines
+    through the raylet's environment only, and a model's env cannot set another one."""
     from serve.engine.deployments import llm_config_for
 
     _fake_llm_config(monkeypatch)
     monkeypatch.setenv(secret.ENV, SECRET)
     spec = ModelSpec(name="m", source="org/model", env={secret.ENV: "from-the-yaml-0123456789"})
-    env = llm_config_for(spec, "ns", adapter_roots=["/data/a", "/data/b"])["runtime_env"]["env_vars"]
-    assert env[secret.ENV] == SECRET  # a model's env cannot replace it
+    config = llm_config_for(spec, "ns", adapter_roots=["/data/a", "/data/b"])
+    env = config["runtime_env"]["env_vars"]
+    assert secret.ENV not in env and SECRET not in repr(config)
     assert env[secret.ADAPTER_ROOTS_ENV] == os.pathsep.join(["/data/a", "/data/b"])
     env = llm_config_for(ModelSpec(name="m", source="org/model"), "ns")["runtime_env"]["env_vars"]
     assert secret.ADAPTER_ROOTS_ENV not in env
