@@ -63,6 +63,12 @@ def quantity(q: Any) -> float:
     return float(s)
 
 
+def expand(text: str, env: dict[str, str]) -> str:
+    """The kubelet's `$(VAR)` expansion (env values, command, args): a name not defined (yet)
+    stays as written."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), text)
+
+
 def fqdn(name: str) -> list[str]:
     return [name, f"{name}.{NAMESPACE}", f"{name}.{NAMESPACE}.svc", f"{name}.{NAMESPACE}.svc.cluster.local"]
 
@@ -428,8 +434,7 @@ class KubeRay:
         env: dict[str, str] = {}
         for e in c.get("env", []):
             if "value" in e:
-                env[e["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
-                                        lambda m: env.get(m.group(1), m.group(0)), str(e["value"]))
+                env[e["name"]] = expand(str(e["value"]), env)
                 continue
             src = e["valueFrom"]
             if "secretKeyRef" in src:
@@ -487,8 +492,7 @@ class KubeRay:
         for c in pod.containers:
             c.env = {k: v.replace("<pod-ip>", pod.ip) for k, v in c.env.items()}
             # The kubelet expands $(VAR) in command and args too, from the container's env.
-            c.argv = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m, e=c.env: e.get(m.group(1), m.group(0)), a)
-                      for a in c.argv]
+            c.argv = [expand(a, c.env) for a in c.argv]
             pod.ready_c[c.name] = False
             pod.startup_ok[c.name] = "startup" not in c.probes
             pod.procs.append(self._run(pod, c))

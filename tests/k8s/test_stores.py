@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.cluster.kuberay import expand
 from tests.k8s.support import CHART, by_kind, helm_template, one, pod_templates, tool, validate
 from tests.k8s.test_helm import CASES, CPU_DEV, PRODUCTION
 
@@ -33,8 +34,7 @@ def _expand(env: list[dict[str, Any]], secrets: dict[tuple[str, str], str]) -> d
     seen: dict[str, str] = {}
     for e in env:
         if "value" in e:
-            seen[e["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
-                                     lambda m: seen.get(m.group(1), m.group(0)), e["value"])
+            seen[e["name"]] = expand(e["value"], seen)
         elif "secretKeyRef" in e.get("valueFrom", {}):
             ref = e["valueFrom"]["secretKeyRef"]
             seen[e["name"]] = secrets.get((ref["name"], ref["key"]), "<unresolved>")

@@ -28,6 +28,7 @@ from serve.batch.worker import BatchRunner, new_batch
 from serve.config import load_config
 from serve.gateway.batch_api import BatchAPI
 from serve.gateway.errors import APIError
+from tests.unit.test_batch import Reads
 
 EP = "/v1/chat/completions"
 ROUNDS = 20  # races per test: enough that a non-atomic step loses at least once (each break was seen to)
@@ -105,15 +106,6 @@ def test_a_file_is_deleted_by_exactly_one_of_racing_deletes(stores):
 
 def test_uploads_stream_in_chunks_and_a_failed_one_leaves_nothing(stores, tmp_path):
     a, b = stores(), stores()
-
-    class Reads(io.BytesIO):
-        def __init__(self, data: bytes) -> None:
-            super().__init__(data)
-            self.sizes: list[int] = []
-
-        def read(self, size=-1):
-            self.sizes.append(size)
-            return super().read(size)
 
     src = Reads(b"x" * (CHUNK * 2 + 5))
     f = a.put_file_stream(src, "big", "batch", owner="ann", max_bytes=CHUNK * 3)
