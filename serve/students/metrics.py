@@ -10,6 +10,9 @@ from typing import Any
 
 _WS = re.compile(r"\s+")
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+# What a byte-level tokenizer's decoder emits for bytes that are not valid UTF-8: random-weight
+# models answer in little else, so two of them "agree" on it without saying anything.
+REPLACEMENT = "\ufffd"
 
 
 def normalize(text: str) -> str:
@@ -20,11 +23,19 @@ def exact_match(student: str, teacher: str, schema: dict[str, Any] | None = None
     return 1.0 if normalize(student) == normalize(teacher) else 0.0
 
 
+def _words(text: str) -> list[str]:
+    # U+FFFD is neither a word character nor whitespace, so _TOKEN always makes it a token of its
+    # own (it never sits inside a word): dropping those tokens drops every U+FFFD, and the words on
+    # either side stay the words they were.
+    return [w for w in _TOKEN.findall(normalize(text)) if w != REPLACEMENT]
+
+
 def token_overlap(student: str, teacher: str, schema: dict[str, Any] | None = None) -> float:
-    """Token-level F1 (SQuAD style) after normalisation."""
-    s, t = _TOKEN.findall(normalize(student)), _TOKEN.findall(normalize(teacher))
+    """Token-level F1 (SQuAD style) after normalisation, U+FFFD not counted as a token."""
+    s, t = _words(student), _words(teacher)
     if not s and not t:
-        return 1.0
+        # Two empty answers agree; two made of nothing but U+FFFD do not.
+        return 0.0 if REPLACEMENT in student or REPLACEMENT in teacher else 1.0
     common = sum((Counter(s) & Counter(t)).values())
     if common == 0:
         return 0.0

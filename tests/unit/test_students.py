@@ -120,6 +120,17 @@ def test_metrics():
         score([], ["bleu"])
 
 
+def test_token_overlap_does_not_count_replacement_characters():
+    """U+FFFD, what byte-level decoding of a random-weight model emits, is not agreement."""
+    assert token_overlap("\ufffd\ufffd", "\ufffd") == 0.0
+    assert token_overlap("\ufffd", "\ufffd") == 0.0
+    assert token_overlap("foo \ufffd\ufffd", "bar \ufffd") == 0.0  # 0.5 when U+FFFD counted
+    # Real words count as if the U+FFFD were not there: 2 of 2 and 2 of 4 -> F1 2/3.
+    assert token_overlap("Paris\ufffd is \ufffd", "Paris is the capital") == pytest.approx(2 / 3)
+    assert token_overlap("ab\ufffdcd", "ab cd") == 1.0  # U+FFFD splits words, as before; it is not one
+    assert token_overlap("", " ") == 1.0  # two empty answers still agree
+
+
 # ---- adapter digests --------------------------------------------------------------------------
 def adapter(path, weights: bytes = b"w1", config: str = '{"r": 8}'):
     path.mkdir(parents=True)
