@@ -78,6 +78,18 @@ probes below call the agent's /api/healthz on it. Returned as YAML (fromYaml it)
 {{- range $k, $val := (.group.rayStartParams | default dict) }}
 {{- $_ := set $params $k (toString $val) }}
 {{- end }}
+{{- /* Ray Serve LLM puts `accelerator_type:<X>: 0.001` on every placement bundle of a model with
+accelerator_type. A real node of that GPU has the resource (Ray detects it), but KubeRay's
+autoscaler only knows what the group declares (ray/autoscaler/_private/kuberay/
+autoscaling_config.py), so without it no group fits and the autoscaler never adds a pod.
+The value is written the way KubeRay writes a group's `resources` (pod.go
+updateRayStartParamsResources): single-quoted JSON. */}}
+{{- with .group.acceleratorType }}
+{{- if hasKey $params "resources" }}
+{{- fail (printf "worker group %s sets both acceleratorType and rayStartParams.resources: put accelerator_type:%s into rayStartParams.resources, or drop it" $.group.name .) }}
+{{- end }}
+{{- $_ := set $params "resources" (printf "'{\"accelerator_type:%s\": 1}'" .) }}
+{{- end }}
 {{- toYaml (merge $params $defaults) }}
 {{- end }}
 
