@@ -16,8 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serve.model.tiny import BUILTIN_TINY, TinySource, parse_tiny_source
+
 ENV_PREFIX = "LLMSERVE__"
-BUILTIN_TINY = "builtin://tiny"
 
 
 class ConfigError(ValueError):
@@ -140,7 +141,8 @@ class ModelSpec(_Strict):
     source: str = Field(
         description=(
             "Where the weights are: a local directory, a hub id (production), or "
-            f"'{BUILTIN_TINY}?seed=N' for the tiny model the project builds itself."
+            f"'{BUILTIN_TINY}?seed=N' for the tiny model the project builds itself, optionally with "
+            "shape parameters as in its config.json: '&num_hidden_layers=4&hidden_size=256'."
         )
     )
     tokenizer: str | None = Field(None, description="Tokenizer source when it differs from `source`.")
@@ -161,15 +163,24 @@ class ModelSpec(_Strict):
             raise ValueError("model names must not contain whitespace")
         return v
 
+    @field_validator("source")
+    @classmethod
+    def _builtin_source(cls, v: str) -> str:
+        if v.startswith("builtin://"):
+            parse_tiny_source(v)  # an unknown parameter or bad value fails here, not in the engine
+        return v
+
     @property
     def is_builtin_tiny(self) -> bool:
         return self.source.startswith(BUILTIN_TINY)
 
     @property
+    def tiny(self) -> TinySource:
+        return parse_tiny_source(self.source)
+
+    @property
     def tiny_seed(self) -> int:
-        _, _, query = self.source.partition("?")
-        params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
-        return int(params.get("seed", "0"))
+        return self.tiny.seed
 
 
 class GatewaySpec(_Strict):

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from serve.config import ModelSpec
+from serve.model.tiny import TinySource
 
 
 def cache_dir() -> Path:
@@ -20,14 +21,19 @@ def resolve_source(spec: ModelSpec) -> str:
     """Return the path or hub id vLLM should load; builds the tiny model on first use."""
     if not spec.is_builtin_tiny:
         return spec.source
+    return resolve_tiny(spec.tiny)
+
+
+def resolve_tiny(tiny: TinySource) -> str:
+    """The cache directory of this seed and shape, built there on first use."""
     from serve.model.tiny import build_tiny_model, is_built
 
-    path = cache_dir() / f"tiny-seed{spec.tiny_seed}"
+    path = cache_dir() / tiny.dir_name
     if not is_built(path):
         # Build into a temporary sibling and rename, so a crash never leaves a half model behind
         # and two processes racing both end with a complete one.
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        build_tiny_model(tmp, seed=spec.tiny_seed)
+        build_tiny_model(tmp, seed=tiny.seed, shape=tiny.overrides)
         try:
             tmp.rename(path)
         except OSError:

@@ -14,15 +14,15 @@ METRICS = ["token_overlap", "exact_match"]
 
 
 def resolve_base(base: str) -> str:
-    """A local directory or hub id as given; builtin://tiny?seed=N built (once) where the engines
-    find it, so the student is trained on exactly the weights vLLM serves."""
-    from serve.config import BUILTIN_TINY, ModelSpec
-
-    if not base.startswith(BUILTIN_TINY):
+    """A local directory or hub id as given; builtin://tiny?seed=N[&shape...] built (once) where the
+    engines find it, through the engines' own resolution, so the student is trained on exactly the
+    weights vLLM serves. ValueError for a builtin URL with an unknown parameter or a bad value."""
+    if not base.startswith("builtin://"):
         return base
-    from serve.engine.models import resolve_source
+    from serve.engine.models import resolve_tiny
+    from serve.model.tiny import parse_tiny_source
 
-    return resolve_source(ModelSpec(name="student-base", source=base))
+    return resolve_tiny(parse_tiny_source(base))
 
 
 def pick_device(flag: str = "auto") -> Any:
@@ -109,7 +109,7 @@ def label_with_transformers(model_path: str | Path, requests: Iterable[tuple[str
                             batch_size: int = 16) -> list[dict[str, Any]]:
     """Teacher labels without a server, in the format `llmserve students label` writes
     ({"id", "request", "teacher", "teacher_model"}, plus "finish_reason"): greedy answers of the
-    model at `model_path` (a directory, hub id or builtin://tiny?seed=N) to (id, chat request) pairs,
+    model at `model_path` (a directory, hub id or builtin://tiny?seed=N[&shape...]) to (id, chat request) pairs,
     each with the request's max_tokens or `max_new_tokens`."""
     reqs = list(requests)
     model, tok, _ = load(resolve_base(str(model_path)), pick_device(device))

@@ -273,7 +273,7 @@ def add_train_command(students_subparsers: Any) -> None:
     src.add_argument("--labels", help="labels file from `llmserve students label`")
     src.add_argument("--batch-output", help="output file of a teacher batch (needs --batch-input)")
     p.add_argument("--batch-input", help="the input file of that batch: the prompts")
-    p.add_argument("--base", required=True, help="student base model: a directory, hub id or builtin://tiny?seed=N")
+    p.add_argument("--base", required=True, help="student base model: a directory, hub id or builtin://tiny?seed=N[&num_hidden_layers=M...]")
     p.add_argument("-o", "--output", required=True,
                    help="adapter directory to write; the manifest goes to <output>.manifest.json")
     d = Hyper()
@@ -298,6 +298,13 @@ def add_train_command(students_subparsers: Any) -> None:
             p.error("--batch-output needs --batch-input (the prompts)")
         if not 0 <= args.holdout < 1:
             p.error("--holdout must be in [0, 1)")
+        if args.base.startswith("builtin://"):
+            from serve.model.tiny import parse_tiny_source
+
+            try:  # before the labels are read and split, not when the base is loaded
+                parse_tiny_source(args.base)
+            except ValueError as e:
+                p.error(f"--base: {e}")
         return cmd_train(args)
 
     p.set_defaults(func=run)
