@@ -125,11 +125,29 @@ def test_accelerator_type_is_a_ray_resource_as_kuberay_and_rays_autoscaler_read_
     spec = _ray_cluster(helm_template("-f", PRODUCTION))["spec"]
     (l4,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "l4"]
     raw = l4["rayStartParams"]["resources"]
-    assert raw == "'{\"accelerator_type:L4\": 1}'"
+    assert raw == "'{\"accelerator_type:L4\":1}'"
     assert _get_custom_resources({}, l4["rayStartParams"], "l4") == {"accelerator_type:L4": 1}
     # What bash hands `ray start` for --resources=<raw>.
     echoed = run(["bash", "-c", f"printf %s {raw}"])
     assert json.loads(echoed) == {"accelerator_type:L4": 1}
+
+
+def test_a_pending_gateway_replica_makes_the_autoscaler_add_a_gateway_pod() -> None:
+    """Ray 2.60's default autoscaler ignores label selectors: a gateway replica (0 CPUs, label
+    selector only) would be a demand no node type answers for. Gateway pods declare
+    llmserve_gateway: 1 and each gateway replica asks for it, so the scheduler adds a gateway pod
+    for one, and nothing else fits on a gateway pod twice."""
+    objs = helm_template("-f", PRODUCTION)
+    config = _node_types(_ray_cluster(objs))
+    assert config["available_node_types"]["gateway"]["resources"]["llmserve_gateway"] == 1
+    assert "llmserve_gateway" not in config["available_node_types"]["l4"]["resources"]
+    (svc,) = [o for o in objs if o["kind"] == "RayService"]
+    (gw,) = [a for a in yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"] if a["name"] == "gateway"]
+    (opts,) = [d["ray_actor_options"] for d in gw["deployments"] if d["name"] == "gateway"]
+    demand = {"CPU": float(opts["num_cpus"]), **opts["resources"]}
+    added, residual = _groups_added(config, [demand, demand])
+    assert residual == []
+    assert added == {"gateway": 2}
 
 
 def test_accelerator_type_and_ray_start_resources_together_are_refused(tmp_path: Any) -> None:
@@ -142,4 +160,4 @@ def test_accelerator_type_and_ray_start_resources_together_are_refused(tmp_path:
     proc = subprocess.run([tool("helm"), "template", "llm", str(CHART), "-f", str(both)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "sets both acceleratorType and rayStartParams.resources" in proc.stderr
+    assert "rayStartParams.resources cannot be combined" in proc.stderr

@@ -78,17 +78,25 @@ probes below call the agent's /api/healthz on it. Returned as YAML (fromYaml it)
 {{- range $k, $val := (.group.rayStartParams | default dict) }}
 {{- $_ := set $params $k (toString $val) }}
 {{- end }}
-{{- /* Ray Serve LLM puts `accelerator_type:<X>: 0.001` on every placement bundle of a model with
-accelerator_type. A real node of that GPU has the resource (Ray detects it), but KubeRay's
-autoscaler only knows what the group declares (ray/autoscaler/_private/kuberay/
-autoscaling_config.py), so without it no group fits and the autoscaler never adds a pod.
-The value is written the way KubeRay writes a group's `resources` (pod.go
-updateRayStartParamsResources): single-quoted JSON. */}}
-{{- with .group.acceleratorType }}
+{{- /* Ray resources the autoscaler must know a group has, written the way KubeRay writes a group's
+`resources` (pod.go updateRayStartParamsResources: single-quoted JSON). KubeRay's autoscaler builds
+its node types from what a group declares (ray/autoscaler/_private/kuberay/autoscaling_config.py)
+and, in Ray 2.60's default (v1) autoscaler, ignores label selectors:
+- accelerator_type:<X>: Ray Serve LLM puts it on every placement bundle of a model with
+  accelerator_type. A real node of that GPU has it (Ray detects it), but without it declared no
+  group fits and the model never grows past the pods already running.
+- llmserve_gateway: 1 on a pod that hosts a gateway; each gateway replica takes 1, so there is one
+  per pod and a pending replica makes the autoscaler add a pod of a gateway group.
+- customResources: the group's own. */}}
+{{- $res := dict }}
+{{- range $k, $n := (.group.customResources | default dict) }}{{ $_ := set $res $k $n }}{{ end }}
+{{- with .group.acceleratorType }}{{ $_ := set $res (printf "accelerator_type:%s" .) 1 }}{{ end }}
+{{- if .group.gateway }}{{ $_ := set $res "llmserve_gateway" 1 }}{{ end }}
+{{- if $res }}
 {{- if hasKey $params "resources" }}
-{{- fail (printf "worker group %s sets both acceleratorType and rayStartParams.resources: put accelerator_type:%s into rayStartParams.resources, or drop it" $.group.name .) }}
+{{- fail (printf "%s: rayStartParams.resources cannot be combined with what the chart declares (acceleratorType, gateway): put custom resources in customResources" (.group.name | default "head")) }}
 {{- end }}
-{{- $_ := set $params "resources" (printf "'{\"accelerator_type:%s\": 1}'" .) }}
+{{- $_ := set $params "resources" (printf "'%s'" (toJson $res)) }}
 {{- end }}
 {{- toYaml (merge $params $defaults) }}
 {{- end }}
@@ -112,7 +120,9 @@ labelled llmserve.io/gateway=true (the pods the Service selects) through Serve d
       "args" (dict "model" . "namespace" $ns "adapter_roots" (dig "gateway" "adapter_roots" (list) $.Values.serve))) }}
 {{- end }}
 {{- $gatewayActor := dict "num_cpus" 0 "label_selector" (dict "llmserve.io/gateway" "true") }}
-{{- $overrides := list (dict "name" "gateway" "ray_actor_options" $gatewayActor) }}
+{{- /* llmserve_gateway (declared by gateway pods, llmserve.rayStartParams): one gateway per pod, and
+what the autoscaler reads to add a gateway pod; the label selector keeps it off other pods. */}}
+{{- $overrides := list (dict "name" "gateway" "ray_actor_options" (merge (dict "resources" (dict "llmserve_gateway" 1)) $gatewayActor)) }}
 {{- if dig "batch" "enabled" true .Values.serve }}
 {{- /* The batch worker (one replica, restarted by Serve) runs on a gateway pod too: it reads the
 files the gateways store, and the NetworkPolicy treats it as one of the release's Ray pods. Serve
