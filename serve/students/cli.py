@@ -75,12 +75,27 @@ def _read_labels(path: str) -> list[dict[str, Any]]:
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
+def _without_head(log: list[dict[str, Any]], route: str, top: int, config: Config) -> list[dict[str, Any]]:
+    """The log less its `top` most frequent queries, counted as `cache build --route --top` counts
+    them (the route's normalisation): the head cache answers those, so labelling them teaches the
+    student traffic it will not see."""
+    from serve.cache.pipeline import select_head
+    from serve.cli_tools import _norm
+    from serve.policies.cache_key import cache_key, endpoint_for
+
+    norm = _norm(config, route)
+    head = {q.key for q in select_head(log, route, top, norm)[0]}
+    return [r for r in log if cache_key(route, endpoint_for(r), r, norm) not in head]
+
+
 def cmd_label(args: argparse.Namespace) -> int:
     from serve.cache.pipeline import read_log
     from serve.policies.cache_key import cache_key
 
     with open(args.log, "rb") as f:
         log = read_log(f)
+    if args.exclude_head:
+        log = _without_head(log, args.route, args.exclude_head, load_config(args.config))
     distinct: dict[str, dict[str, Any]] = {}
     for r in log:
         distinct.setdefault(cache_key("labels", "/v1/chat/completions", r), r)  # labels are chat requests
@@ -296,8 +311,18 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--sample", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--exclude-head", type=int, default=0, metavar="N",
+                   help="leave out the log's N most frequent queries, the ones `cache build --top N` caches "
+                        "(needs --route: its normalisation counts them), so the sample is the tail")
+    p.add_argument("--route", help="the route whose head cache --exclude-head stands for")
     common(p)
-    p.set_defaults(func=cmd_label)
+
+    def label(args: argparse.Namespace) -> int:
+        if args.exclude_head < 0 or (args.exclude_head and not args.route):
+            p.error("--exclude-head takes N >= 0 and needs --route")
+        return cmd_label(args)
+
+    p.set_defaults(func=label)
     p = ss.add_parser("eval", help="score an adapter against teacher labels and record it with the digest of "
                                    "its weights (refused unless the gateway serves the name from those weights)")
     p.add_argument("--adapter", required=True, help="the name the gateway serves the adapter under")

@@ -131,6 +131,47 @@ def test_token_overlap_does_not_count_replacement_characters():
     assert token_overlap("", " ") == 1.0  # two empty answers still agree
 
 
+def test_label_can_leave_out_the_head_the_cache_serves(tmp_path, monkeypatch, capsys):
+    """`students label --exclude-head N --route R` labels only the tail: the N queries `cache build
+    --top N --route R` caches are counted with R's normalisation (here case-folded) and left out."""
+    import types
+
+    import serve.students.cli as students_cli
+
+    def q(text):
+        return {"model": "teacher", "messages": [{"role": "user", "content": text}], "max_tokens": 8}
+
+    # Case-folded, "hello there" is the most frequent query (5); case-sensitive, "pricing" (4) would be.
+    log = [q("hello there")] * 3 + [q("HELLO there")] * 2 + [q("pricing")] * 4 + [q("tail one"), q("tail two")]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    cfg = tmp_path / "llmserve.yaml"
+    cfg.write_text(yaml.safe_dump({"models": [{"name": "teacher", "source": "x"}],
+                                   "routes": [{"name": "r", "target": "teacher", "cache": {"normalize_case": True}}]}))
+    sent: list[str] = []
+
+    def run_batch(client, lines, timeout_s):
+        sent.extend(json.loads(x)["body"]["messages"][0]["content"] for x in lines)
+        return "b1", {json.loads(x)["custom_id"]: {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}
+                      for x in lines}
+
+    files = types.SimpleNamespace(create=lambda **kw: types.SimpleNamespace(id="f1"))
+    monkeypatch.setattr(students_cli, "_run_batch", run_batch)
+    monkeypatch.setattr(students_cli, "_client", lambda args: types.SimpleNamespace(files=files))
+    label = ["students", "label", "--log", str(tmp_path / "log.jsonl"), "--teacher", "teacher", "--sample", "10",
+             "-o", str(tmp_path / "labels.jsonl"), "--config", str(cfg)]
+    assert main([*label, "--exclude-head", "2", "--route", "r"]) == 0
+    assert sorted(sent) == ["tail one", "tail two"]
+    written = [json.loads(x) for x in (tmp_path / "labels.jsonl").read_text().splitlines()]
+    assert sorted(x["request"]["messages"][0]["content"] for x in written) == ["tail one", "tail two"]
+    sent.clear()
+    assert main(label) == 0  # without it, every distinct query may be sampled, as before
+    assert sorted(sent) == ["HELLO there", "hello there", "pricing", "tail one", "tail two"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        main([*label, "--exclude-head", "2"])
+    assert err.value.code == 2 and "needs --route" in capsys.readouterr().err
+
+
 # ---- adapter digests --------------------------------------------------------------------------
 def adapter(path, weights: bytes = b"w1", config: str = '{"r": 8}'):
     path.mkdir(parents=True)
