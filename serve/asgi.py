@@ -11,9 +11,14 @@ import socket
 from typing import Any
 
 
-def bind_socket(host: str, port: int = 0) -> socket.socket:
+def bind_socket(host: str, port: int = 0, reuse_port: bool = False) -> socket.socket:
+    """A listening socket. reuse_port: SO_REUSEPORT, so several processes (gateway replicas on one
+    host) bind the same port and the kernel spreads new connections over them, as nginx and
+    gunicorn do; each must set it, and a socket bound without it keeps the port to itself."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.setblocking(False)

@@ -183,6 +183,19 @@ class ModelSpec(_Strict):
         return self.tiny.seed
 
 
+class GatewayAutoscaling(Autoscaling):
+    """The gateway replicas' autoscaling: the same policy, on the gateway's requests in flight."""
+
+    # At least one: the Service must have a gateway to send clients to.
+    min_replicas: int = Field(1, ge=1, description="Fewest gateway replicas kept running.")
+    # A gateway holds a stream open while an engine generates (seconds each) and spends little CPU
+    # per relayed chunk: one CPU relays hundreds of streams, so 16 (the engines') would be far early.
+    target_ongoing_requests: float = Field(256, gt=0, description="Open requests per gateway replica aimed for.")
+    replica_start_s: float = Field(60, ge=0, description="Seconds a gateway pod takes to serve (CPU, no weights).")
+    # Serve's default policy counts requests through Serve's handles; clients reach gateways around them.
+    policy: Literal["slo"] = Field("slo", exclude=True, description="slo: on the gateway's own counts.")
+
+
 class GatewaySpec(_Strict):
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port the gateway listens on (0: any free port).")
@@ -210,6 +223,13 @@ class GatewaySpec(_Strict):
     max_messages: int = Field(2048, gt=0, description="Most chat messages one request may carry.")
     drain_timeout_s: float = Field(
         30, ge=0, description="On SIGTERM, how long in-flight requests and streams may take to finish."
+    )
+    autoscaling: GatewayAutoscaling | None = Field(
+        None, description="Serve autoscaling of the gateway replicas (RayService); none: a fixed count."
+    )
+    reuse_port: bool = Field(
+        False, description="Bind with SO_REUSEPORT so several gateway processes on one host share the ports "
+                           "(the kernel spreads connections); also lifts one-replica-per-node on Ray."
     )
     adapter_roots: list[str] = Field(
         default_factory=list,

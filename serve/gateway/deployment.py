@@ -10,6 +10,11 @@ replica per cluster, restarted by Serve when it dies or fails its health check, 
       import_path: serve.gateway.deployment:build
       args: {config: {...the whole configuration...}, replicas: 2}
 
+With `gateway.autoscaling` in the configuration, Serve scales the gateway replicas between its
+bounds instead (`replicas` is then unused), with the engines' policy (serve/policies/autoscaling.py)
+fed by each replica's `record_autoscaling_stats`: the requests it received and holds open. With
+`gateway.reuse_port`, replicas on one node share the port (SO_REUSEPORT), so one node may hold several.
+
 Secrets never sit in the RayService: the pod's environment completes the configuration through the
 `LLMSERVE__` overrides (serve/config.py), e.g. `LLMSERVE__CACHE__REDIS_URL` and
 `LLMSERVE__BATCH__DATABASE_URL` from Kubernetes Secrets.
@@ -27,9 +32,10 @@ from typing import Any
 from ray import serve
 
 from serve.asgi import start_in_loop
-from serve.config import Config, apply_env_overrides
+from serve.config import Config, GatewaySpec, apply_env_overrides
 from serve.engine.registry import get_registry
-from serve.gateway.server import build_gateway, listen, ray_snapshot_source
+from serve.gateway.server import ByPort, build_gateway, listen, ray_snapshot_source
+from serve.policies.autoscaling import ONGOING, REQUESTS
 
 logger = logging.getLogger("llmserve.gateway")
 
@@ -45,12 +51,20 @@ class GatewayServer:
         # gateway never calls it (batches meet in the shared store).
         cfg = pod_config(config)
         app = build_gateway(cfg, ray_snapshot_source(get_registry(cfg.ray.namespace)))
+        assert isinstance(app, ByPort)
+        self._front = app
         self._server, self._task = await start_in_loop(app, listen(app, cfg), graceful_s=30)
         logger.info("gateway listening on %s:%s", cfg.gateway.host, cfg.gateway.port)
 
     async def check_health(self) -> None:
         if self._task.done():
             raise RuntimeError("gateway HTTP server stopped")
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's replica hook for custom autoscaling metrics (as the engines', serve/engine/
+        direct.py): Serve sees none of the gateway's requests, which reach its own port, so the
+        policy scales it on these. Floats only, or Serve turns custom metrics off."""
+        return {REQUESTS: float(self._front.received), ONGOING: float(self._front.ongoing)}
 
     async def __del__(self) -> None:
         # Graceful drain: stop accepting, let in-flight streams finish (uvicorn's graceful timeout).
@@ -79,12 +93,26 @@ class BatchWorkerServer:
             await self._task
 
 
+def gateway_options(spec: GatewaySpec, replicas: int) -> dict[str, Any]:
+    """The gateway deployment's replica count (fixed, or Serve's autoscaling) and placement."""
+    options: dict[str, Any] = {}
+    if spec.autoscaling is None:
+        options["num_replicas"] = replicas
+    else:
+        # No cap for the policy's "replicas full" signal: Serve's max_ongoing_requests bounds
+        # requests through Serve's handles, and clients reach a gateway around them.
+        options["autoscaling_config"] = spec.autoscaling.serve_autoscaling_config(max_ongoing_requests=None)
+    if not spec.reuse_port:
+        options["max_replicas_per_node"] = 1  # they bind the same port: one per node
+    return options
+
+
 def build(args: dict[str, Any]) -> Any:  # -> ray.serve.Application
     config = args["config"]
+    spec = GatewaySpec.model_validate(config.get("gateway") or {})
     gateway = serve.deployment(
-        GatewayServer, name="gateway", num_replicas=int(args.get("replicas", 1)),
-        ray_actor_options={"num_cpus": 0}, max_replicas_per_node=1, health_check_period_s=5,
-        graceful_shutdown_timeout_s=40,
+        GatewayServer, name="gateway", ray_actor_options={"num_cpus": 0}, health_check_period_s=5,
+        graceful_shutdown_timeout_s=40, **gateway_options(spec, int(args.get("replicas", 1))),
     )
     if not config.get("batch", {}).get("enabled", True):
         return gateway.bind(config)
