@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from typing import Any
@@ -65,6 +67,9 @@ class Gateway:
         self.metrics = metrics or Metrics()
         self.cache = cache
         self.created = int(time.time())
+        # Which gateway answered (x-llmserve-gateway): the pod (hostname) and process. Several
+        # gateways sit behind one Service; this is how an operator, or a test, tells them apart.
+        self.instance = f"{socket.gethostname()}:{os.getpid()}"
         self.catalog = Catalog(config)
         self.admission = Admission(config, self.catalog, limiter or RateLimiter(None), self.metrics)
         self.runner = RouteRunner(self.send, self.bill, self.metrics, cache)
@@ -214,6 +219,7 @@ class Gateway:
             answer.chunks = self._timed(answer.chunks, route_name, answer.served_by, started)
         else:
             self.metrics.latency.labels(route_name, answer.served_by).observe(time.perf_counter() - started)
+        answer.headers["x-llmserve-gateway"] = self.instance
         return to_response(answer)
 
     async def _timed(self, chunks: AsyncIterable[Any], route: str, model: str, started: float

@@ -62,6 +62,19 @@ def test_routes_by_model_to_that_models_replicas():
         assert up.calls[-1][2]["model"] == model  # the body goes unchanged
 
 
+def test_every_answer_names_the_gateway_that_gave_it():
+    """Several gateways sit behind one Service: the pod (hostname) and process that answered."""
+    import os
+    import socket
+
+    client, _, _ = make()
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    assert client.post("/v1/chat/completions", json=chat("a")).headers["x-llmserve-gateway"] == me
+    streamed = client.post("/v1/chat/completions", json={**chat("a"), "stream": True})
+    assert streamed.headers["x-llmserve-gateway"] == me
+    assert client.post("/v1/chat/completions", json=chat("zzz")).headers["x-llmserve-gateway"] == me
+
+
 def test_streaming_is_passed_through():
     client, _, _ = make(FakeUpstream(text="one two three"))
     with client.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
