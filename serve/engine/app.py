@@ -14,6 +14,11 @@ from typing import Any
 from serve.config import ModelSpec
 from serve.engine.deployments import build_engine_app
 
+# What Serve imports to build a model's application: the chart's serveConfigV2 and `llmserve run`
+# (serve/engine/cluster.py serve_deploy_config) name it. Importing this module is cheap (vLLM is
+# imported only when build() runs), so the driver may name it without importing vLLM.
+IMPORT_PATH = f"{__name__}:build"
+
 
 def build(args: dict[str, Any]) -> Any:  # -> ray.serve.Application
     spec = ModelSpec.model_validate(args["model"])

@@ -1,4 +1,16 @@
-"""Start (or join) Ray, deploy one Serve application per configured model, and tear them down."""
+"""Start (or join) Ray, deploy one Serve application per configured model, and tear them down.
+
+The driver (`llmserve run`, which also runs the gateway) never imports vLLM or torch: each model
+is deployed by import path (`serve.engine.app:build`) through Serve's declarative config, the way
+KubeRay deploys the chart's serveConfigV2, so only Serve's build task (one short-lived worker per
+application, max_calls=1) and the replicas import them. Building the apps here instead cost the
+gateway process ~20 s of CPU and ~500 MB of RSS it never used (issue 17).
+
+This is the driver side's one module on Ray's less public surface, each touch in one place:
+``ray.init(_node_ip_address=...)`` (connect_ray) and Serve's controller client
+(``ray.serve.context._get_global_client``, ``deploy_apps``, ``get_serve_details``:
+_apply_serve_config), what `serve deploy` reaches through the dashboard, which `llmserve run`
+does not start. (serve/engine/direct.py is the replica side's.)"""
 
 from __future__ import annotations
 
@@ -8,7 +20,7 @@ import time
 from typing import Any
 
 from serve.config import Config
-from serve.engine.deployments import build_engine_app
+from serve.engine.app import IMPORT_PATH as ENGINE_APP
 from serve.engine.registry import get_registry
 from serve.engine.secret import ensure_engine_secret
 
@@ -32,30 +44,65 @@ def connect_ray(config: Config) -> None:
     ray.init(**kwargs)
 
 
+def serve_deploy_config(config: Config) -> dict[str, Any]:
+    """Serve's declarative config (a ServeDeploySchema) for every model: what deploy_models
+    submits, in the chart's serveConfigV2 shape (helm/llmserve/templates/_helpers.tpl). Pure."""
+    ns = config.ray.namespace
+    apps = []
+    for spec in config.models:
+        args: dict[str, Any] = {"model": spec.model_dump(mode="json"), "namespace": ns,
+                                "adapter_roots": [str(r) for r in config.gateway.adapter_roots]}
+        if config.cache.redis_url:
+            args["redis_url"] = config.cache.redis_url
+        # route_prefix None: no engine is reached through a Serve proxy (our gateway is the entry).
+        apps.append({"name": spec.name, "import_path": ENGINE_APP, "route_prefix": None, "args": args})
+    # Our gateway is the only HTTP entry; Serve's own proxy would only add a hop and take a port.
+    return {"proxy_location": "Disabled", "applications": apps}
+
+
 def deploy_models(config: Config) -> Any:
     """Deploy every model as its own Serve application (named after the model) and return the
-    registry actor the gateway discovers engines through. Returns before engines are ready.
+    registry actor the gateway discovers engines through. Returns before engines are ready: a
+    model whose build or engine fails shows as DEPLOY_FAILED (wait_for_engines).
 
     Engines answer only callers holding the engine secret: it is generated into this process's
     environment here if it has none, before Ray starts, so a gateway built in this process and
-    every Ray worker of a cluster started here (the batch worker included) hold it too."""
-    from ray import serve
-
+    every Ray worker of a cluster started here (the batch worker and Serve's build tasks
+    included) hold it too."""
     ensure_engine_secret()
     connect_ray(config)
-    # Our gateway is the only HTTP entry; Serve's own proxy would only add a hop and take a port.
-    serve.start(proxy_location="Disabled")
     registry = get_registry(config.ray.namespace)
-    # One call for all models so their engines load in parallel rather than one after another.
-    serve.run_many(
-        [
-            serve.RunTarget(build_engine_app(spec, config.ray.namespace, config.cache.redis_url,
-                                             config.gateway.adapter_roots), name=spec.name, route_prefix=None)
-            for spec in config.models
-        ],
-        wait_for_applications_running=False,
-    )
+    # One config for all models so their engines load in parallel rather than one after another.
+    _apply_serve_config(serve_deploy_config(config))
     return registry
+
+
+def with_other_apps(deploy_config: dict[str, Any], details: dict[str, Any]) -> dict[str, Any]:
+    """`deploy_config` plus the declaratively deployed applications of another owner that Serve
+    reports (`details`: ServeInstanceDetails as a dict), and Serve's current target_capacity.
+
+    A declarative config replaces the whole set of declaratively deployed applications: without
+    this, `llmserve run` joining a cluster (`ray.address`) would delete every other one. Pure."""
+    ours = {app["name"] for app in deploy_config["applications"]}
+    kept = [app["deployed_app_config"] for name, app in (details.get("applications") or {}).items()
+            if name not in ours and app.get("source") == "declarative" and app.get("deployed_app_config")
+            and app.get("status") != "DELETING"]
+    return {**deploy_config, "applications": [*deploy_config["applications"], *kept],
+            "target_capacity": details.get("target_capacity")}
+
+
+def _apply_serve_config(deploy_config: dict[str, Any]) -> None:
+    """Submit a declarative config to Serve's controller without waiting for the applications
+    (what `serve deploy` does through the dashboard). Imperatively deployed applications and
+    plain actors (the batch worker, the registry) are not touched by it."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    serve.start(proxy_location=deploy_config["proxy_location"])
+    client = _get_global_client()
+    schema = ServeDeploySchema.model_validate(with_other_apps(deploy_config, client.get_serve_details()))
+    client.deploy_apps(schema, _blocking=False)
 
 
 class EngineStartError(RuntimeError):
@@ -63,8 +110,9 @@ class EngineStartError(RuntimeError):
 
 
 def failed_engines(models: list[str]) -> dict[str, str]:
-    """Models whose Serve application gave up starting, with Serve's message (it retries a
-    crashing replica a few times before it marks the application DEPLOY_FAILED)."""
+    """Models whose Serve application gave up starting, with Serve's message: the build task's
+    traceback (serve.engine.app:build raised: a bad model spec, a tiny model that cannot be
+    built), or a replica that kept crashing (Serve retries it a few times first)."""
     from ray import serve
 
     apps = serve.status().applications

@@ -1,0 +1,176 @@
+"""`llmserve run`'s driver runs the gateway: it must never import vLLM or torch (~500 MB and ~20 s
+of CPU it never uses; issue 17). Models are deployed by import path through Serve's declarative
+config, as KubeRay deploys the chart's, so only Serve's build task and the replicas import them.
+These tests check both halves: the driver's path stays clean, and the import path builds the
+very application the driver used to build itself."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serve.config import Config, load_config
+from serve.engine.cluster import serve_deploy_config, with_other_apps
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The whole start of `llmserve run` short of the processes Ray would start: the CLI's parser,
+# start_stack (deploy_models down to the Serve client, the batch worker) with Ray's edges faked,
+# and the gateway app through its lifespan. Prints the deployed config and what is imported.
+DRIVER = textwrap.dedent("""
+    import asyncio, json, sys
+
+    import ray.serve
+    import ray.serve.context
+
+    import serve.engine.cluster as cluster
+    import serve.gateway.batch_actor as batch_actor
+    import serve.stack
+    from serve.cli import build_parser
+    from serve.config import load_config
+    from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
+
+    deployed = []
+
+    class FakeClient:  # Serve's controller client, without a controller
+        def get_serve_details(self):
+            return {"applications": {}, "target_capacity": None}
+
+        def deploy_apps(self, schema, _blocking=True):
+            deployed.append(schema.model_dump(mode="json", exclude_unset=True))
+
+    class FakeRegistry:
+        class snapshot:
+            @staticmethod
+            def remote():
+                async def empty():
+                    return {}
+                return empty()
+
+    ray.serve.start = lambda **kw: None
+    ray.serve.context._get_global_client = lambda: FakeClient()
+    cluster.connect_ray = lambda config: None
+    cluster.get_registry = lambda namespace: FakeRegistry()
+    batch_actor.start_batch_worker = lambda config: None
+
+    args = build_parser().parse_args(["run", "--port", "0"])
+    config = load_config(args.config)
+    config.gateway.port = 0
+    config.gateway.metrics_port = 0
+    registry = serve.stack.start_stack(config)
+    app = build_gateway(config, ray_snapshot_source(registry))
+    uvicorn_config(app, config)
+    for s in listen(app, config):
+        s.close()
+
+    from starlette.testclient import TestClient
+
+    with TestClient(app) as client:  # the lifespan: discovery, cache, limiter, lifecycle
+        assert client.get("/v1/models").status_code == 200
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("vllm", "torch"))
+    print(json.dumps({"heavy": heavy, "deployed": deployed}))
+""")
+
+
+def run_driver(tmp_path: Path) -> dict[str, Any]:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LLMSERVE_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", DRIVER], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_the_driver_imports_neither_vllm_nor_torch(tmp_path):
+    out = run_driver(tmp_path)
+    assert out["heavy"] == []
+    # What it submitted is the config serve_deploy_config gives (the one checked below).
+    [deployed] = out["deployed"]
+    assert deployed["applications"] == serve_deploy_config(load_config(None))["applications"]
+    assert deployed["proxy_location"] == "Disabled"
+
+
+def rich_config() -> Config:
+    """Every engine argument the args carry: adapters, Redis, adapter roots, autoscaling, env."""
+    return Config.model_validate({
+        "models": [
+            {"name": "tiny-a", "source": "builtin://tiny?seed=1", "accelerator": "cpu",
+             "engine": {"dtype": "float32", "max_model_len": 512, "enforce_eager": True},
+             "env": {"FOO": "1"}, "adapters": [{"name": "tiny-a-faq", "path": "/data/adapters/faq"}],
+             "deployment": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}}},
+            {"name": "big", "source": "org/model", "accelerator": "gpu", "task": "embed",
+             "deployment": {"num_gpus": 1, "accelerator_type": "L4", "replicas": 2}},
+        ],
+        "cache": {"redis_url": "redis://127.0.0.1:6379/0"},
+        "gateway": {"adapter_roots": ["/data/adapters"]},
+        "ray": {"namespace": "ns1"},
+    })
+
+
+@pytest.mark.parametrize("config", [load_config(None), rich_config()], ids=["default", "rich"])
+def test_the_deploy_config_is_valid_and_builds_the_same_apps(config, monkeypatch):
+    """Each application, imported and called as Serve's build task does (args through JSON),
+    builds what build_engine_app builds for the model in the driver: the same LLMConfig, the same
+    deployment class, name and bind arguments."""
+    import ray.serve.llm
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.engine import deployments
+
+    deploy = serve_deploy_config(config)
+    schema = ServeDeploySchema.model_validate(deploy)
+    assert [a.name for a in schema.applications] == [m.name for m in config.models]
+    assert all(a.route_prefix is None for a in schema.applications)
+    assert schema.proxy_location == "Disabled"
+
+    # Resolving builtin://tiny would build it: both sides get the same stand-in path.
+    monkeypatch.setattr(deployments, "resolve_source", lambda spec: f"/models/{spec.name}")
+    calls: list[tuple[Any, dict[str, Any]]] = []
+    real = ray.serve.llm.build_llm_deployment
+
+    def recording(llm_config: Any, **kwargs: Any) -> Any:
+        calls.append((llm_config, kwargs))
+        return real(llm_config, **kwargs)
+
+    monkeypatch.setattr(ray.serve.llm, "build_llm_deployment", recording)
+    for spec, app in zip(config.models, deploy["applications"], strict=True):
+        module, attr = app["import_path"].split(":")
+        args = json.loads(json.dumps(app["args"]))  # what reaches the build task
+        built = getattr(importlib.import_module(module), attr)(copy.deepcopy(args))
+        assert isinstance(built, serve.Application)
+        expected = deployments.build_engine_app(spec, config.ray.namespace, config.cache.redis_url,
+                                                config.gateway.adapter_roots)
+        assert isinstance(expected, serve.Application)
+        (got_cfg, got_kw), (want_cfg, want_kw) = calls[-2:]
+        assert got_cfg.model_dump() == want_cfg.model_dump()
+        assert got_kw == want_kw
+        assert got_cfg.model_loading_config.model_id == spec.name
+
+
+def test_other_owners_declarative_apps_are_kept_and_ours_replaced():
+    ours = serve_deploy_config(load_config(None))
+    theirs = {"name": "theirs", "import_path": "pkg.app:build", "route_prefix": "/x"}
+    details = {
+        "target_capacity": 50.0,
+        "applications": {
+            "theirs": {"source": "declarative", "status": "RUNNING", "deployed_app_config": theirs},
+            # Ours, deployed before with other args: replaced by the new config, not duplicated.
+            "tiny": {"source": "declarative", "status": "RUNNING",
+                     "deployed_app_config": {"name": "tiny", "import_path": "old:build"}},
+            "handmade": {"source": "imperative", "status": "RUNNING", "deployed_app_config": None},
+            "going": {"source": "declarative", "status": "DELETING",
+                      "deployed_app_config": {"name": "going", "import_path": "pkg.going:build"}},
+        },
+    }
+    merged = with_other_apps(ours, details)
+    assert merged["applications"] == [*ours["applications"], theirs]
+    assert merged["target_capacity"] == 50.0
+    assert with_other_apps(ours, {})["applications"] == ours["applications"]
