@@ -35,21 +35,38 @@ def _probe(base: str, model: str, timeout_s: float = 30) -> bool:
         return False
 
 
-async def _watch_startup(config: Config, registry: object, base: str, server: object) -> int:
+class Phases:
+    """`llmserve run`'s progress, one line a phase with the seconds since the command started:
+    what a user watches during a start, and what `make bench-start` reads (bench/start.py)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def __call__(self, what: str) -> None:
+        print(f"llmserve: {what} ({self.elapsed():.1f}s)", flush=True)
+
+
+async def _watch_startup(config: Config, registry: object, base: str, server: object, phases: Phases) -> int:
     """Wait for every engine, then for a real completion; stop the gateway if an engine fails."""
     from serve.engine.cluster import EngineStartError, wait_for_engines
 
-    started = time.monotonic()
+    def built(model: str) -> None:
+        phases(f"{model}: application built, engine loading")
+
     try:
-        await asyncio.to_thread(wait_for_engines, registry, [m.name for m in config.models], 3600)
+        await asyncio.to_thread(wait_for_engines, registry, [m.name for m in config.models], 3600, built)
     except EngineStartError as e:
         print(f"llmserve: an engine failed to start: {e}", file=sys.stderr, flush=True)
         server.should_exit = True  # type: ignore[attr-defined]
         return 1
+    phases("engines ready")
     model = next((m.name for m in config.models if m.task == "generate"), None)
     while model is not None and not await asyncio.to_thread(_probe, base, model):
         await asyncio.sleep(2)
-    print(f"llmserve: ready after {time.monotonic() - started:.0f}s: {base}", flush=True)
+    print(f"llmserve: ready after {phases.elapsed():.0f}s: {base}", flush=True)
     return 0
 
 
@@ -59,6 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
     from serve.stack import start_stack, stop_stack
 
+    phases = Phases()
     config = load_config(args.config)
     if args.host:
         config.gateway.host = args.host
@@ -67,19 +85,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _warn_if_open(config)
     print("llmserve: starting Ray and the engines (the first start builds the tiny model)...", flush=True)
-    registry = start_stack(config)
+    registry = start_stack(config, phases)
     try:
         app = build_gateway(config, ray_snapshot_source(registry))
         server = uvicorn.Server(uvicorn_config(app, config))
         sockets = listen(app, config)
         base = f"http://{config.gateway.host}:{config.gateway.port}/v1"
         first = next((m.name for m in config.models if m.task == "generate"), config.models[0].name)
-        print(f"llmserve: gateway on {base} (engines are loading; /health says when)", flush=True)
+        phases(f"gateway on {base} (engines are loading; /health says when)")
         print("llmserve: paste this into Python once ready:\n\n" + SNIPPET.format(base=base, model=first),
               flush=True)
 
         async def main() -> int:
-            watch = asyncio.get_running_loop().create_task(_watch_startup(config, registry, base, server))
+            watch = asyncio.get_running_loop().create_task(_watch_startup(config, registry, base, server, phases))
             try:
                 await server.serve(sockets=sockets)
             finally:
@@ -90,8 +108,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         _exit_cleanly_on_sigterm()
         code = asyncio.run(main())
     finally:
+        stopping = time.monotonic()
         print("llmserve: shutting down engines...", flush=True)
         stop_stack(config)
+        print(f"llmserve: stopped in {time.monotonic() - stopping:.1f}s", flush=True)
     return code
 
 

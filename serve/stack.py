@@ -5,20 +5,30 @@ and of the integration tests; the packages below it never import each other upwa
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from serve.config import Config
-from serve.engine.cluster import deploy_models, shutdown
+from serve.engine.cluster import deploy_models, shutdown, start_ray
 
 
-def start_stack(config: Config) -> Any:
-    """Deploy every model and start the batch worker; returns the registry gateways discover
-    engines through. Returns before the engines are ready."""
+def _quiet(phase: str) -> None:
+    pass
+
+
+def start_stack(config: Config, progress: Callable[[str], None] = _quiet) -> Any:
+    """Start Ray, deploy every model and start the batch worker; returns the registry gateways
+    discover engines through. Returns before the engines are ready. `progress` hears each phase
+    as it ends (`llmserve run` prints them with the time taken)."""
+    start_ray(config)
+    progress("Ray started")
     registry = deploy_models(config)
+    progress(f"models deployed: {', '.join(m.name for m in config.models)} (Serve builds and loads them now)")
     if config.batch.enabled:
         from serve.gateway.batch_actor import start_batch_worker
 
         start_batch_worker(config)
+        progress("batch worker started")
     return registry
 
 

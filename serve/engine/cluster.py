@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from serve.config import Config
@@ -60,6 +61,13 @@ def serve_deploy_config(config: Config) -> dict[str, Any]:
     return {"proxy_location": "Disabled", "applications": apps}
 
 
+def start_ray(config: Config) -> None:
+    """Start (or join) Ray with the engine secret in this process's environment first: a cluster
+    started here hands it to every worker it starts (engines, the batch worker)."""
+    ensure_engine_secret()
+    connect_ray(config)
+
+
 def deploy_models(config: Config) -> Any:
     """Deploy every model as its own Serve application (named after the model) and return the
     registry actor the gateway discovers engines through. Returns before engines are ready: a
@@ -69,8 +77,7 @@ def deploy_models(config: Config) -> Any:
     environment here if it has none, before Ray starts, so a gateway built in this process and
     every Ray worker of a cluster started here (the batch worker and Serve's build tasks
     included) hold it too."""
-    ensure_engine_secret()
-    connect_ray(config)
+    start_ray(config)
     registry = get_registry(config.ray.namespace)
     # One config for all models so their engines load in parallel rather than one after another.
     _apply_serve_config(serve_deploy_config(config))
@@ -109,30 +116,43 @@ class EngineStartError(RuntimeError):
     """An engine deployment failed to start (bad engine arguments, missing weights...)."""
 
 
-def failed_engines(models: list[str]) -> dict[str, str]:
+def _serve_apps() -> dict[str, Any]:
+    from ray import serve
+
+    return dict(serve.status().applications)
+
+
+def failed_engines(models: list[str], apps: dict[str, Any] | None = None) -> dict[str, str]:
     """Models whose Serve application gave up starting, with Serve's message: the build task's
     traceback (serve.engine.app:build raised: a bad model spec, a tiny model that cannot be
     built), or a replica that kept crashing (Serve retries it a few times first)."""
-    from ray import serve
-
-    apps = serve.status().applications
+    apps = _serve_apps() if apps is None else apps
     return {m: apps[m].message for m in models if m in apps and apps[m].status == "DEPLOY_FAILED"}
 
 
-def wait_for_engines(registry: Any, models: list[str], timeout_s: float = 600) -> dict[str, list]:
+def wait_for_engines(registry: Any, models: list[str], timeout_s: float = 600,
+                     on_built: Callable[[str], None] | None = None) -> dict[str, list]:
     """Block until each model has at least one registered replica (its engine is loaded).
 
-    Raises EngineStartError as soon as Serve reports a model's deployment failed, rather than
-    waiting out the timeout on an engine that will never come up."""
+    on_built hears each model once Serve has built its application (its deployments exist):
+    Serve's build task, which imports vLLM and on a first start builds the tiny model, is done
+    and the engine is loading. Raises EngineStartError as soon as Serve reports a model's
+    deployment failed, rather than waiting out the timeout on an engine that will never come up."""
     import ray
 
     deadline = time.monotonic() + timeout_s
+    built: set[str] = set()
     while True:
         snap = ray.get(registry.snapshot.remote())
         missing = [m for m in models if not snap.get(m)]
+        apps = _serve_apps()
+        for m in models:
+            if on_built is not None and m not in built and m in apps and apps[m].deployments:
+                built.add(m)
+                on_built(m)
         if not missing:
             return snap
-        failed = failed_engines(missing)
+        failed = failed_engines(missing, apps)
         if failed:
             raise EngineStartError("; ".join(f"{m}: {msg}" for m, msg in failed.items()))
         if time.monotonic() > deadline:

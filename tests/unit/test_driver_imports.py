@@ -65,7 +65,8 @@ DRIVER = textwrap.dedent("""
     config = load_config(args.config)
     config.gateway.port = 0
     config.gateway.metrics_port = 0
-    registry = serve.stack.start_stack(config)
+    phases = []
+    registry = serve.stack.start_stack(config, phases.append)
     app = build_gateway(config, ray_snapshot_source(registry))
     uvicorn_config(app, config)
     for s in listen(app, config):
@@ -76,7 +77,7 @@ DRIVER = textwrap.dedent("""
     with TestClient(app) as client:  # the lifespan: discovery, cache, limiter, lifecycle
         assert client.get("/v1/models").status_code == 200
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("vllm", "torch"))
-    print(json.dumps({"heavy": heavy, "deployed": deployed}))
+    print(json.dumps({"heavy": heavy, "deployed": deployed, "phases": phases}))
 """)
 
 
@@ -95,6 +96,9 @@ def test_the_driver_imports_neither_vllm_nor_torch(tmp_path):
     [deployed] = out["deployed"]
     assert deployed["applications"] == serve_deploy_config(load_config(None))["applications"]
     assert deployed["proxy_location"] == "Disabled"
+    # The phases `llmserve run` prints (and bench/start.py reads), in order.
+    assert out["phases"] == ["Ray started", "models deployed: tiny (Serve builds and loads them now)",
+                             "batch worker started"]
 
 
 def rich_config() -> Config:
@@ -174,3 +178,60 @@ def test_other_owners_declarative_apps_are_kept_and_ours_replaced():
     assert merged["applications"] == [*ours["applications"], theirs]
     assert merged["target_capacity"] == 50.0
     assert with_other_apps(ours, {})["applications"] == ours["applications"]
+
+
+class App:
+    """serve.status()'s view of one application."""
+
+    def __init__(self, status: str, deployments: int = 0, message: str = "") -> None:
+        self.status, self.message = status, message
+        self.deployments = {f"engine:{i}": object() for i in range(deployments)}
+
+
+class Registry:
+    """The registry actor's snapshots, one a poll (ray.get is the identity here)."""
+
+    def __init__(self, snaps: list[dict[str, list]]) -> None:
+        self.snaps = snaps
+        self.snapshot = self
+
+    def remote(self) -> dict[str, list]:
+        return self.snaps.pop(0) if len(self.snaps) > 1 else self.snaps[0]
+
+
+@pytest.fixture
+def polls(monkeypatch):
+    """Feed wait_for_engines Serve's application states, one a poll, without Ray."""
+    import ray
+
+    from serve.engine import cluster
+
+    states: list[dict[str, App]] = []
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    monkeypatch.setattr(cluster, "_serve_apps", lambda: states.pop(0) if len(states) > 1 else states[0])
+    monkeypatch.setattr(cluster.time, "sleep", lambda s: None)
+    return states
+
+
+def test_wait_for_engines_reports_each_build_once_then_ready(polls):
+    from serve.engine.cluster import wait_for_engines
+
+    polls += [{"a": App("DEPLOYING"), "b": App("DEPLOYING")},
+              {"a": App("DEPLOYING", 1), "b": App("DEPLOYING")},
+              {"a": App("DEPLOYING", 1), "b": App("DEPLOYING", 1)},
+              {"a": App("RUNNING", 1), "b": App("RUNNING", 1)}]
+    registry = Registry([{}, {}, {"a": [("r1", "http://a")]}, {"a": [("r1", "http://a")], "b": [("r2", "http://b")]}])
+    built: list[str] = []
+    snap = wait_for_engines(registry, ["a", "b"], timeout_s=60, on_built=built.append)
+    assert built == ["a", "b"]
+    assert snap == {"a": [("r1", "http://a")], "b": [("r2", "http://b")]}
+
+
+def test_a_failed_build_is_an_engine_start_error_with_serves_message(polls):
+    from serve.engine.cluster import EngineStartError, wait_for_engines
+
+    message = "Deploying app 'a' failed with exception:\nValueError: unknown builtin shape"
+    polls += [{"a": App("DEPLOYING")}, {"a": App("DEPLOY_FAILED", message=message)}]
+    with pytest.raises(EngineStartError) as e:
+        wait_for_engines(Registry([{}]), ["a"], timeout_s=2)
+    assert str(e.value) == f"a: {message}"
