@@ -9,28 +9,9 @@ import time
 import psutil
 import pytest
 
-# What our stacks start: vLLM's processes name themselves with setproctitle; Ray's by binary or title.
-MARKERS = ("VLLM::", "ray::", "gcs_server", "raylet", "dashboard/agent.py", "log_monitor.py", "bin/postgres",
-           "postgres: ", "redis-server")
+from bench.procs import leftovers
+
 _STARTED = time.time()
-
-
-def leftovers(since: float) -> list[psutil.Process]:
-    """Our processes still running: descendants of this session, and orphans (re-parented to init)
-    born since it started. (Not another session's live processes: those are nobody's leftovers.)"""
-    me = psutil.Process()
-    ours = {p.pid for p in me.children(recursive=True)}
-    found = []
-    for p in psutil.process_iter(["pid", "ppid", "cmdline", "create_time", "status"]):
-        try:
-            cmd = " ".join(p.info["cmdline"] or [])
-            orphan = p.info["ppid"] == 1 and p.info["create_time"] >= since - 1
-            if ((p.info["pid"] in ours or orphan) and p.info["status"] != psutil.STATUS_ZOMBIE
-                    and any(m in cmd for m in MARKERS)):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
 
 
 @pytest.hookimpl(trylast=True)
