@@ -235,3 +235,26 @@ def test_a_failed_build_is_an_engine_start_error_with_serves_message(polls):
     with pytest.raises(EngineStartError) as e:
         wait_for_engines(Registry([{}]), ["a"], timeout_s=2)
     assert str(e.value) == f"a: {message}"
+
+
+def test_bench_start_reads_the_phases_llmserve_run_prints(capsys):
+    """The lines cmd_run prints are the ones `make bench-start` times (bench/start.py)."""
+    from bench.start import durations, parse_phase, timeline
+    from serve.cli import Phases
+
+    phases = Phases()
+    print("llmserve: starting Ray and the engines (the first start builds the tiny model)...")
+    for what in ("Ray started", "models deployed: tiny (Serve builds and loads them now)", "batch worker started",
+                 "gateway on http://127.0.0.1:8000/v1 (engines are loading; /health says when)",
+                 "tiny: application built, engine loading", "engines ready"):
+        phases(what)
+    print("llmserve: ready after 45s: http://127.0.0.1:8000/v1")
+    # Arrival times as the bench would note them: one second a line.
+    lines = [(float(i), line) for i, line in enumerate(capsys.readouterr().out.splitlines())]
+    events = timeline(lines)
+    assert events == {"process up": 0.0, "Ray started": 1.0, "models deployed": 2.0, "batch worker started": 3.0,
+                      "gateway on": 4.0, "tiny built": 5.0, "engines ready": 6.0, "ready": 7.0}
+    assert durations(events, ["tiny"]) == {"Ray start": 1.0, "model build": 3.0, "engine load": 1.0,
+                                           "first request": 1.0}
+    what, seconds = parse_phase(lines[1][1]) or ("", -1.0)
+    assert what == "Ray started" and 0 <= seconds < 5  # seconds since the command started
