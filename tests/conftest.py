@@ -9,18 +9,23 @@ import time
 import psutil
 import pytest
 
-from bench.procs import leftovers
+from bench.procs import become_subreaper, leftovers
 
 _STARTED = time.time()
+# Orphans of what the tests start (`ray start` daemons, engine cores whose parent died) are
+# re-parented to this process, so they are found among its descendants. Without it they go to init
+# and only a guess (orphans born since the session started) finds them, which on a shared machine
+# also takes, and kills, another session's Ray cluster.
+_SUBREAPER = become_subreaper()
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     deadline = time.monotonic() + 30  # engine cores get their lifeline's grace to shut down cleanly
-    left = leftovers(_STARTED)
+    left = leftovers(_STARTED, orphans=not _SUBREAPER)
     while left and time.monotonic() < deadline:
         time.sleep(1)
-        left = leftovers(_STARTED)
+        left = leftovers(_STARTED, orphans=not _SUBREAPER)
     if not left:
         return
     names = []
