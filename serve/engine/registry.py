@@ -60,11 +60,17 @@ class EndpointRegistry:
         return self._table.snapshot(time.monotonic())
 
 
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
 def get_registry(namespace: str):  # -> ray.actor.ActorHandle
     """Get or create the registry actor. Detached, so a gateway restart does not lose it."""
     import ray
 
-    actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(EndpointRegistry)
+    # On the head node (Ray's documented `node:__internal_head__` resource), as Serve's controller
+    # is: a detached actor holds its node busy, so anywhere else it would keep an autoscaled
+    # worker pod from ever being removed (found by tests/cluster/test_autoscaling_cluster.py).
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, resources={HEAD_NODE_RESOURCE: 0.001})(EndpointRegistry)
     return actor_cls.options(
         name=REGISTRY_NAME, namespace=namespace, get_if_exists=True, lifetime="detached"
     ).remote()

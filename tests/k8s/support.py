@@ -254,9 +254,11 @@ def check_pod_references(cluster_spec: dict[str, Any], names: dict[str, set[str]
 
 def check_gateway_wiring(objs: tuple[dict[str, Any], ...] | list[dict[str, Any]], serve_config_v2: dict[str, Any],
                          config: Any) -> None:
-    """The Service reaches the gateway: it selects exactly the pods of the Ray nodes the gateway's
-    label_selector pins its replicas (and the batch worker) to, on serve.gateway.port, and there are
-    enough of them."""
+    """The Service reaches the gateway: it selects exactly the pods whose Ray nodes declare the
+    resource each gateway replica takes (llmserve_gateway, one per pod) and the batch worker's
+    (llmserve_gateway_host), on serve.gateway.port, and there are enough of them."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_custom_resources
+
     svc = next(s for s in by_kind(objs, "Service") if "gateway" in s["metadata"]["name"]
                or s["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "gateway")
     selector = svc["spec"]["selector"]
@@ -268,17 +270,21 @@ def check_gateway_wiring(objs: tuple[dict[str, Any], ...] | list[dict[str, Any]]
     # The batch worker (a deployment of the gateway app when batch is on) runs on a gateway pod
     # too: it reads the gateways' stored files, and the NetworkPolicy counts on where it runs.
     assert set(overrides) == ({"gateway", "batch-worker"} if config.batch.enabled else {"gateway"})
+    assert overrides["gateway"]["ray_actor_options"]["resources"] == {"llmserve_gateway": 1}
     for override in overrides.values():
         assert override["ray_actor_options"]["num_cpus"] == 0
-        assert override["ray_actor_options"]["label_selector"] == overrides["gateway"]["ray_actor_options"][
-            "label_selector"]
-    node_labels = overrides["gateway"]["ray_actor_options"]["label_selector"]
+        # No label selector: Serve would run the app's build task on that pool and pin its result
+        # there (the pod could never be scaled down); Ray's default autoscaler ignores selectors.
+        assert "label_selector" not in override["ray_actor_options"]
+    asked = [o["ray_actor_options"]["resources"] for o in overrides.values()]
     hosts = 0
     for group, tpl in pod_templates(cluster):
         pod_labels = tpl["metadata"].get("labels", {})
         selected = all(pod_labels.get(k) == v for k, v in selector.items())
-        pinned = all((group.get("labels") or {}).get(k) == v for k, v in node_labels.items())
+        declared = _get_custom_resources({}, group.get("rayStartParams") or {}, group.get("groupName", "head"))
+        pinned = all(all(declared.get(k, 0) >= n for k, n in res.items()) for res in asked)
         assert selected == pinned, f"group {group.get('groupName', 'head')}: Service and gateway placement differ"
+        assert declared.get("llmserve_gateway", 0) in ((1,) if selected else (0,))
         if selected:
             [container] = tpl["spec"]["containers"]
             assert config.gateway.port in [p["containerPort"] for p in container["ports"]]

@@ -87,11 +87,13 @@ and, in Ray 2.60's default (v1) autoscaler, ignores label selectors:
   group fits and the model never grows past the pods already running.
 - llmserve_gateway: 1 on a pod that hosts a gateway; each gateway replica takes 1, so there is one
   per pod and a pending replica makes the autoscaler add a pod of a gateway group.
+  llmserve_gateway_host: 1 there too, for the batch worker (0.001 of it: on a gateway pod, beside
+  that pod's gateway).
 - customResources: the group's own. */}}
 {{- $res := dict }}
 {{- range $k, $n := (.group.customResources | default dict) }}{{ $_ := set $res $k $n }}{{ end }}
 {{- with .group.acceleratorType }}{{ $_ := set $res (printf "accelerator_type:%s" .) 1 }}{{ end }}
-{{- if .group.gateway }}{{ $_ := set $res "llmserve_gateway" 1 }}{{ end }}
+{{- if .group.gateway }}{{ $_ := set $res "llmserve_gateway" 1 }}{{ $_ := set $res "llmserve_gateway_host" 1 }}{{ end }}
 {{- if $res }}
 {{- if hasKey $params "resources" }}
 {{- fail (printf "%s: rayStartParams.resources cannot be combined with what the chart declares (acceleratorType, gateway): put custom resources in customResources" (.group.name | default "head")) }}
@@ -109,8 +111,9 @@ and, in Ray 2.60's default (v1) autoscaler, ignores label selectors:
 {{/*
 serveConfigV2: one Serve application per model (serve.engine.app:build) and the gateway
 (serve.gateway.deployment:build), Serve's own HTTP proxy disabled. route_prefix is null: no app is
-reached through a Serve proxy. The gateway's replicas and the batch worker are pinned to Ray nodes
-labelled llmserve.io/gateway=true (the pods the Service selects) through Serve deployment overrides.
+reached through a Serve proxy. The gateway's replicas and the batch worker are placed on the pods
+labelled llmserve.io/gateway=true (those the Service selects) by the Ray resources only those pods
+declare, through Serve deployment overrides.
 */}}
 {{- define "llmserve.serveConfigV2" -}}
 {{- $ns := dig "ray" "namespace" "llmserve" .Values.serve }}
@@ -119,15 +122,18 @@ labelled llmserve.io/gateway=true (the pods the Service selects) through Serve d
 {{- $apps = append $apps (dict "name" .name "import_path" "serve.engine.app:build" "route_prefix" nil
       "args" (dict "model" . "namespace" $ns "adapter_roots" (dig "gateway" "adapter_roots" (list) $.Values.serve))) }}
 {{- end }}
-{{- $gatewayActor := dict "num_cpus" 0 "label_selector" (dict "llmserve.io/gateway" "true") }}
-{{- /* llmserve_gateway (declared by gateway pods, llmserve.rayStartParams): one gateway per pod, and
-what the autoscaler reads to add a gateway pod; the label selector keeps it off other pods. */}}
-{{- $overrides := list (dict "name" "gateway" "ray_actor_options" (merge (dict "resources" (dict "llmserve_gateway" 1)) $gatewayActor)) }}
+{{- /* Placement by Ray resources that gateway pods declare (llmserve.rayStartParams), not by node
+labels: Ray 2.60's default autoscaler ignores label selectors, and Serve runs an application's build
+task on the node pool its deployments' label selector names, where the built application (an
+object of ~125 KB: the whole configuration) stays pinned, so that pod would never be idle and never
+be removed (tests/cluster/test_autoscaling_cluster.py). llmserve_gateway: one gateway per pod, and
+what makes the autoscaler add a gateway pod. */}}
+{{- $overrides := list (dict "name" "gateway" "ray_actor_options" (dict "num_cpus" 0 "resources" (dict "llmserve_gateway" 1))) }}
 {{- if dig "batch" "enabled" true .Values.serve }}
 {{- /* The batch worker (one replica, restarted by Serve) runs on a gateway pod too: it reads the
 files the gateways store, and the NetworkPolicy treats it as one of the release's Ray pods. Serve
 refuses an override for a deployment the app lacks, hence only with batch enabled. */}}
-{{- $overrides = append $overrides (dict "name" "batch-worker" "ray_actor_options" (deepCopy $gatewayActor)) }}
+{{- $overrides = append $overrides (dict "name" "batch-worker" "ray_actor_options" (dict "num_cpus" 0 "resources" (dict "llmserve_gateway_host" 0.001))) }}
 {{- end }}
 {{- $gateway := dict "name" "gateway" "import_path" "serve.gateway.deployment:build" "route_prefix" nil
       "args" (dict "config" .Values.serve "replicas" (int .Values.gateway.replicas))
