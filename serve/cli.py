@@ -85,8 +85,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _warn_if_open(config)
     print("llmserve: starting Ray and the engines (the first start builds the tiny model)...", flush=True)
-    registry = start_stack(config, phases)
     try:
+        # Inside the try: a start that fails half-way (Ray up, a deploy refused) still stops
+        # whatever it started.
+        registry = start_stack(config, phases)
         app = build_gateway(config, ray_snapshot_source(registry))
         server = uvicorn.Server(uvicorn_config(app, config))
         sockets = listen(app, config)

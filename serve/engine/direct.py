@@ -4,8 +4,10 @@ This is the one module that relies on Ray Serve LLM's and vLLM's less public sur
 one place: ``LLMServer.__serve_build_asgi_app__`` (which Ray 2.60's direct streaming uses to get
 vLLM's FastAPI app with LoRA resolution attached), Ray's engine wrapper's ``_engine_client``
 (vLLM's AsyncLLM: ``_engine_client()``) and AsyncLLM's ``logger_manager`` (where ``EngineLoad``,
-a vLLM stat logger, joins the engine's own: ``_engine_load()``). Everything else in the project
-uses public APIs.
+a vLLM stat logger, joins the engine's own: ``_engine_load()``). The driver's side has its own
+(serve/engine/cluster.py: Serve's controller client for a declarative deploy, and
+``ray.init(_node_ip_address=...)``), kept apart because the driver must not import vLLM.
+Everything else in the project uses public APIs.
 
 The port is closed to everyone without the engine secret (serve/engine/secret.py): the app is
 served wrapped in RequireEngineSecret rather than with vLLM's --api-key, whose middleware guards
