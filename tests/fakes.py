@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time as real_time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from serve.gateway.upstream import EngineUnavailable, UpstreamResponse
 
@@ -119,3 +121,19 @@ class FakeUpstream:
 
     async def close(self) -> None:
         pass
+
+
+class FakeTime:
+    """A `time` module whose clock the test sets (monkeypatched into the module under test)."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(real_time, name)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import time as real_time
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,6 +38,7 @@ from serve.config import ModelSpec
 from serve.engine import direct
 from serve.engine.direct import DirectLLMServer, EngineLoad
 from serve.policies import autoscaling as slo
+from tests.fakes import FakeTime
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "unit-test-engine-secret-0123456789"
@@ -184,24 +184,8 @@ async def test_sums_waiting_and_averages_kv_over_data_parallel_engine_cores():
     assert stats[slo.KV_USAGE] == pytest.approx(0.5)
 
 
-class FakeTime:
-    """A `time` module whose clock the test sets."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def time(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(real_time, name)
-
-
 async def test_ttft_is_the_mean_of_the_last_window_and_holds_while_requests_remain(monkeypatch):
-    clock = FakeTime()
+    clock = FakeTime(1000.0)
     monkeypatch.setattr(direct, "time", clock)
     engine = FakeAsyncLLM()
     replica = EngineReplica(engine)

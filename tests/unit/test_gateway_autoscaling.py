@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time as real_time
 from types import SimpleNamespace
 from typing import Any
 
@@ -33,7 +32,7 @@ from serve.gateway.backends import Backends
 from serve.gateway.deployment import GatewayServer, build
 from serve.gateway.server import ByPort, build_gateway, listen
 from serve.policies import autoscaling as slo
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeTime, FakeUpstream
 
 CONFIG = {"models": [{"name": "m", "source": "builtin://tiny?seed=1", "accelerator": "cpu"}],
           "ray": {"address": "auto"}}
@@ -215,22 +214,6 @@ def test_the_policy_reads_a_gateways_report_with_the_engine_signals_absent():
     # No queue, KV cache or TTFT: none counts as saturated; Serve's own count (0: it sees none) is unused.
     assert slo.read_signals(ctx) == slo.Signals(rate=10.0, ongoing=300.0, waiting=0.0, kv_usage=None, ttft_s=None)
     assert slo.SLOPolicy(replica_start_s=60)(ctx)[0] == 2  # 300 open / 256 a replica
-
-
-class FakeTime:
-    """A `time` module whose clock the test sets."""
-
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def time(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(real_time, name)
 
 
 class Noop:
