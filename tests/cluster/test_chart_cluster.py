@@ -17,6 +17,7 @@ import base64
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -128,8 +129,14 @@ def test_chart_runs_as_kuberay_runs_it(tmp_path):
             k.update_serve_config(config)  # what `helm upgrade` of serveConfigV2 alone does
             # The model's args changed, so Serve rolls its replicas: two replicas, both started after
             # the promotion, each loading the adapter from the registration in Redis.
-            k.wait(lambda: len(served_by(client, "tiny-a-student", 6) - before) == 2, 600,
-                   "two tiny-a replicas started after the promotion serving the adapter", 5)
+            seen: set[str] = set()  # every replica seen since the update, so each poll adds to it
+
+            def two_new_replicas() -> bool:
+                seen.update(served_by(client, "tiny-a-student", 6))
+                return len(seen - before) == 2
+
+            k.wait(two_new_replicas, 600, lambda: f"two tiny-a replicas started after the promotion serving the "
+                   f"adapter; before {sorted(before)}, seen since {sorted(seen)}", 5)
             times["new_replica_serving_adapter_s"] = round(time.monotonic() - t_scale, 1)
 
             # 5. The worker node holding a gateway dies: the other gateway keeps serving.
@@ -147,11 +154,15 @@ def test_chart_runs_as_kuberay_runs_it(tmp_path):
 
 
 def served_by(client: OpenAI, model: str, n: int) -> set[str]:
-    """The replicas that answered n requests for `model` (every one must succeed)."""
+    """The replicas that answered n requests for `model` (every one must succeed).
+
+    Every prompt is new: the gateway sends a prompt prefix to its rendezvous replica, so a fixed
+    set of prompts lands on one of two replicas every time with probability 2/2**n, and a wait
+    polling the same prompts could never see the other replica (the failure at 03cbc17)."""
     seen = set()
-    for i in range(n):
+    for _ in range(n):
         raw = client.chat.completions.with_raw_response.create(
-            model=model, messages=[{"role": "user", "content": f"who {i}"}], max_tokens=2)
+            model=model, messages=[{"role": "user", "content": f"who {uuid.uuid4().hex}"}], max_tokens=2)
         assert raw.http_response.status_code == 200
         seen.add(raw.headers["x-llmserve-replica"])
     return seen
