@@ -267,6 +267,12 @@ class CascadeSpec(_Strict):
     max_student_tokens: int = Field(
         512, gt=0, description="Bound on the student's buffered answer (its max_tokens is capped to it)."
     )
+    decide_after_tokens: int | None = Field(
+        None, gt=0,
+        description="Streamed chat/completions requests: decide on the student's first this-many tokens, "
+        "then stream its answer (or the teacher's); time to first byte is the student's time to these "
+        "tokens. None: decide on the whole answer, buffered (a requested json schema always does).",
+    )
 
 
 class ShadowSpec(_Strict):

@@ -23,6 +23,7 @@ from serve.cache.store import CacheEntry, HeadCache
 from serve.config import RouteSpec
 from serve.gateway import responses
 from serve.gateway.answer import Answer
+from serve.gateway.cascade_stream import on_a_prefix, stream_student
 from serve.gateway.errors import APIError, normalize
 from serve.gateway.metrics import Metrics
 from serve.gateway.responses import RESPONSES
@@ -181,6 +182,7 @@ class RouteRunner:
         policy = CascadePolicy(min_mean_logprob=cs.min_mean_logprob, escalate_on_length=cs.escalate_on_length,
                                escalate_on_schema_failure=cs.escalate_on_schema_failure,
                                refusal_patterns=tuple(cs.refusal_patterns or DEFAULT_REFUSALS))
+        on_prefix = on_a_prefix(cs, path, payload, policy)  # decided on k tokens, then streamed
         if path == RESPONSES:
             req = responses.student_request(payload, cs.student, cs.max_student_tokens)
             asked_logprobs = responses.LOGPROBS_INCLUDE in (payload.get("include") or [])
@@ -192,21 +194,17 @@ class RouteRunner:
             req["logprobs"] = True if chat else max(1, int(payload.get("logprobs") or 1))
             limit_key = "max_completion_tokens" if chat and "max_completion_tokens" in payload else "max_tokens"
             asked = payload.get(limit_key)
-            req[limit_key] = min(asked, cs.max_student_tokens) if isinstance(asked, int) else cs.max_student_tokens
+            if not on_prefix:  # the cap bounds the buffer; a prefix-decided answer is not buffered
+                req[limit_key] = min(asked, cs.max_student_tokens) if isinstance(asked, int) \
+                    else cs.max_student_tokens
+        if on_prefix:
+            return await stream_student(self, route, path, payload, req, policy, out, store, asked_logprobs)
         try:
             resp, replica = await self.send(cs.student, path, json.dumps(req).encode(), False, payload)
         except APIError as e:
-            out.escalated = f"student_{_failure_of(e).value}"
-            self._count_escalation(route.name, out.escalated)
-            return None
+            return self.student_failed(route.name, cs.student, out, e)
         if resp.status >= 400:
-            failure = classify_status(resp.status)
-            if failure == Failure.CLIENT_ERROR:  # the request is wrong; the teacher would say so too
-                self.metrics.requests.labels(route.name, cs.student, str(resp.status)).inc()
-                return Answer.engine_error(resp.status, normalize(resp.status, resp.body), out.headers())
-            out.escalated = f"student_{failure.value if failure else 'error'}"
-            self._count_escalation(route.name, out.escalated)
-            return None
+            return self.student_failed(route.name, cs.student, out, resp)
         body = json.loads(resp.body)
         out.cost_usd += self.bill(out, cs.student, body.get("usage"))
         out.models.append(cs.student)
@@ -239,6 +237,21 @@ class RouteRunner:
             include_usage = bool((payload.get("stream_options") or {}).get("include_usage"))
             return Answer.replayed(replay(body, include_usage), out.headers())
         return Answer(200, body, headers=out.headers())
+
+    def student_failed(self, route: str, student: str, out: Outcome,
+                       err: APIError | UpstreamResponse) -> Answer | None:
+        """The student could not answer: escalate (None), unless the request itself is wrong (the
+        teacher would say so too), which is the answer."""
+        if isinstance(err, APIError):
+            out.escalated = f"student_{_failure_of(err).value}"
+        else:
+            failure = classify_status(err.status)
+            if failure == Failure.CLIENT_ERROR:
+                self.metrics.requests.labels(route, student, str(err.status)).inc()
+                return Answer.engine_error(err.status, normalize(err.status, err.body), out.headers())
+            out.escalated = f"student_{failure.value if failure else 'error'}"
+        self._count_escalation(route, out.escalated)
+        return None
 
     def _count_escalation(self, route: str, reason: str) -> None:
         self.metrics.cascade.labels(route, "escalate", reason).inc()

@@ -109,3 +109,21 @@ def decide(policy: CascadePolicy, request: dict[str, Any], response: Any) -> Dec
     if worst < policy.min_mean_logprob:
         return Decision(True, "low_confidence", worst)
     return Decision(False, "accepted", worst)
+
+
+def prefix_decidable(policy: CascadePolicy, request: dict[str, Any]) -> bool:
+    """Whether a decision on the first tokens can run the same checks as on the whole answer: a
+    requested schema can only be checked on the whole text, so such requests stay buffered."""
+    return not (policy.escalate_on_schema_failure and requested_schema(request) is not None)
+
+
+def decide_prefix(policy: CascadePolicy, request: dict[str, Any], text: str, logprobs: list[float],
+                  finish_reason: str | None) -> Decision:
+    """Accept or escalate from the first tokens of a streamed student answer (all of it, when it
+    finished within them): `decide` on what the prefix shows, i.e. the prefix's mean logprob, a
+    refusal in its text, and length (and schema) only when it finished. The caller passes exactly
+    the tokens the decision is meant to see; later tokens never count."""
+    choice = {"text": text, "logprobs": {"token_logprobs": list(logprobs)}, "finish_reason": finish_reason}
+    if finish_reason is None:  # unfinished text is not yet JSON: only prefix_decidable requests get here
+        request = {k: v for k, v in request.items() if k != "response_format"}
+    return decide(policy, request, {"choices": [choice]})

@@ -1,0 +1,244 @@
+"""A streamed cascade decided on a prefix: the first byte waits for k student tokens, not its answer.
+
+With `cascade.decide_after_tokens: k`, a streamed chat or completions request asks the student to
+stream with logprobs and holds back its first k tokens (or all of it, if it finishes sooner). The
+pure `decide_prefix` judges exactly those tokens. Accepted: the held chunks go out and the rest of
+the student's stream follows as it comes. Escalated: the student's stream is closed (vLLM aborts
+the request on disconnect) and the request goes on to the teacher. Nothing reaches the client
+before the decision, so no client sees half a student answer followed by a teacher's.
+
+The student is asked for `continuous_usage_stats` (vLLM puts the running usage in every chunk):
+an aborted student is billed for the prompt and the tokens it made, which the final usage chunk of
+a stream it never finishes would not tell. The client sees those fields only if it asked for them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from serve.gateway.answer import Answer
+from serve.gateway.errors import APIError
+from serve.gateway.responses import RESPONSES
+from serve.gateway.sse import StreamAssembler
+from serve.policies.cascade import CascadePolicy, Decision, decide_prefix, prefix_decidable
+
+if TYPE_CHECKING:
+    from serve.config import CascadeSpec, RouteSpec
+    from serve.gateway.routes import Outcome, RouteRunner, Store
+    from serve.gateway.upstream import UpstreamResponse
+
+
+@dataclass
+class Prefix:
+    """What the student streamed up to the decision: the events held back, and what they say."""
+
+    held: list[bytes] = field(default_factory=list)  # whole SSE events, each ending in a blank line
+    rest: bytes = b""  # bytes after the last whole event
+    text: list[str] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None  # the latest running usage
+    broken: bool = False  # an error event or bad JSON: no answer to judge
+    done: bool = False  # [DONE] or the stream ended
+
+    def feed(self, chunk: bytes) -> None:
+        self.rest += chunk
+        while b"\n\n" in self.rest:
+            event, self.rest = self.rest.split(b"\n\n", 1)
+            self.held.append(event + b"\n\n")
+            self._take(event)
+
+    def _take(self, event: bytes) -> None:
+        for line in event.split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue  # SSE comments carry no answer
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                self.done = True
+                continue
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                self.broken = True
+                continue
+            if not isinstance(obj, dict) or "error" in obj:
+                self.broken = True
+                continue
+            if isinstance(obj.get("usage"), dict):
+                self.usage = obj["usage"]
+            for c in obj.get("choices") or []:
+                self._take_choice(c)
+
+    def _take_choice(self, c: Any) -> None:
+        if not isinstance(c, dict):
+            self.broken = True
+            return
+        delta = c.get("delta")
+        piece = delta.get("content") if isinstance(delta, dict) else c.get("text")
+        if isinstance(piece, str):
+            self.text.append(piece)
+        lp = c.get("logprobs")
+        if isinstance(lp, dict):
+            entries = lp["content"] if isinstance(lp.get("content"), list) else \
+                [{"logprob": v} for v in lp.get("token_logprobs") or []]
+            self.logprobs += [float(e["logprob"]) for e in entries
+                              if isinstance(e, dict) and isinstance(e.get("logprob"), (int, float))]
+        if c.get("finish_reason") is not None:
+            self.finish_reason = c["finish_reason"]
+
+    def decision(self, policy: CascadePolicy, request: dict[str, Any], k: int) -> Decision:
+        if self.broken:
+            return Decision(True, "malformed")
+        # Exactly the first k tokens: a chunk that carried several must not widen the prefix.
+        return decide_prefix(policy, request, "".join(self.text), self.logprobs[:k], self.finish_reason)
+
+
+def on_a_prefix(cs: CascadeSpec, path: str, payload: dict[str, Any], policy: CascadePolicy) -> bool:
+    """Whether a request is decided on a prefix: streamed, on a route with decide_after_tokens, one
+    choice (the relay follows one stream), chat or completions (a Responses stream is events of
+    another shape), and no check that needs the whole answer (a schema)."""
+    return bool(payload.get("stream")) and cs.decide_after_tokens is not None and path != RESPONSES \
+        and payload.get("n", 1) in (1, None) and prefix_decidable(policy, payload)
+
+
+async def read_prefix(chunks: AsyncIterator[bytes], k: int) -> Prefix:
+    """Read the student's stream until k tokens, its finish, its end, or a broken event."""
+    prefix = Prefix()
+    while len(prefix.logprobs) < k and prefix.finish_reason is None and not prefix.done and not prefix.broken:
+        try:
+            chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            prefix.done = True
+            break
+        prefix.feed(chunk)
+    return prefix
+
+
+async def stream_student(runner: RouteRunner, route: RouteSpec, path: str, payload: dict[str, Any],
+                         req: dict[str, Any], policy: CascadePolicy, out: Outcome, store: Store | None,
+                         asked_logprobs: bool) -> Answer | None:
+    """The streamed student, decided on its first `decide_after_tokens` tokens. Returns the answer
+    when accepted (or when the request itself is wrong), None when the teacher must answer."""
+    cs = route.cascade
+    assert cs is not None and cs.decide_after_tokens is not None
+    k = cs.decide_after_tokens
+    client_opts = payload.get("stream_options") or {}
+    req = {**req, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    try:
+        resp, replica = await runner.send(cs.student, path, json.dumps(req).encode(), True, payload)
+    except APIError as e:
+        return runner.student_failed(route.name, cs.student, out, e)
+    if resp.status >= 400 or resp.chunks is None:
+        if resp.status < 400:  # an engine that answered a stream request whole: nothing to relay
+            resp.status = 502
+        return runner.student_failed(route.name, cs.student, out, resp)
+    chunks = resp.chunks.__aiter__()
+    try:
+        prefix = await read_prefix(chunks, k)
+    except BaseException:
+        await resp.aclose()
+        raise
+    decision = prefix.decision(policy, payload, k)
+    out.models.append(cs.student)
+    runner.metrics.cascade.labels(route.name, "escalate" if decision.escalate else "accept", decision.reason).inc()
+    if decision.escalate:
+        await resp.aclose()  # the engine aborts the request when its stream is closed
+        # Billed for what it did until the abort: the latest running usage (prompt + tokens made).
+        usage = prefix.usage or {"prompt_tokens": 0, "completion_tokens": len(prefix.logprobs)}
+        out.cost_usd += runner.bill(out, cs.student, usage)
+        out.escalated = decision.reason
+        runner.metrics.escalations.labels(route.name, decision.reason).inc()
+        return None
+    out.served_by, out.replica = cs.student, replica
+    runner.metrics.requests.labels(route.name, cs.student, "200").inc()
+    relay = Relay(runner, cs.student, out, store, strip_logprobs=not asked_logprobs,
+                  include_usage=bool(client_opts.get("include_usage")),
+                  continuous=bool(client_opts.get("continuous_usage_stats")), usage=prefix.usage)
+    return Answer(200, chunks=relay.run(resp, chunks, prefix), headers=out.headers())
+
+
+def _made(usage: dict[str, Any]) -> int:
+    n = usage.get("completion_tokens")
+    return n if isinstance(n, int) else 0
+
+
+class Relay:
+    """The accepted student's stream as the client asked for it: logprobs and running usage only if
+    it asked; the final usage chunk billed (with the cost in it) and kept only if it asked."""
+
+    def __init__(self, runner: RouteRunner, model: str, out: Outcome, store: Store | None, *,
+                 strip_logprobs: bool, include_usage: bool, continuous: bool, usage: dict[str, Any] | None) -> None:
+        self.runner, self.model, self.out, self.store = runner, model, out, store
+        self.strip_logprobs, self.include_usage, self.continuous = strip_logprobs, include_usage, continuous
+        self.usage = usage
+        self.billed = False
+        self.assembler = StreamAssembler() if store is not None else None
+
+    async def run(self, resp: UpstreamResponse, chunks: AsyncIterator[bytes], prefix: Prefix) -> AsyncIterator[bytes]:
+        try:
+            for event in prefix.held:
+                if (ev := self.event(event)):
+                    yield ev
+            rest = prefix.rest
+            async for chunk in chunks:
+                rest += chunk
+                while b"\n\n" in rest:
+                    event, rest = rest.split(b"\n\n", 1)
+                    if (ev := self.event(event + b"\n\n")):
+                        yield ev
+            if rest:
+                yield rest
+        finally:
+            if not self.billed and self.usage is not None:  # the client left before the usage chunk
+                self.bill(self.usage)
+            await resp.aclose()
+
+    def bill(self, usage: dict[str, Any]) -> None:
+        self.billed = True
+        self.out.cost_usd += self.runner.bill(self.out, self.model, usage)
+
+    def event(self, event: bytes) -> bytes:
+        """One event for the client (b"" to drop it); bytes unchanged when nothing needs removing."""
+        if event.startswith(b"data: {"):
+            event = self._rewrite(event)
+        if self.assembler is not None and event:
+            self.assembler.feed(event)
+            if self.assembler.done:
+                whole = self.assembler.response()
+                if whole is not None and self.store is not None:
+                    self.store(whole, self.model)
+                self.assembler = None
+        return event
+
+    def _rewrite(self, event: bytes) -> bytes:
+        try:
+            obj = json.loads(event[6:])
+        except ValueError:
+            return event
+        if not isinstance(obj, dict):
+            return event
+        changed = False
+        if isinstance(obj.get("usage"), dict):
+            # Latest, not last seen: the held events replay usage older than the prefix's.
+            if self.usage is None or _made(obj["usage"]) >= _made(self.usage):
+                self.usage = obj["usage"]
+            if not obj.get("choices"):  # the final usage chunk: the whole answer's usage
+                self.bill(obj["usage"])
+                if not self.include_usage:
+                    return b""
+                obj["usage"]["cost_usd"] = round(self.out.cost_usd, 10)
+                changed = True
+            elif not self.continuous:
+                del obj["usage"]  # running usage the gateway asked for, not the client
+                changed = True
+        if self.strip_logprobs:
+            for c in obj.get("choices") or []:
+                if isinstance(c, dict) and c.get("logprobs") is not None:
+                    c["logprobs"] = None  # asked for only to decide
+                    changed = True
+        if not changed:
+            return event
+        return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
