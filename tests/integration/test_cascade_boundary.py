@@ -87,3 +87,62 @@ def test_cascade_escalates_exactly_the_requests_below_a_calibrated_threshold(sta
                 assert body.choices[0].message.content == s_text, where
                 expected = cost(s_usage, PRICE_A)
             assert float(h["x-llmserve-cost-usd"]) == pytest.approx(expected, abs=2e-10), where
+
+
+K = 4  # decide_after_tokens of the streamed route
+
+
+def test_streamed_cascade_decides_on_the_first_k_tokens_at_a_calibrated_threshold(stack):
+    """The same boundary for a streamed request on a route with decide_after_tokens: the decision
+    reads the student's first K token logprobs (measured here through the SDK), so each prompt
+    whose prefix falls below the threshold streams the teacher's answer, each above it the
+    student's, and the usage chunk and headers say which (cascade_stream.py, on real engines)."""
+    from openai import OpenAI
+
+    from serve.config import Config
+    from serve.gateway.server import build_gateway, ray_snapshot_source
+
+    client = stack.client()
+    student, teacher = {}, {}
+    for p in PROMPTS:
+        r = client.chat.completions.create(model="tiny-a", messages=msgs(p), logprobs=True, **ASK)
+        toks = r.choices[0].logprobs.content
+        assert len(toks) == ASK["max_tokens"], "the prefix must be shorter than the answer"
+        student[p] = (sum(t.logprob for t in toks[:K]) / K, r.choices[0].message.content, r.usage)
+        t = client.chat.completions.create(model="tiny-b", messages=msgs(p), **ASK)
+        teacher[p] = (t.choices[0].message.content, t.usage)
+    threshold = calibrate([v[0] for v in student.values()])
+    below = {p for p in PROMPTS if student[p][0] < threshold}
+    assert len(below) >= len(PROMPTS) // 4 and len(PROMPTS) - len(below) >= len(PROMPTS) // 4
+
+    data = stack.config.model_dump(mode="json")
+    data["routes"].append({"name": "cascade-prefix", "cascade": {
+        "student": "tiny-a", "teacher": "tiny-b", "min_mean_logprob": threshold, "escalate_on_length": False,
+        "decide_after_tokens": K}})
+    data["gateway"].update(port=free_port(), metrics_port=free_port())
+    data["batch"]["enabled"] = False
+    config = Config.model_validate(data)
+
+    with serving(build_gateway(config, ray_snapshot_source(stack.registry)), config):
+        gw = OpenAI(base_url=f"http://127.0.0.1:{config.gateway.port}/v1", api_key="test", max_retries=0, timeout=120)
+        for p in PROMPTS:
+            raw = gw.chat.completions.with_raw_response.create(
+                model="cascade-prefix", messages=msgs(p), stream=True, stream_options={"include_usage": True}, **ASK)
+            h = raw.headers
+            chunks = list(raw.parse())
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            usage = chunks[-1].usage
+            assert usage is not None and not chunks[-1].choices
+            assert all(c.choices[0].logprobs is None for c in chunks if c.choices), "logprobs were not asked for"
+            lp, s_text, s_usage = student[p]
+            where = f"{p!r}: first-{K} mean logprob {lp:.4f}, threshold {threshold:.4f}"
+            assert abs(lp - threshold) > MARGIN, where
+            if p in below:
+                assert (h["x-llmserve-served-by"], h.get("x-llmserve-escalated")) == ("tiny-b", "low_confidence"), where
+                assert text == teacher[p][0], where
+                assert usage.completion_tokens == teacher[p][1].completion_tokens, where
+            else:
+                assert (h["x-llmserve-served-by"], h.get("x-llmserve-escalated")) == ("tiny-a", None), where
+                assert text == s_text, where
+                assert (usage.prompt_tokens, usage.completion_tokens) == (s_usage.prompt_tokens,
+                                                                          s_usage.completion_tokens), where
