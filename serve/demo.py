@@ -17,7 +17,6 @@ ends, however it ends (Ctrl-C and SIGTERM included).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import hashlib
 import io
@@ -31,7 +30,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -173,25 +171,13 @@ def redis_server(workdir: Path) -> Iterator[str]:
 @contextlib.contextmanager
 def gateway(config: Config, registry: Any) -> Iterator[str]:
     """The gateway on a thread of this process (as `llmserve run` serves it); yields its base URL."""
-    import uvicorn
+    from serve.gateway.server import GatewayStartError, build_gateway, ray_snapshot_source, serving_on_thread
 
-    from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
-
-    app = build_gateway(config, ray_snapshot_source(registry))
-    server = uvicorn.Server(uvicorn_config(app, config))
-    sockets = listen(app, config)
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=sockets)), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise DemoError("the gateway did not start")
-        time.sleep(0.1)
     try:
-        yield f"http://{config.gateway.host}:{config.gateway.port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=config.gateway.drain_timeout_s + 10)
+        with serving_on_thread(build_gateway(config, ray_snapshot_source(registry)), config):
+            yield f"http://{config.gateway.host}:{config.gateway.port}/v1"
+    except GatewayStartError as e:
+        raise DemoError(str(e)) from e
 
 
 def _sigterm_is_interrupt() -> None:

@@ -3,7 +3,6 @@ PostgreSQL server, and a gateway app served by uvicorn on a thread."""
 
 from __future__ import annotations
 
-import asyncio
 import glob
 import ipaddress
 import os
@@ -13,7 +12,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -200,20 +198,7 @@ def _free_port(host: str) -> int:
 @contextmanager
 def serving(app: Any, config: Any) -> Iterator[Any]:
     """Serve a gateway app (public and metrics listeners) on a thread; yields the uvicorn server."""
-    import uvicorn
+    from serve.gateway.server import serving_on_thread
 
-    from serve.gateway.server import listen, uvicorn_config
-
-    server = uvicorn.Server(uvicorn_config(app, config))
-    sockets = listen(app, config)
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=sockets)), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.1)
-    try:
+    with serving_on_thread(app, config) as server:
         yield server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=40)

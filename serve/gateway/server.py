@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -177,3 +179,31 @@ def uvicorn_config(app: Starlette, config: Config) -> Any:
         # Graceful drain: on SIGTERM stop accepting and give in-flight streams this long.
         timeout_graceful_shutdown=config.gateway.drain_timeout_s,
     )
+
+
+class GatewayStartError(RuntimeError):
+    """The gateway's HTTP server did not come up (a port taken, a failed lifespan)."""
+
+
+@contextlib.contextmanager
+def serving_on_thread(app: Any, config: Config, start_timeout_s: float = 30) -> Iterator[Any]:
+    """Serve a gateway app (public and metrics listeners) on a thread of this process, as
+    `llmserve run` serves it on its main one; yields the uvicorn server once it listens, and drains
+    it on exit. For a process that has its own work on the main thread (the demo, the tests)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn_config(app, config))
+    sockets = listen(app, config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=sockets)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise GatewayStartError(f"the gateway did not start on {config.gateway.host}:{config.gateway.port}")
+        time.sleep(0.1)
+    try:
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=config.gateway.drain_timeout_s + 10)
