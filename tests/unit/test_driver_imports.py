@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,10 @@ def test_the_deploy_config_is_valid_and_builds_the_same_apps(config, monkeypatch
         return real(llm_config, **kwargs)
 
     monkeypatch.setattr(ray.serve.llm, "build_llm_deployment", recording)
+    # get_deployment_options reads the caller's runtime_env; outside a Ray worker that call would
+    # start a whole local Ray cluster (auto-init) and leave it for atexit. A driver with no
+    # runtime_env of its own sees an empty one, which is what this stands for.
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: types.SimpleNamespace(runtime_env={}))
     for spec, app in zip(config.models, deploy["applications"], strict=True):
         module, attr = app["import_path"].split(":")
         args = json.loads(json.dumps(app["args"]))  # what reaches the build task
@@ -157,6 +162,7 @@ def test_the_deploy_config_is_valid_and_builds_the_same_apps(config, monkeypatch
         assert got_cfg.model_dump() == want_cfg.model_dump()
         assert got_kw == want_kw
         assert got_cfg.model_loading_config.model_id == spec.name
+    assert not ray.is_initialized()
 
 
 def test_other_owners_declarative_apps_are_kept_and_ours_replaced():
