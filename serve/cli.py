@@ -73,7 +73,7 @@ async def _watch_startup(config: Config, registry: object, base: str, server: ob
 def cmd_run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
+    from serve.gateway.server import build_gateway, listen, ray_snapshot_source, run_event_loop, uvicorn_config
     from serve.stack import start_stack, stop_stack
 
     phases = Phases()
@@ -108,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return watch.result() if watch.done() and not watch.cancelled() else 0
 
         _exit_cleanly_on_sigterm()
-        code = asyncio.run(main())
+        code = run_event_loop(main())
     finally:
         stopping = time.monotonic()
         print("llmserve: shutting down engines...", flush=True)

@@ -8,8 +8,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 
@@ -29,6 +29,7 @@ from serve.students.registry import LifecycleStore
 logger = logging.getLogger("llmserve.gateway")
 
 Snapshot = dict[str, list[tuple[str, str]]]
+T = TypeVar("T")
 
 
 def ray_snapshot_source(registry: Any) -> Callable[[], Awaitable[Snapshot]]:
@@ -181,6 +182,18 @@ def uvicorn_config(app: Starlette, config: Config) -> Any:
     )
 
 
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` on uvloop (uvicorn[standard] brings it), the loop a gateway has everywhere else:
+    uvicorn's own run() and Ray's actors (ray._private.async_compat) both pick it. `llmserve run`
+    serves on a loop of its own, and asyncio's default one spent more of the two cores per
+    relayed chunk, cycles the engine beside it lost (issue 17)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 class GatewayStartError(RuntimeError):
     """The gateway's HTTP server did not come up (a port taken, a failed lifespan)."""
 
@@ -194,7 +207,7 @@ def serving_on_thread(app: Any, config: Config, start_timeout_s: float = 30) -> 
 
     server = uvicorn.Server(uvicorn_config(app, config))
     sockets = listen(app, config)
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=sockets)), daemon=True)
+    thread = threading.Thread(target=lambda: run_event_loop(server.serve(sockets=sockets)), daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s
     while not server.started:
