@@ -12,7 +12,7 @@ FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 EXTRAS ?= cpu,test,load
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps k8s-tools run demo test lint unit integration bench bench-start soak clean image k8s
+.PHONY: help install system-deps k8s-tools run demo test lint unit integration bench bench-start profile soak clean image k8s
 
 help:
 	@echo "make run    - install and start the gateway on the tiny local model (http://127.0.0.1:8000/v1)"
@@ -20,6 +20,7 @@ help:
 	@echo "make test   - install and run lint + unit + integration tests (real Ray Serve + vLLM on CPU)"
 	@echo "make image  - build the CPU and GPU container images (docker/; needs a running docker or podman)"
 	@echo "make k8s    - regenerate the kustomize overlays in k8s/ from the chart"
+	@echo "make profile     - py-spy on the gateway, replica and engine core under load; CPU ms per request by process (bench/results/profile/)"
 	@echo "make bench-start - time llmserve run's first and warm start, its stop and what it leaves running (bench/results/start-<date>.json)"
 
 # The chart's images (docker/): the CPU one (values.yaml's tag) and the CUDA one (values-production.yaml),
@@ -112,6 +113,11 @@ bench: install system-deps
 # warm): each phase's seconds, a completion, RSS, the stop and any process left (a few minutes).
 bench-start: install system-deps
 	$(PY) -m bench.start $(ARGS)
+
+# Where the time goes under load: py-spy on each Python process of `llmserve run`, CPU ms per
+# request by process role (bench/results/profile/).
+profile: install system-deps
+	$(PY) -m bench.profile $(ARGS)
 
 # Bounded soak at twice the configured concurrency: status codes, stuck requests, gateway memory.
 soak: install system-deps

@@ -1,6 +1,7 @@
 """The processes our stacks start, found by what they call themselves. Shared by the tests'
-session check (tests/conftest.py: nothing the tests started outlives them) and `make bench-start`
-(bench/start.py: nothing a stopped `llmserve run` started outlives it)."""
+session check (tests/conftest.py: nothing the tests started outlives them), `make bench-start`
+(bench/start.py: nothing a stopped `llmserve run` started outlives it), and the CPU each process
+of a serving tree spends, by role (`make bench`, bench/profile.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,61 @@ import psutil
 # What our stacks start: vLLM's processes name themselves with setproctitle; Ray's by binary or title.
 MARKERS = ("VLLM::", "ray::", "gcs_server", "raylet", "dashboard/agent.py", "log_monitor.py", "bin/postgres",
            "postgres: ", "redis-server")
+
+
+# A process's role from its command line (setproctitle names for vLLM and Ray workers); the first
+# match wins, so the specific titles come before "ray::", which every Ray worker's title has.
+TITLES = (("ServeReplica:", "engine replica"), ("VLLM::EngineCore", "engine core"), ("VLLM::Worker", "VLLM::Worker"),
+          ("ServeController", "Serve controller"), ("dashboard/agent.py", "dashboard agent"),
+          ("runtime_env/agent/main.py", "runtime env agent"), ("log_monitor.py", "log monitor"),
+          ("ray::IDLE", "idle Ray workers"), ("ray::", "other Ray workers"))
+# Ray's C++ daemons, matched on the executable only: other processes' arguments name them
+# (a worker's `--raylet-name=.../raylet`).
+BINARIES = ("raylet", "gcs_server")
+
+
+def classify(cmd: str, is_root: bool = False, root_label: str = "gateway") -> str:
+    """The role of a process of a serving tree from its command line; `is_root`: the server
+    process itself (`llmserve run`: the gateway; bare vLLM: its API server), whose title is an
+    ordinary python command line."""
+    if is_root:
+        return root_label
+    for marker, label in TITLES:
+        if marker in cmd:
+            return label
+    exe = cmd.split(" ", 1)[0].rsplit("/", 1)[-1]
+    return exe if exe in BINARIES else "other"
+
+
+def tree(root: psutil.Process) -> list[psutil.Process]:
+    return [root, *root.children(recursive=True)]
+
+
+def cpu_seconds(root: psutil.Process, root_label: str = "gateway") -> dict[int, tuple[str, float]]:
+    """{pid: (role, user+system CPU seconds)} for every process of root's tree now."""
+    out = {}
+    for p in tree(root):
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (classify(cmdline(p), p.pid == root.pid, root_label), t.user + t.system)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def cpu_by_label(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each role spent between two snapshots ({pid: (label, seconds)}); a process born
+    in between is charged all of its CPU; one that ended in between is lost (not measurable)."""
+    out: dict[str, float] = {}
+    for pid, (label, secs) in after.items():
+        out[label] = out.get(label, 0.0) + secs - before.get(pid, (label, 0.0))[1]
+    return out
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores have spent not idle since boot (every process, ours or not)."""
+    t = psutil.cpu_times()
+    return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
 
 
 def cmdline(p: psutil.Process) -> str:

@@ -27,19 +27,10 @@ from typing import Any
 
 import psutil
 
-from bench.procs import become_subreaper, cmdline, leftovers
-from bench.run import CPU_ENV, ROOT, free_port, loadgen, stop, wait_ready
+from bench.procs import BINARIES, become_subreaper, classify, cmdline, cpu_by_label, cpu_seconds, leftovers, tree
+from bench.run import CPU_ENV, ROOT, free_port, loadgen, run_load, start_load, stop, wait_ready
 
 RATE = 100  # samples a second; py-spy's default
-# A process's role from its command line (setproctitle names for vLLM and Ray workers); the first
-# match wins, so the specific titles come before "ray::", which every Ray worker's title has.
-TITLES = (("ServeReplica:", "engine replica"), ("VLLM::EngineCore", "engine core"), ("VLLM::Worker", "VLLM::Worker"),
-          ("ServeController", "Serve controller"), ("dashboard/agent.py", "dashboard agent"),
-          ("runtime_env/agent/main.py", "runtime env agent"), ("log_monitor.py", "log monitor"),
-          ("ray::IDLE", "idle Ray workers"), ("ray::", "other Ray workers"))
-# Ray's C++ daemons, matched on the executable only: other processes' arguments name them
-# (a worker's `--raylet-name=.../raylet`).
-BINARIES = ("raylet", "gcs_server")
 # Roles that run Python, so py-spy can read them (the daemons in BINARIES cannot be).
 SAMPLED = ("gateway", "engine replica", "engine core", "VLLM::Worker", "Serve controller", "dashboard agent")
 # Stack groups by a frame's top-level package. py-spy names a file by its package path
@@ -54,23 +45,7 @@ SUBSTRING_GROUPS = ("json", "pydantic")  # json, orjson, ujson; pydantic, pydant
 # A leaf that waits (a selector, Condition.wait): the thread is idle, not working. Not in asyncio/:
 # a coroutine on top of a stack is running (sleep() arming its timer); a waiting one is on none.
 IDLE = re.compile(r"(?:^|_)(?:select|e?poll|wait|sleep)")
-# bench.loadgen, its imports done first (aiohttp's inside run()), then held until told to go: the
-# CPU and sampling windows start with the load, not with an interpreter (seconds on a busy machine).
-LOADGEN = ("import sys, aiohttp, bench.loadgen as g; print('ready', flush=True); sys.stdin.readline(); "
-           "sys.exit(g.main(sys.argv[1:]))")
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
-
-
-def classify(cmd: str, is_root: bool = False) -> str:
-    """The role of a process of the tree from its command line; `is_root`: the `llmserve run`
-    process itself, which is the gateway (its title is an ordinary python command line)."""
-    if is_root:
-        return "gateway"
-    for marker, label in TITLES:
-        if marker in cmd:
-            return label
-    exe = cmd.split(" ", 1)[0].rsplit("/", 1)[-1]
-    return exe if exe in BINARIES else "other"
 
 
 def parse_frame(frame: str) -> tuple[str, str]:
@@ -120,30 +95,6 @@ def summarize_collapsed(text: str, top: int = 25) -> dict[str, Any]:
             "groups": {g: share(groups[g]) for g in [*GROUPS, *SUBSTRING_GROUPS, "idle"]}}
 
 
-def cpu_seconds(procs: list[psutil.Process], root_pid: int) -> dict[int, tuple[str, float]]:
-    out = {}
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            out[p.pid] = (classify(cmdline(p), p.pid == root_pid), t.user + t.system)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return out
-
-
-def cpu_by_label(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
-    """CPU seconds each role spent between two snapshots ({pid: (label, seconds)}); a process born
-    in between is charged all of its CPU; one that ended in between is lost (not measurable)."""
-    out: dict[str, float] = {}
-    for pid, (label, secs) in after.items():
-        out[label] = out.get(label, 0.0) + secs - before.get(pid, (label, 0.0))[1]
-    return out
-
-
-def tree(root: psutil.Process) -> list[psutil.Process]:
-    return [root, *root.children(recursive=True)]
-
-
 def discover(root: psutil.Process) -> dict[str, int]:
     """The processes to sample (and Ray's daemons, to report): a file-friendly name for each role
     -> pid; a second process of a role gets its pid appended."""
@@ -160,16 +111,8 @@ def measure(a: argparse.Namespace, spy: str, base: str, root: psutil.Process, ta
             helpers: list[subprocess.Popen]) -> dict[str, Any]:
     """The load (its own process), one py-spy per target meanwhile, the tree's CPU around the load."""
     out = Path(a.out)
-    load = subprocess.Popen([sys.executable, "-c", LOADGEN, "--url", base, "--model", "tiny",
-                             "--requests", str(a.requests), "--concurrency", str(a.concurrency),
-                             "--max-tokens", str(a.max_tokens), "--seed", "0"],
-                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    load = start_load(base, "tiny", a.requests, a.concurrency, a.max_tokens, 0)
     helpers.append(load)
-    assert load.stdin is not None and load.stdout is not None
-    if load.stdout.readline().strip() != "ready":
-        raise RuntimeError("bench.loadgen did not start")
-    before = cpu_seconds(tree(root), root.pid)
-    started = time.monotonic()
     spies = {}
     for name, pid in targets.items():
         with open(out / f"{name}.py-spy.log", "w") as spy_log:
@@ -178,20 +121,17 @@ def measure(a: argparse.Namespace, spy: str, base: str, root: psutil.Process, ta
                                             "--output", str(out / f"{name}.txt")],
                                            stdout=spy_log, stderr=subprocess.STDOUT)
             helpers.append(spies[name])
-    sampling = time.monotonic()
-    load.stdin.write("go\n")
-    load.stdin.flush()
-    stdout, _ = load.communicate(timeout=900)
+    # py-spy attaches first; the CPU window is the load's alone.
+    before = cpu_seconds(root)
+    started = sampling = time.monotonic()
+    res = run_load(load)
     load_s = time.monotonic() - started
-    after = cpu_seconds(tree(root), root.pid)
+    after = cpu_seconds(root)
     for sp in spies.values():  # a load shorter than --seconds ends the sampling too (py-spy writes on SIGINT)
         if sp.poll() is None:
             sp.send_signal(signal.SIGINT)
     spy_rc = {name: sp.wait(60) for name, sp in spies.items()}
     window_s = min(float(a.seconds), time.monotonic() - sampling)
-    if load.returncode != 0:
-        raise RuntimeError(f"bench.loadgen exited with {load.returncode}")
-    res = json.loads(stdout.strip().splitlines()[-1])
     cpu = cpu_by_label(before, after)
     cpu["total"] = sum(cpu.values())
     result: dict[str, Any] = {

@@ -30,12 +30,33 @@ def summarize(rounds: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[int, d
                 **{f"ttft_{p}_ms": med([r["ttft_ms"][p] for r in rs]) for p in ("p50", "p95", "p99")},
                 **{f"e2e_{p}_ms": med([r["e2e_ms"][p] for r in rs]) for p in ("p50", "p95", "p99")},
                 "errors": sum(r["errors"] for r in rs),
+                # CPU ms per completed request by process role (bench/procs.py), median over rounds.
+                "cpu_ms_per_request": {k: med([r["cpu_ms_per_request"].get(k, 0.0) for r in rs])
+                                       for k in sorted({k for r in rs for k in r.get("cpu_ms_per_request", {})})},
             }
         b, g = row["bare"], row["llmserve"]
-        row["ratio"] = {k: ratio(g[k], b[k]) for k in b if k != "errors"}
+        row["ratio"] = {k: ratio(g[k], b[k]) for k in b if k not in ("errors", "cpu_ms_per_request")}
+        # Each round's own ratio (the two systems ran back to back): the spread is part of the result.
+        row["ratio_per_round"] = [ratio(gr["req_per_s"], br["req_per_s"])
+                                  for br, gr in zip(rounds["bare"][conc], rounds["llmserve"][conc], strict=True)]
         row["added_ttft_p50_ms"] = g["ttft_p50_ms"] - b["ttft_p50_ms"]
         out[conc] = row
     return out
+
+
+def cpu_table(summary: dict[int, dict[str, Any]]) -> str:
+    """CPU ms per completed request, by role, for each system at each concurrency (medians)."""
+    lines = []
+    for conc, row in summary.items():
+        for system in ("bare", "llmserve"):
+            cpu = row[system]["cpu_ms_per_request"]
+            if not cpu:
+                continue
+            roles = sorted((k for k in cpu if k not in ("total", "machine", "load generator")), key=lambda k: -cpu[k])
+            parts = ", ".join(f"{k} {cpu[k]:.2f}" for k in roles if cpu[k] >= 0.01)
+            lines.append(f"c={conc:>3} {system:>8}: total {cpu['total']:.2f} ms (machine {cpu['machine']:.2f}, "
+                         f"load generator {cpu['load generator']:.2f}): {parts}")
+    return "\n".join(lines)
 
 
 def write(results: dict[str, Any], out_dir: Path, stamp: str) -> tuple[Path, Path]:

@@ -24,9 +24,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench import report
+import psutil
+
+from bench import procs, report
 
 ROOT = Path(__file__).resolve().parents[1]
+# The role of each system's root process in the CPU breakdown (bench/procs.py classify).
+ROLES = {"bare": "vLLM API server", "llmserve": "gateway"}
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "OMP_NUM_THREADS": "1"}
 
 
@@ -56,12 +60,60 @@ def wait_ready(base: str, model: str, proc: subprocess.Popen, timeout_s: float, 
         time.sleep(1)
 
 
-def loadgen(base: str, model: str, requests: int, conc: int, max_tokens: int, seed: int, *extra: str
-            ) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.loadgen", "--url", base, "--model", model, "--requests", str(requests),
-           "--concurrency", str(conc), "--max-tokens", str(max_tokens), "--seed", str(seed), *extra]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+# bench.loadgen, its imports done first, then held until told to go: the load (and any window
+# measured around it) starts with the requests, not with an interpreter, which takes seconds of
+# CPU on a busy 2-core box that would otherwise be charged to the server's idle daemons. It
+# prints its own CPU seconds for the load after the result.
+LOADGEN = ("import json, sys, time, aiohttp, bench.loadgen as g; print('ready', flush=True); sys.stdin.readline(); "
+           "t = time.process_time(); rc = g.main(sys.argv[1:]); "
+           "print(json.dumps({'cpu_s': time.process_time() - t}), flush=True); sys.exit(rc)")
+
+
+def start_load(base: str, model: str, requests: int, conc: int, max_tokens: int, seed: int, *extra: str
+               ) -> subprocess.Popen:
+    """A load generator, imported and waiting: run_load starts it."""
+    load = subprocess.Popen([sys.executable, "-c", LOADGEN, "--url", base, "--model", model,
+                             "--requests", str(requests), "--concurrency", str(conc), "--max-tokens", str(max_tokens),
+                             "--seed", str(seed), *extra],
+                            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert load.stdout is not None
+    if load.stdout.readline().strip() != "ready":
+        load.kill()
+        raise RuntimeError("bench.loadgen did not start")
+    return load
+
+
+def run_load(load: subprocess.Popen) -> dict[str, Any]:
+    """Let a started load generator go; its result, with `loadgen_cpu_s` (its own CPU)."""
+    try:
+        out, _ = load.communicate("go\n", timeout=900)
+    finally:
+        if load.poll() is None:
+            load.kill()
+    if load.returncode != 0:
+        raise RuntimeError(f"bench.loadgen exited with {load.returncode}")
+    *_, result, cpu = out.strip().splitlines()
+    return {**json.loads(result), "loadgen_cpu_s": json.loads(cpu)["cpu_s"]}
+
+
+def loadgen(base: str, model: str, requests: int, conc: int, max_tokens: int, seed: int, *extra: str,
+            server: psutil.Process | None = None, role: str = "gateway") -> dict[str, Any]:
+    """One load; with `server`, also the CPU its process tree spent on it, by role, in ms per
+    completed request (`cpu_ms_per_request`: `total` is the tree's, `load generator` the client's,
+    `machine` every process's on every core; `busy_cores`: the cores in use on average)."""
+    load = start_load(base, model, requests, conc, max_tokens, seed, *extra)
+    before = procs.cpu_seconds(server, role) if server else {}
+    busy0, t0 = procs.machine_busy_s(), time.monotonic()
+    res = run_load(load)
+    if server is not None:
+        cpu = procs.cpu_by_label(before, procs.cpu_seconds(server, role))
+        cpu["total"] = sum(cpu.values())
+        cpu["load generator"] = res["loadgen_cpu_s"]
+        cpu["machine"] = procs.machine_busy_s() - busy0
+        n = max(res["ok"], 1)
+        res["cpu_ms_per_request"] = {k: round(v * 1000 / n, 3) for k, v in cpu.items()}
+        res["busy_cores"] = round(cpu["machine"] / max(time.monotonic() - t0, 1e-9), 2)
+    return res
 
 
 def stop(proc: subprocess.Popen | None, timeout_s: float = 60) -> float:
@@ -131,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             results["ready_s"] = {"bare": wait_ready(bases["bare"], "tiny", bare, 600, "bare vLLM"),
                                   "llmserve": wait_ready(bases["llmserve"], "tiny", gw, 900, "llmserve")}
             print(f"ready: {results['ready_s']}", flush=True)
+            servers = {"bare": psutil.Process(bare.pid), "llmserve": psutil.Process(gw.pid)}
             for system in ("bare", "llmserve"):  # warm-up, not measured
                 loadgen(bases[system], "tiny", 32, 16, a.max_tokens, 999)
             rounds: dict[str, dict[int, list[dict[str, Any]]]] = {"bare": {}, "llmserve": {}}
@@ -139,12 +192,16 @@ def main(argv: list[str] | None = None) -> int:
                     n = max(a.min_requests, min(a.max_requests, a.requests_per_stream * conc))
                     order = ("bare", "llmserve") if r % 2 == 0 else ("llmserve", "bare")
                     for system in order:
-                        res = loadgen(bases[system], "tiny", n, conc, a.max_tokens, seed=r * 100 + conc)
+                        res = loadgen(bases[system], "tiny", n, conc, a.max_tokens, r * 100 + conc,
+                                      server=servers[system], role=ROLES[system])
                         res.update(system=system, round=r)
                         results["runs"].append(res)
                         rounds[system].setdefault(conc, []).append(res)
+                        cpu = res["cpu_ms_per_request"]
                         print(f"round {r} c={conc:>3} {system:>8}: {res['req_per_s']:7.1f} req/s  "
-                              f"TTFT p50 {res['ttft_ms']['p50']:7.1f} ms  errors {res['errors']}", flush=True)
+                              f"TTFT p50 {res['ttft_ms']['p50']:7.1f} ms  errors {res['errors']}  "
+                              f"CPU/request {cpu['total']:.1f} ms (machine {cpu['machine']:.1f}, "
+                              f"{res['busy_cores']:.2f} cores busy)", flush=True)
             results["summary"] = report.summarize(rounds)
             # Cache: the same deterministic request (hits after the first) against unique ones (misses).
             hit = loadgen(bases["llmserve"], "tiny-cached", 200, 1, a.max_tokens, 7, "--no-stream",
@@ -158,9 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
     jpath, ppath = report.write(results, Path(a.out), stamp)
     print(json.dumps({str(k): {"ratio_req_per_s": v["ratio"]["req_per_s"],
+                               "ratio_per_round": [round(x, 2) for x in v["ratio_per_round"]],
                                "ratio_ttft_p50": v["ratio"]["ttft_p50_ms"],
                                "added_ttft_p50_ms": v["added_ttft_p50_ms"]}
                       for k, v in results["summary"].items()}, indent=1))
+    print("CPU ms per completed request (medians):\n" + report.cpu_table(results["summary"]))
     print(f"cache: {results['cache']}")
     print(f"wrote {jpath} and {ppath}")
     return 0
