@@ -20,7 +20,7 @@ MARKERS = ("VLLM::", "ray::", "gcs_server", "raylet", "dashboard/agent.py", "log
 TITLES = (("ServeReplica:", "engine replica"), ("VLLM::EngineCore", "engine core"), ("VLLM::Worker", "VLLM::Worker"),
           ("ServeController", "Serve controller"), ("dashboard/agent.py", "dashboard agent"),
           ("runtime_env/agent/main.py", "runtime env agent"), ("log_monitor.py", "log monitor"),
-          ("ray::IDLE", "idle Ray workers"), ("ray::", "other Ray workers"))
+          ("ray::IDLE", "idle Ray workers"))
 # Ray's C++ daemons, matched on the executable only: other processes' arguments name them
 # (a worker's `--raylet-name=.../raylet`).
 BINARIES = ("raylet", "gcs_server")
@@ -35,6 +35,8 @@ def classify(cmd: str, is_root: bool = False, root_label: str = "gateway") -> st
     for marker, label in TITLES:
         if marker in cmd:
             return label
+    if cmd.startswith("ray::"):  # another actor: its class ("ray::EngineRegistry.snapshot" -> ray::EngineRegistry)
+        return "ray::" + cmd[5:].split(" ", 1)[0].split(".", 1)[0]
     exe = cmd.split(" ", 1)[0].rsplit("/", 1)[-1]
     return exe if exe in BINARIES else "other"
 

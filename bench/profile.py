@@ -30,7 +30,6 @@ import psutil
 from bench.procs import BINARIES, become_subreaper, classify, cmdline, cpu_by_label, cpu_seconds, leftovers, tree
 from bench.run import CPU_ENV, ROOT, free_port, loadgen, run_load, start_load, stop, wait_ready
 
-RATE = 100  # samples a second; py-spy's default
 # Roles that run Python, so py-spy can read them (the daemons in BINARIES cannot be).
 SAMPLED = ("gateway", "engine replica", "engine core", "VLLM::Worker", "Serve controller", "dashboard agent")
 # Stack groups by a frame's top-level package. py-spy names a file by its package path
@@ -117,7 +116,7 @@ def measure(a: argparse.Namespace, spy: str, base: str, root: psutil.Process, ta
     for name, pid in targets.items():
         with open(out / f"{name}.py-spy.log", "w") as spy_log:
             spies[name] = subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(a.seconds),
-                                            "--rate", str(RATE), "--format", "raw", "--nonblocking",
+                                            "--rate", str(a.rate), "--format", "raw", "--nonblocking",
                                             "--output", str(out / f"{name}.txt")],
                                            stdout=spy_log, stderr=subprocess.STDOUT)
             helpers.append(spies[name])
@@ -143,7 +142,7 @@ def measure(a: argparse.Namespace, spy: str, base: str, root: psutil.Process, ta
         summary = summarize_collapsed(path.read_text() if path.exists() else "")  # none: see py_spy_rc, its log
         # Samples with --idle off are busy-thread samples: over rate x window, the busy fraction
         # of one thread (above 1 when several threads work at once).
-        summary.update(pid=targets[name], py_spy_rc=rc, busy=round(summary["samples"] / (RATE * window_s), 3))
+        summary.update(pid=targets[name], py_spy_rc=rc, busy=round(summary["samples"] / (a.rate * window_s), 3))
         log = (out / f"{name}.py-spy.log").read_text(errors="replace").splitlines()  # e.g. "2.3s behind in sampling"
         summary["py_spy_warnings"] = [ln for ln in log if "behind in sampling" in ln or ln.startswith("Error")]
         result["profiles"][name] = summary
@@ -157,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=600)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--seconds", type=int, default=20, help="py-spy's window at most (it ends with the load)")
+    # py-spy's default is 100 a second; at that rate six samplers on two cores fell 15 s behind
+    # and took a third of the load's throughput from the stack they measured.
+    p.add_argument("--rate", type=int, default=20, help="py-spy samples a second per process")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "profile"))
     a = p.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))  # the venv's, not on PATH
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     gw = None
     helpers: list[subprocess.Popen] = []  # the load and the py-spys: stopped in `finally` if still running
     result: dict[str, Any] = {"config": a.config, "concurrency": a.concurrency, "requests": a.requests,
-                              "max_tokens": a.max_tokens, "seconds": a.seconds, "rate": RATE}
+                              "max_tokens": a.max_tokens, "seconds": a.seconds, "rate": a.rate}
     try:
         with open(out / "llmserve.log", "w") as log:
             gw = subprocess.Popen([sys.executable, "-m", "serve.cli", "run", "--config", a.config, "--port", str(port)],
@@ -193,8 +195,15 @@ def main(argv: list[str] | None = None) -> int:
             if h.poll() is None:
                 h.kill()
                 h.wait(10)
+        stopping = time.monotonic()
         stop(gw)
-        left = leftovers(t0, orphans=False)  # as subreaper, the run's orphans are our descendants
+        # As subreaper, the run's orphans are our descendants. A Ray worker takes a moment to see
+        # its raylet go: what is still there after 10 s is left behind.
+        left = leftovers(t0, orphans=False)
+        while left and time.monotonic() - stopping < 10:
+            time.sleep(0.5)
+            left = leftovers(t0, orphans=False)
+        result["stopped_s"] = round(time.monotonic() - stopping, 1)
         result["leftovers"] = [f"{proc.pid} {cmdline(proc)[:100]}" for proc in left]
         for proc, what in zip(left, result["leftovers"], strict=True):
             print(f"LEFT RUNNING, killed: {what}", flush=True)

@@ -68,7 +68,8 @@ def test_summary_of_nothing():
     ("VLLM::Worker_TP0", False, "VLLM::Worker"),
     ("ray::ServeController", False, "Serve controller"),
     ("ray::IDLE", False, "idle Ray workers"),
-    ("ray::ProxyActor", False, "other Ray workers"),
+    ("ray::ProxyActor", False, "ray::ProxyActor"),
+    ("ray::EngineRegistry.snapshot", False, "ray::EngineRegistry"),
     ("/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --raylet_socket_name=/tmp/ray/s/raylet "
      "--python_worker_command=/venv/bin/python default_worker.py --raylet-name=/tmp/ray/s/raylet", False, "raylet"),
     ("/venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server --log_dir=/tmp/ray/s/logs", False,
