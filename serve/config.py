@@ -376,6 +376,12 @@ class RaySpec(_Strict):
         None, ge=1, description="Logical CPUs of a local Ray (more than cores lets engines and ingress fit)."
     )
     namespace: str = Field("llmserve", description="Ray namespace of the Serve apps and the registry.")
+    observability: bool = Field(
+        False,
+        description="A local Ray (no `address`) collects metrics (its own and the engines' ray_vllm_* on its "
+        "metrics export port) and task events (`ray list tasks`). Off: nothing reads them in a local run, and "
+        "on a small host they take cycles from the engines (bench/README.md). A joined cluster keeps its own.",
+    )
 
 
 class Config(_Strict):

@@ -42,6 +42,11 @@ def connect_ray(config: Config) -> None:
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
         )
+        if not config.ray.observability:
+            # Every Ray process records metrics and task events for readers a local run does not
+            # have (Prometheus, the dashboard): the dashboard agent alone spent ~1 ms of CPU per
+            # request at 64 streams on 2 cores, taken from the engine (issue 17, bench/README.md).
+            kwargs["_system_config"] = {"enable_metrics_collection": False, "task_events_report_interval_ms": 0}
     ray.init(**kwargs)
 
 

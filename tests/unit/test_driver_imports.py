@@ -265,3 +265,24 @@ def test_bench_start_reads_the_phases_llmserve_run_prints(capsys):
                                            "first request": 1.0}
     what, seconds = parse_phase(lines[1][1]) or ("", -1.0)
     assert what == "Ray started" and 0 <= seconds < 5  # seconds since the command started
+
+
+@pytest.mark.parametrize("observability", [False, True])
+def test_a_local_ray_records_metrics_and_task_events_only_when_asked(observability, monkeypatch):
+    """connect_ray starts a local Ray without metrics collection or task events unless
+    `ray.observability` (nothing reads them in a local run); joining a cluster passes neither."""
+    import ray
+
+    from serve.engine import cluster
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    config = Config.model_validate({"models": [{"name": "m", "source": "builtin://tiny", "accelerator": "cpu"}],
+                                    "ray": {"observability": observability}})
+    cluster.connect_ray(config)
+    quiet = {"enable_metrics_collection": False, "task_events_report_interval_ms": 0}
+    assert calls[-1].get("_system_config") == (None if observability else quiet)
+    config.ray.address = "auto"
+    cluster.connect_ray(config)
+    assert "_system_config" not in calls[-1] and calls[-1]["address"] == "auto"
