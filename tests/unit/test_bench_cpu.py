@@ -47,7 +47,10 @@ def test_a_load_reports_the_servers_cpu_per_request_by_role() -> None:
     # This process is the tree's root: its role gets the spin (20 ms) plus its HTTP work, which
     # on this machine is a few ms, never 30.
     assert SPIN_S * 1000 <= cpu["stand-in"] < SPIN_S * 1000 + 30, cpu
-    assert cpu["total"] == cpu["stand-in"]  # nothing else in the tree
+    # The tree is this process's: in the full run it also holds the integration session's Ray,
+    # whose processes are charged under their own roles, never the stand-in's.
+    assert cpu["total"] >= cpu["stand-in"]
+    assert set(cpu) >= {"stand-in", "total", "load generator", "machine"}
     assert 0 < cpu["load generator"] < cpu["machine"], cpu
     assert cpu["machine"] >= cpu["total"]
     # Cores busy on average over the load: at most every core (jiffies and the two clocks being
