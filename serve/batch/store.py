@@ -20,6 +20,7 @@ volume: several pods use PostgreSQL (`serve/batch/pg.py`, chosen by `batch.datab
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import sqlite3
@@ -365,17 +366,22 @@ class SqliteStore(SqlStore):
         Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         # One connection guarded by a lock: callers use it from threads (asyncio.to_thread).
         self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
         self._lock = threading.Lock()
-        with self._tx() as run:  # one process creates or migrates; another starting with it waits
-            for stmt in SQLITE_SCHEMA:
-                run(stmt, ())
-            for table, column, decl in SQLITE_ADDED:
-                if column not in {row[1] for row in run(f"PRAGMA table_info({table})", ()).fetchall()}:
-                    run(f"ALTER TABLE {table} ADD COLUMN {column} {decl}", ())
-            for stmt in SQLITE_INDEXES:
-                run(stmt, ())
+        # Stores opening together take turns: two connections switching a new file to WAL at once
+        # can deadlock on SQLite's locks, and SQLite then answers "database is locked" at once
+        # instead of waiting out the busy timeout (about 2% of six-way races here).
+        with open(f"{db_path}.init-lock", "a") as turn:
+            fcntl.flock(turn, fcntl.LOCK_EX)  # released when the file closes
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            with self._tx() as run:  # one process creates or migrates; another starting with it waits
+                for stmt in SQLITE_SCHEMA:
+                    run(stmt, ())
+                for table, column, decl in SQLITE_ADDED:
+                    if column not in {row[1] for row in run(f"PRAGMA table_info({table})", ()).fetchall()}:
+                        run(f"ALTER TABLE {table} ADD COLUMN {column} {decl}", ())
+                for stmt in SQLITE_INDEXES:
+                    run(stmt, ())
 
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[Run]:
