@@ -66,6 +66,16 @@ def cpu_by_label(before: dict[int, tuple[str, float]], after: dict[int, tuple[st
     return out
 
 
+def cpu_ms_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], completed: int,
+                       extra_s: dict[str, float] | None = None) -> dict[str, float]:
+    """Each role's CPU between two snapshots, the tree's `total`, and any `extra_s` (seconds of
+    processes outside the tree), in ms per completed request, most first; no request counts as one."""
+    cpu = cpu_by_label(before, after)
+    cpu["total"] = sum(cpu.values())
+    cpu.update(extra_s or {})
+    return {k: round(v * 1000 / max(completed, 1), 3) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])}
+
+
 def machine_busy_s() -> float:
     """CPU seconds all cores have spent not idle since boot (every process, ours or not)."""
     t = psutil.cpu_times()

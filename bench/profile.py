@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from bench.procs import BINARIES, become_subreaper, classify, cmdline, cpu_by_label, cpu_seconds, leftovers, tree
+from bench.procs import BINARIES, become_subreaper, classify, cmdline, cpu_ms_per_request, cpu_seconds, leftovers, tree
 from bench.run import CPU_ENV, ROOT, free_port, loadgen, run_load, start_load, stop, wait_ready
 
 # Roles that run Python, so py-spy can read them (the daemons in BINARIES cannot be).
@@ -131,12 +131,9 @@ def measure(a: argparse.Namespace, spy: str, base: str, root: psutil.Process, ta
             sp.send_signal(signal.SIGINT)
     spy_rc = {name: sp.wait(60) for name, sp in spies.items()}
     window_s = min(float(a.seconds), time.monotonic() - sampling)
-    cpu = cpu_by_label(before, after)
-    cpu["total"] = sum(cpu.values())
     result: dict[str, Any] = {
         "load": res, "cpu_window_s": load_s, "sample_window_s": window_s, "profiles": {},
-        "cpu_ms_per_request": {k: round(v * 1000 / max(res["ok"], 1), 3)
-                               for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])}}
+        "cpu_ms_per_request": cpu_ms_per_request(before, after, res["ok"])}
     for name, rc in spy_rc.items():
         path = out / f"{name}.txt"
         summary = summarize_collapsed(path.read_text() if path.exists() else "")  # none: see py_spy_rc, its log

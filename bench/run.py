@@ -106,13 +106,10 @@ def loadgen(base: str, model: str, requests: int, conc: int, max_tokens: int, se
     busy0, t0 = procs.machine_busy_s(), time.monotonic()
     res = run_load(load)
     if server is not None:
-        cpu = procs.cpu_by_label(before, procs.cpu_seconds(server, role))
-        cpu["total"] = sum(cpu.values())
-        cpu["load generator"] = res["loadgen_cpu_s"]
-        cpu["machine"] = procs.machine_busy_s() - busy0
-        n = max(res["ok"], 1)
-        res["cpu_ms_per_request"] = {k: round(v * 1000 / n, 3) for k, v in cpu.items()}
-        res["busy_cores"] = round(cpu["machine"] / max(time.monotonic() - t0, 1e-9), 2)
+        after, machine_s = procs.cpu_seconds(server, role), procs.machine_busy_s() - busy0
+        res["cpu_ms_per_request"] = procs.cpu_ms_per_request(
+            before, after, res["ok"], {"load generator": res["loadgen_cpu_s"], "machine": machine_s})
+        res["busy_cores"] = round(machine_s / max(time.monotonic() - t0, 1e-9), 2)
     return res
 
 

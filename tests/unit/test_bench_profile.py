@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.profile import classify, cpu_by_label, summarize_collapsed
+from bench.procs import classify, cpu_by_label, cpu_ms_per_request
+from bench.profile import summarize_collapsed
 
 # py-spy's raw format: "frame;...;leaf count", files named by package path. 25 samples in all.
 COLLAPSED = "\n".join([
@@ -92,3 +93,14 @@ def test_cpu_by_label():
     after = {1: ("gateway", 1.5), 2: ("raylet", 2.25), 4: ("idle Ray workers", 0.5), 5: ("idle Ray workers", 1.25)}
     # pid 4 was born in the window (all its CPU counts), pid 3 ended in it (lost).
     assert cpu_by_label(before, after) == pytest.approx({"gateway": 0.5, "raylet": 0.25, "idle Ray workers": 0.75})
+
+
+def test_cpu_ms_per_request_adds_the_total_and_outside_seconds_per_completed_request():
+    before = {1: ("gateway", 1.0), 2: ("raylet", 2.0)}
+    after = {1: ("gateway", 1.5), 2: ("raylet", 2.25), 4: ("engine core", 1.25)}
+    got = cpu_ms_per_request(before, after, 250, {"load generator": 0.5, "machine": 3.0})
+    # 2.0 s of the tree over 250 requests is 8 ms each; outside seconds are not in the total.
+    assert got == pytest.approx({"gateway": 2.0, "raylet": 1.0, "engine core": 5.0, "total": 8.0,
+                                 "load generator": 2.0, "machine": 12.0})
+    assert list(got)[:2] == ["machine", "total"]  # most first
+    assert cpu_ms_per_request(before, before, 0) == {"gateway": 0.0, "raylet": 0.0, "total": 0.0}
