@@ -73,6 +73,8 @@ def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None
         "deployment_config": deployment_config,
         "runtime_env": {"env_vars": env},
         "log_engine_metrics": True,
+        # Loaded by name in the replica: the driver must not import vLLM (serve/engine/direct.py).
+        "callback_config": {"callback_class": "serve.engine.direct.NodeInitOnlyToDownload"},
     }
     if spec.accelerator == "cpu":
         kwargs["accelerator_config"] = {"kind": "cpu"}
