@@ -64,8 +64,10 @@ async def _watch_startup(config: Config, registry: object, base: str, server: ob
         return 1
     phases("engines ready")
     model = next((m.name for m in config.models if m.task == "generate"), None)
+    # The gateway learns of a new replica within its discovery interval (1 s by default): probe
+    # again soon, since each wasted second counts against the start (a failing probe is one 503).
     while model is not None and not await asyncio.to_thread(_probe, base, model):
-        await asyncio.sleep(2)
+        await asyncio.sleep(0.25)
     print(f"llmserve: ready after {phases.elapsed():.0f}s: {base}", flush=True)
     return 0
 
