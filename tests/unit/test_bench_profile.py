@@ -104,3 +104,12 @@ def test_cpu_ms_per_request_adds_the_total_and_outside_seconds_per_completed_req
                                  "load generator": 2.0, "machine": 12.0})
     assert list(got)[:2] == ["machine", "total"]  # most first
     assert cpu_ms_per_request(before, before, 0) == {"gateway": 0.0, "raylet": 0.0, "total": 0.0}
+
+
+def test_hop_counts_each_function_once_a_stack(tmp_path):
+    from bench.hop import top
+
+    raw = tmp_path / "gateway.txt"
+    # A recursive frame counts once for its stack; a leaf shared by two stacks counts for both.
+    raw.write_text("main (a.py:1);relay (b.py:2);relay (b.py:2);send (c.py:3) 5\nmain (a.py:1);read (d.py:4) 2\n")
+    assert top(raw) == [(7, "main (a.py:1)"), (5, "send (c.py:3)"), (5, "relay (b.py:2)"), (2, "read (d.py:4)")]

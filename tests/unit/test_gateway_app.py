@@ -1,5 +1,6 @@
 """The gateway's request handling against a fake engine: routing, validation and error shapes."""
 
+import asyncio
 import json
 
 import pytest
@@ -184,3 +185,34 @@ def test_an_engine_refusing_the_gateway_is_a_502_not_the_clients_401():
     r = client.post("/v1/chat/completions", json=chat("b"))
     assert_openai_error(r, 502, "engine_auth_failed")
     assert up.calls and up.calls[-1][2]["model"] == "b"
+
+
+def test_a_stream_is_timed_where_the_client_sees_it():
+    """TTFT once the first chunk goes out, the latency at the end, TPOT over the chunks after the
+    first less [DONE] (vLLM sends one chunk a decode step); with a pause before each chunk, the
+    figures are those pauses, not the time the route took to answer."""
+    from serve.gateway.metrics import Metrics
+
+    class Paced(FakeUpstream):
+        async def _chunks(self, model, text, usage):
+            async for chunk in super()._chunks(model, text, usage):
+                await asyncio.sleep(0.05)
+                yield chunk
+
+    metrics = Metrics()
+    app = create_app(CONFIG, make()[2], Paced(text="one two three"), metrics=metrics)
+    with TestClient(app).stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
+        assert b"".join(r.iter_bytes()).count(b"data: ") == 5
+    labels = {"route": "a", "model": "a"}
+
+    def sample(name, suffix):
+        return metrics.registry.get_sample_value(f"llmserve_{name}_seconds_{suffix}", labels)
+
+    assert sample("time_to_first_token", "count") == 1 and 0.05 <= sample("time_to_first_token", "sum") < 0.5
+    assert sample("request_latency", "count") == 1
+    # 6 chunks from the engine (3 words, finish, the usage chunk the gateway asked for, [DONE]):
+    # the usage chunk is not passed on, so 5 go out, 4 after the first, 0.05 s or more apart.
+    assert 0.25 <= sample("request_latency", "sum") - sample("time_to_first_token", "sum") < 1.0
+    assert sample("time_per_output_token", "count") == 1
+    after_first = sample("request_latency", "sum") - sample("time_to_first_token", "sum")
+    assert sample("time_per_output_token", "sum") == pytest.approx(after_first / 3, abs=0.005)
