@@ -11,11 +11,17 @@ from serve.engine import secret
 from serve.engine.models import resolve_source
 
 # What vLLM needs on a CPU host (see docs/operations.md): a KV cache size it can actually get,
-# no network probing, and spawn so the engine core does not fork a Ray worker.
+# no network probing, spawn so the engine core does not fork a Ray worker, and the forward pass
+# inside the engine core, as on a GPU with one device. (vLLM's CPU platform otherwise moves it
+# to a worker process of its own, platforms/cpu.py, for OpenMP's thread binding, which one
+# OpenMP thread does not need: that worker and the engine core spin on their shared-memory queue
+# and keep two cores busy whatever the load, took a fifth import of vLLM's stack to start, and
+# left nothing of the machine to the gateway and Ray beside them; issue 17, bench/README.md.)
 CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_HOST_IP": "127.0.0.1",
     "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "OMP_NUM_THREADS": "1",
 }
 

@@ -5,8 +5,9 @@ one place: ``LLMServer.__serve_build_asgi_app__`` (which Ray 2.60's direct strea
 vLLM's FastAPI app with LoRA resolution attached), Ray's engine wrapper's ``_engine_client``
 (vLLM's AsyncLLM: ``_engine_client()``), AsyncLLM's ``logger_manager`` (where ``EngineLoad``,
 a vLLM stat logger, joins the engine's own: ``_engine_load()``), Ray Serve LLM's node-init
-callback (``NodeInitOnlyToDownload``, named in ``callback_config``) and ``LLMServer._start_engine``
-(its usage report moved off the start). The driver's side has its own
+callback (``NodeInitOnlyToDownload``, named in ``callback_config``), ``LLMServer._start_engine``
+(its usage report moved off the start) and ``VLLMEngine._prepare_engine_config`` (``InCoreEngine``:
+the executor on CPU). The driver's side has its own
 (serve/engine/cluster.py: Serve's controller client for a declarative deploy, and
 ``ray.init(_node_ip_address=...)``), kept apart because the driver must not import vLLM.
 Everything else in the project uses public APIs.
@@ -41,6 +42,7 @@ from ray._common.usage.usage_lib import TagKey, record_extra_usage_tag, usage_st
 from ray.llm._internal.common.callbacks.base import CallbackBase
 from ray.llm._internal.common.utils.cloud_utils import is_remote_path
 from ray.llm._internal.serve.constants import RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING
+from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.llm._internal.serve.observability.usage_telemetry.usage import push_telemetry_report_for_all_models
 from ray.serve.llm import LLMServer
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
@@ -158,6 +160,26 @@ class NodeInitOnlyToDownload(CallbackBase):
             self.ctx.run_init_node = False
 
 
+class InCoreEngine(VLLMEngine):
+    """Ray Serve LLM's vLLM engine, with the forward pass in the engine core where the engine's
+    environment asks for it (VLLM_ENABLE_V1_MULTIPROCESSING=0, serve/engine/deployments.py CPU_ENV)
+    and one process is all it needs: as vLLM runs one GPU, and as vLLM's CPU platform itself does
+    under that variable (platforms/cpu.py). Ray asks for the multiprocess executor on every CPU
+    engine (vllm_models.py), which puts the model in a worker process of its own: it spins on its
+    queue with the engine core and keeps a second core busy whatever the load (issue 17)."""
+
+    def _prepare_engine_config(self, callback_ctx: Any) -> Any:
+        args, frontend, config = super()._prepare_engine_config(callback_ctx)
+        if in_core(os.environ, config.parallel_config.world_size):
+            config.parallel_config.distributed_executor_backend = "uni"
+            args.distributed_executor_backend = "uni"
+        return args, frontend, config
+
+
+def in_core(environ: Any, world_size: int) -> bool:
+    return environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and world_size == 1
+
+
 class DirectLLMServer(LLMServer):
     """LLMServer that also listens for HTTP itself and registers its address for the gateway."""
 
@@ -172,7 +194,7 @@ class DirectLLMServer(LLMServer):
         self._secret = secret
         # Before the engine starts: its engine core must not outlive this replica (lifeline.py).
         tie_engine_cores_to_replica()
-        await super().__init__(llm_config, **kwargs)
+        await super().__init__(llm_config, engine_cls=kwargs.pop("engine_cls", None) or InCoreEngine, **kwargs)
         self._model_name: str = llm_config.model_id
         self._namespace = os.environ.get("LLMSERVE_NAMESPACE", "llmserve")
         bind_host = os.environ.get("LLMSERVE_BIND_HOST", "127.0.0.1")

@@ -144,3 +144,54 @@ def test_rays_engine_start_is_still_what_the_override_does():
                     "push_telemetry_report_for_all_models(all_models=[self._llm_config])",
                     "if RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING:",
                     'record_extra_usage_tag(TagKey.LLM_SERVE_DIRECT_STREAMING_ENABLED, "1")']
+
+
+def test_the_forward_pass_runs_in_the_engine_core_only_where_asked_and_on_one_process():
+    assert direct.in_core({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, 1)
+    assert not direct.in_core({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, 2)  # tensor parallel: workers
+    assert not direct.in_core({"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, 1)
+    assert not direct.in_core({}, 1)  # a GPU model's environment: Ray's choice stands
+
+
+@pytest.mark.parametrize(("env", "backend"), [("0", "uni"), ("1", "mp")])
+def test_in_core_engine_replaces_rays_multiprocess_executor(monkeypatch, env, backend):
+    config = SimpleNamespace(parallel_config=SimpleNamespace(world_size=1, distributed_executor_backend="mp"))
+    args = SimpleNamespace(distributed_executor_backend="mp")
+    monkeypatch.setattr(VLLMEngine, "_prepare_engine_config", lambda self, ctx: (args, "frontend", config))
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", env)
+    engine = direct.InCoreEngine.__new__(direct.InCoreEngine)
+    assert engine._prepare_engine_config(None) == (args, "frontend", config)
+    assert config.parallel_config.distributed_executor_backend == backend == args.distributed_executor_backend
+
+
+def test_rays_cpu_engines_still_ask_for_the_multiprocess_executor_and_the_cpu_env_asks_for_one_process():
+    """What InCoreEngine undoes (Ray Serve LLM's choice for every CPU engine), and the variable a
+    CPU model's engines get (deployments.CPU_ENV), the one vLLM's CPU platform reads the same way."""
+    from ray.llm._internal.serve.engines.vllm import vllm_models
+    from vllm.platforms import cpu
+
+    from serve.engine.deployments import CPU_ENV
+
+    kwargs = inspect.getsource(vllm_models.VLLMEngineConfig.get_initialization_kwargs)
+    assert "isinstance(self.accelerator, CPUAccelerator)" in kwargs
+    assert "executor_backend = EXECUTOR_BACKEND_MP" in kwargs
+    assert 'os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "1"' in inspect.getsource(cpu)
+    assert CPU_ENV["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+def test_the_replica_builds_its_engine_with_in_core_engine(monkeypatch):
+    seen: dict[str, Any] = {}
+
+    class Built(Exception):
+        pass
+
+    async def init(self, llm_config, engine_cls=None, **kwargs):
+        seen["engine_cls"] = engine_cls
+        raise Built
+
+    monkeypatch.setattr(LLMServer, "__init__", init)
+    monkeypatch.setattr(direct, "tie_engine_cores_to_replica", lambda: None)
+    monkeypatch.setenv(direct.SECRET_ENV, "unit-test-engine-secret-0123456789")
+    with pytest.raises(Built):
+        asyncio.run(_Replica.__init__(_Replica.__new__(_Replica), SimpleNamespace()))
+    assert seen["engine_cls"] is direct.InCoreEngine
