@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from bench.procs import cpu_seconds
+from bench.procs import cpu_ms_per_request, cpu_seconds
 from bench.run import ROOT, free_port, run_load, start_load
 
 SECRET = "bench-hop-engine-secret-0123456789"
@@ -160,15 +160,14 @@ def main(argv: list[str] | None = None) -> int:
         if spied is not None:
             spied.send_signal(2)
             spied.wait(60)
-        ok = max(res["ok"], 1)
         chunks = a.max_tokens + 4  # role, tokens, finish, usage (the client asks for it), [DONE]
         out: dict[str, Any] = {"requests_ok": res["ok"], "errors": res.get("errors"),
                                "req_s": round(res["ok"] / wall, 1), "concurrency": a.concurrency,
                                "max_tokens": a.max_tokens, "step_ms": a.step_ms}
         for name in ("gateway", "engine"):
-            secs = sum(s for _, s in after[name].values()) - sum(s for _, s in before[name].values())
-            out[f"{name}_cpu_ms_per_request"] = round(secs * 1000 / ok, 3)
-            out[f"{name}_cpu_us_per_chunk"] = round(secs * 1e6 / (ok * chunks), 1)
+            ms = cpu_ms_per_request(before[name], after[name], res["ok"])["total"]
+            out[f"{name}_cpu_ms_per_request"] = ms
+            out[f"{name}_cpu_us_per_chunk"] = round(ms * 1000 / chunks, 1)
         print(json.dumps(out, indent=1))
         if spied is not None:
             for k, f in top(ROOT / "bench/results/hop-gateway.txt"):

@@ -27,13 +27,13 @@ from typing import Any
 import psutil
 
 from bench import procs, report
-from serve.engine.deployments import CPU_ENV as ENGINE_CPU_ENV
+
+# Bare vLLM runs with the environment llmserve gives its CPU engines: the same engine, both ways.
+from serve.engine.deployments import CPU_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 # The role of each system's root process in the CPU breakdown (bench/procs.py classify).
 ROLES = {"bare": "vLLM API server", "llmserve": "gateway"}
-# Bare vLLM runs with the environment llmserve gives its CPU engines: the same engine, both ways.
-CPU_ENV = ENGINE_CPU_ENV
 
 
 def free_port() -> int:
