@@ -10,9 +10,11 @@ import sys
 
 import psutil
 
+# A CPU engine replica's fork server (serve/engine/forkserver.py): an ordinary python command line.
+FORKSERVER = "from multiprocessing.forkserver import main"
 # What our stacks start: vLLM's processes name themselves with setproctitle; Ray's by binary or title.
 MARKERS = ("VLLM::", "ray::", "gcs_server", "raylet", "dashboard/agent.py", "log_monitor.py", "bin/postgres",
-           "postgres: ", "redis-server")
+           "postgres: ", "redis-server", FORKSERVER)
 
 
 # A process's role from its command line (setproctitle names for vLLM and Ray workers); the first
@@ -20,7 +22,8 @@ MARKERS = ("VLLM::", "ray::", "gcs_server", "raylet", "dashboard/agent.py", "log
 TITLES = (("ServeReplica:", "engine replica"), ("VLLM::EngineCore", "engine core"), ("VLLM::Worker", "VLLM::Worker"),
           ("ServeController", "Serve controller"), ("dashboard/agent.py", "dashboard agent"),
           ("runtime_env/agent/main.py", "runtime env agent"), ("log_monitor.py", "log monitor"),
-          ("ray::IDLE", "idle Ray workers"))
+          ("ray::IDLE", "idle Ray workers"),
+          (FORKSERVER, "engine fork server"))
 # Ray's C++ daemons, matched on the executable only: other processes' arguments name them
 # (a worker's `--raylet-name=.../raylet`).
 BINARIES = ("raylet", "gcs_server")
@@ -125,5 +128,14 @@ def become_subreaper() -> bool:
 def rss_mb(p: psutil.Process) -> float:
     try:
         return float(p.memory_info().rss) / 2**20
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return float("nan")
+
+
+def uss_mb(p: psutil.Process) -> float:
+    """Memory only this process holds (what its exit would free): a forked process's RSS also
+    counts the pages it still shares with its parent and siblings."""
+    try:
+        return float(p.memory_full_info().uss) / 2**20
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return float("nan")

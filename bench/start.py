@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from bench.procs import become_subreaper, cmdline, leftovers, rss_mb
+from bench.procs import FORKSERVER, become_subreaper, cmdline, leftovers, rss_mb, uss_mb
 from bench.run import ROOT, free_port
 
 READY_TARGET_S = {"first": 120.0, "warm": 60.0}
@@ -127,10 +127,16 @@ def memory(proc: psutil.Process, models: list[str]) -> dict[str, Any]:
     counted = {proc.pid}
     for m in models:
         replicas = [p for p in tree if f"ServeReplica:{m}:" in cmdline(p)]
-        cores = [c for r in replicas for c in r.children(recursive=True) if "VLLM::" in cmdline(c)]
+        below = [c for r in replicas for c in r.children(recursive=True)]
+        cores = [c for c in below if "VLLM::" in cmdline(c)]
+        # A CPU engine's core forks from its replica's fork server (serve/engine/forkserver.py):
+        # their RSS counts the pages they share twice, so the server's own memory is its USS.
+        servers = [c for c in below if FORKSERVER in cmdline(c)]
         out["models"][m] = {"replicas_mb": [rss_mb(r) for r in replicas],
-                            "engine_cores_mb": [rss_mb(c) for c in cores]}
-        counted |= {p.pid for p in [*replicas, *cores]}
+                            "engine_cores_mb": [rss_mb(c) for c in cores],
+                            "fork_servers_mb": [rss_mb(c) for c in servers],
+                            "fork_servers_uss_mb": [uss_mb(c) for c in servers]}
+        counted |= {p.pid for p in [*replicas, *cores, *servers]}
     for p in tree:
         if p.pid not in counted:
             out["others"].append({"pid": p.pid, "cmd": cmdline(p)[:80], "rss_mb": rss_mb(p)})
@@ -233,8 +239,10 @@ def table(results: list[dict[str, Any]]) -> str:
     rows.append(("errors printed", [str(len(r["errors"])) for r in results], "none"))
     rows.append(("RSS gateway", [fmt(r.get("memory", {}).get("gateway_mb"), "MB") for r in results], ""))
     for m in results[0]["models"]:
-        for key, name in (("replicas_mb", "replica"), ("engine_cores_mb", "engine core")):
-            rows.append((f"RSS {m} {name}", [" + ".join(f"{x:.1f} MB" for x in
+        for key, name in (("replicas_mb", "RSS {} replica"), ("engine_cores_mb", "RSS {} engine core"),
+                          ("fork_servers_mb", "RSS {} engine fork server"),
+                          ("fork_servers_uss_mb", "USS {} engine fork server (its own)")):
+            rows.append((name.format(m), [" + ".join(f"{x:.1f} MB" for x in
                                                         r.get("memory", {}).get("models", {}).get(m, {}).get(key, []))
                                              or "-" for r in results], ""))
     rows.append(("RSS everything else", [fmt(r.get("memory", {}).get("others_mb"), "MB") for r in results],

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from serve.config import ModelSpec
-from serve.engine import secret
+from serve.engine import forkserver, secret
 from serve.engine.models import resolve_source
 
 # What vLLM needs on a CPU host (see docs/operations.md): a KV cache size it can actually get,
@@ -55,7 +55,11 @@ def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None
     else:
         deployment_config["num_replicas"] = dep.replicas
 
-    env = {**(CPU_ENV if spec.accelerator == "cpu" else {}), **spec.env, "LLMSERVE_NAMESPACE": namespace}
+    # On CPU the replica's engine core forks from a server that imports vLLM beside the replica's
+    # own import rather than after it: ~15 s off every start (serve/engine/forkserver.py). A
+    # model's env may turn it off (LLMSERVE_ENGINE_FORKSERVER: "0").
+    cpu_env = {**CPU_ENV, **forkserver.worker_environment()} if spec.accelerator == "cpu" else {}
+    env = {**cpu_env, **spec.env, "LLMSERVE_NAMESPACE": namespace}
     if redis_url:
         # Adapters promoted at runtime are registered there; a new replica loads them too.
         env["LLMSERVE_REDIS_URL"] = redis_url

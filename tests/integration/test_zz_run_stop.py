@@ -13,6 +13,7 @@ import time
 import psutil
 import pytest
 
+from bench.procs import FORKSERVER
 from tests.support import free_port
 
 pytestmark = pytest.mark.integration
@@ -48,6 +49,12 @@ def test_llmserve_run_stops_every_process_it_started(tmp_path, stack):
         started = psutil.Process(proc.pid).children(recursive=True)
         titles = [" ".join(p.cmdline()) for p in started]
         assert any("VLLM::EngineCore" in t for t in titles), titles  # the tree really holds an engine
+        # The engine core was forked by its replica's fork server, which the replica started first
+        # thing (serve/engine/forkserver.py), rather than spawned after the replica's import.
+        core = next(p for p in started if "VLLM::EngineCore" in " ".join(p.cmdline()))
+        server = core.parent()
+        assert FORKSERVER in " ".join(server.cmdline()), titles
+        assert "ServeReplica:tiny:" in " ".join(server.parent().cmdline()), titles
 
         proc.send_signal(signal.SIGTERM)  # to the process, as Kubernetes or systemd would
         assert proc.wait(120) == 0, log_path.read_text()[-3000:]

@@ -8,8 +8,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +28,10 @@ PARENT = textwrap.dedent("""
             time.sleep(1)
 
     if __name__ == "__main__":
-        p = mp.get_context("spawn").Process(target=child)
+        ctx = mp.get_context({method!r})
+        if {method!r} == "forkserver":  # a CPU engine replica's engine core (serve/engine/forkserver.py)
+            ctx.set_forkserver_preload(["serve.engine.lifeline"])
+        p = ctx.Process(target=child)
         p.start()
         print(p.pid, flush=True)
         time.sleep(120)
@@ -42,12 +48,14 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split(") ", 1)[1][0] != "Z"
 
 
-def test_a_child_ends_when_its_parent_is_killed(tmp_path):
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_child_ends_when_the_process_that_started_it_is_killed(tmp_path, method):
     script = tmp_path / "parent.py"
-    script.write_text(PARENT.format(root=str(ROOT)))
+    script.write_text(PARENT.format(root=str(ROOT), method=method))
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         child = int(parent.stdout.readline())
+        time.sleep(1)  # ten of the lifeline's polls: it must not mistake a fork server for a dead parent
         assert _alive(child)
         parent.send_signal(signal.SIGKILL)  # what an abrupt replica death looks like to the child
         parent.wait(10)
@@ -75,3 +83,19 @@ def test_replicas_start_engine_cores_through_the_lifeline():
     finally:
         EngineCoreProc.run_engine_core = original
         lifeline._ORIGINAL = None
+
+
+def test_without_pidfds_the_lifeline_asks_until_the_process_is_gone(monkeypatch):
+    from serve.engine import lifeline
+
+    def no_pidfd(pid: int) -> int:
+        raise OSError(38, "Function not implemented")  # ENOSYS: Linux before 5.3
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
+    started = time.monotonic()
+    reaper = threading.Thread(target=sleeper.wait)  # as the process's parent would
+    reaper.start()
+    lifeline._wait_for_exit(sleeper.pid, poll_s=0.05)
+    assert 0.5 < time.monotonic() - started < 10
+    reaper.join()
