@@ -278,9 +278,7 @@ def run_loop(demo: Demo) -> int:
             stack.callback(stop_stack, config)  # registered at once: a failed start is stopped too
             stack.callback(print, "stopping the engines and Ray...", flush=True)
             wait_for_engines(registry, [m.name for m in config.models], timeout_s=900)
-            gw = contextlib.ExitStack()
-            stack.enter_context(gw)
-            url = gw.enter_context(gateway(config, registry))
+            url = stack.enter_context(gateway(config, registry))
             print(f"gateway on {url}", flush=True)
         remote = ["--config", demo.cfg, "--url", url]
         cascade = config.route(ROUTE).cascade  # type: ignore[union-attr]
@@ -317,28 +315,24 @@ def run_loop(demo: Demo) -> int:
                                          "--target", str(target), "--out", str(out / "calibration"), *remote,
                                          ok=(0, 1))
             cal = demo.last_json(stdout)
-        with demo.step("promote the trained student on the route, through the route's gate"):
+        threshold = float(cal["threshold"]) if code == 0 and cal.get("threshold") is not None else None
+        with demo.step("promote the trained student on the route, through the route's gate, with its threshold"):
+            calibrated = [] if threshold is None else ["--threshold", repr(threshold)]
             code_p, _ = demo.llmserve("students", "promote", a.adapter, "--route", ROUTE, "--path", str(adapter),
-                                      "--base", base, *remote, ok=(0, 1))
+                                      "--base", base, *calibrated, *remote, ok=(0, 1))
             if code_p:
                 demo.notes.append(f"the gate refused {a.adapter}: the route kept its untrained student")
-        with demo.step("roll the gateway onto the calibrated threshold"):
-            if code == 0 and cal.get("threshold") is not None:
-                cascade.min_mean_logprob = float(cal["threshold"])
+            elif threshold is not None:
                 share, kept = ((cal.get("held_out") or {}).get(k) for k in ("teacher_share", "agreement"))
                 checked = (f"; on the held-out half it sends {share:.0%} to the teacher and the student's kept "
                            f"answers agree at {kept:.3f}") if share is not None and kept is not None else ""
-                demo.notes.append(f"cascade threshold {cascade.min_mean_logprob:.4f} from calibration (target "
-                                  f"{target}{checked})")
+                demo.notes.append(f"cascade threshold {threshold:.4f} from calibration (target {target}{checked})")
             else:
                 demo.notes.append(f"calibration found no threshold meeting {target} on held-out labels; the "
                                   f"configured {cascade.min_mean_logprob} stays")
             print(demo.notes[-1], flush=True)
-            demo.write_config(config)
-            gw.close()  # the engines, Redis (the cache, the promotion) stay; only the gateway restarts
-            url = gw.enter_context(gateway(config, registry))
-            remote = ["--config", demo.cfg, "--url", url]
-            time.sleep(2 * config.gateway.discovery_interval_s)  # it picks up the promotion from Redis
+            # The running gateway picks the promotion (student and threshold) up from Redis: no restart.
+            time.sleep(2 * config.gateway.discovery_interval_s)
         with demo.step(f"replay the {a.requests}-request log through route {ROUTE!r}: the economics report"):
             notes = [x for n in demo.notes for x in ("--note", n)]
             code_r, _ = demo.llmserve("report", "economics", "--route", ROUTE, "--log", str(log), *remote,

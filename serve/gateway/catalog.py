@@ -83,13 +83,18 @@ class Catalog:
         self._routes.setdefault(name, RouteSpec(name=name, target=name))
         return True
 
-    def override_route(self, route: str, field: Literal["student", "target"], model: str) -> bool:
-        """Point a configured route's student (cascade) or target at `model`. True if it changed."""
+    def override_route(self, route: str, field: Literal["student", "target"], model: str,
+                       min_mean_logprob: float | None = None) -> bool:
+        """Point a configured route's student (cascade) or target at `model`, a promoted student
+        with the cascade threshold calibrated for it where given. True if it changed."""
         original = self.config.route(route)
         if original is None or model not in self._spec:
             return False
         if field == "student" and original.cascade is not None:
-            new = original.model_copy(update={"cascade": original.cascade.model_copy(update={"student": model})})
+            cascade: dict[str, object] = {"student": model}
+            if min_mean_logprob is not None:
+                cascade["min_mean_logprob"] = min_mean_logprob
+            new = original.model_copy(update={"cascade": original.cascade.model_copy(update=cascade)})
         elif field == "target" and original.target is not None:
             new = original.model_copy(update={"target": model})
         else:

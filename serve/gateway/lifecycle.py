@@ -1,5 +1,6 @@
 """Runtime changes to what the gateway serves: adapters loaded after start, routes moved to a
-promoted student. Applied from the lifecycle store (Redis) by every gateway replica.
+promoted student (with the cascade threshold calibrated for it, when the promotion carries one).
+Applied from the lifecycle store (Redis) by every gateway replica.
 
 Loading an adapter at run time makes every engine replica read files, so it is an admin action
 (with auth on, a non-admin key gets 403) and the path must lie under `gateway.adapter_roots` once
@@ -25,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 
 from serve.engine.secret import path_under_roots
 from serve.gateway.errors import APIError, bad_request
+from serve.students.registry import THRESHOLD
 
 logger = logging.getLogger("llmserve.lifecycle")
 
@@ -44,8 +46,10 @@ def apply(gw: Any, adapters: dict[str, dict[str, str]], overrides: dict[str, dic
         if catalog.spec(model) is None:
             logger.warning("route %s override names unknown model %s; ignored", route_name, model)
             continue
-        if catalog.override_route(route_name, field, model):
-            logger.info("route %s now uses %s", route_name, model)
+        threshold = change.get(THRESHOLD)
+        if catalog.override_route(route_name, field, model, None if threshold is None else float(threshold)):
+            logger.info("route %s now uses %s%s", route_name, model,
+                        "" if threshold is None else f" (cascade threshold {float(threshold):.4f})")
     for route in catalog.config.routes:
         if route.name not in overrides and catalog.reset_route(route.name):
             logger.info("route %s is back to its configuration", route.name)

@@ -234,6 +234,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from serve.students.gate import promote_refusal, short
 
     config, field, configured, gate = _route_field(args)
+    if args.threshold is not None and field != "student":
+        raise SystemExit(f"llmserve: route {args.route!r} has no cascade: --threshold is a cascade's threshold")
     digest = _digest_or_exit(args.path, "refused")
 
     async def go() -> int:
@@ -260,9 +262,16 @@ def cmd_promote(args: argparse.Namespace) -> int:
             # replica loaded at start.
             previous = (await store.overrides()).get(args.route, {}).get(field, configured)
             score = (latest or {}).get("scores", {}).get(gate.metric)
+            from serve.students.registry import THRESHOLD
+
+            # The threshold calibrated for this student goes with it: a rollback takes both back.
+            settings = {} if args.threshold is None else {THRESHOLD: args.threshold}
             await store.promote(args.route, field, args.adapter, previous,
-                                f"{gate.metric}={score:.3f} >= {gate.min_score} (weights {short(digest)})", digest)
-            print(f"promoted {args.adapter} (weights {short(digest)}) on route {args.route} ({field}; was {previous})")
+                                f"{gate.metric}={score:.3f} >= {gate.min_score} (weights {short(digest)})", digest,
+                                settings)
+            with_threshold = "" if args.threshold is None else f", cascade threshold {args.threshold:.4f}"
+            print(f"promoted {args.adapter} (weights {short(digest)}) on route {args.route} ({field}; was "
+                  f"{previous}{with_threshold})")
             return 0
 
     return asyncio.run(go())
@@ -351,6 +360,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--base", required=True, help="the model the adapter belongs to")
     p.add_argument("--path", required=True, help="adapter directory under the gateway's adapter_roots, readable by "
                                                  "the engine replicas; its digest must be the evaluated one")
+    p.add_argument("--threshold", type=float, help="the cascade threshold `students calibrate` chose for this "
+                                                   "adapter: gateways use it on the route (no restart) until "
+                                                   "the promotion is rolled back")
     common(p)
     p.set_defaults(func=cmd_promote)
     p = ss.add_parser("rollback", help="undo a route's newest promotion still in force (again: the one before)")

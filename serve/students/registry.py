@@ -2,7 +2,7 @@
 
 - evals:      llmserve:evals:<adapter>           newest-first list of evaluation records (with digest)
 - adapters:   llmserve:adapters                  adapter name -> {base, path, digest}: loaded at runtime
-- overrides:  llmserve:routes:overrides          route -> {"student"|"target": model}
+- overrides:  llmserve:routes:overrides          route -> {"student"|"target": model[, "min_mean_logprob": t]}
 - promotions: llmserve:routes:promotions:<route> newest-first stack of promotions not rolled back
 - history:    llmserve:routes:history:<route>    newest-first list of every change
 Gateways poll adapters and overrides with their replica discovery and swap routes atomically.
@@ -25,6 +25,9 @@ ADAPTERS = "llmserve:adapters"
 OVERRIDES = "llmserve:routes:overrides"
 PROMOTIONS = "llmserve:routes:promotions:"
 HISTORY = "llmserve:routes:history:"
+# The cascade threshold a promotion may carry with its student (`students promote --threshold`):
+# calibrated for that student, it stands and falls with the promotion.
+THRESHOLD = "min_mean_logprob"
 
 
 class AdapterError(ValueError):
@@ -91,9 +94,10 @@ class LifecycleStore:
         return [json.loads(x) for x in await self._r.lrange(PROMOTIONS + route, 0, -1)]
 
     async def promote(self, route: str, field: str, model: str, previous: str, reason: str,
-                      digest: str | None = None) -> None:
-        """Point a route's `field` (student or target) at `model`; remember what it replaced (the
-        route's override, or none: the configured value) so a rollback restores exactly that."""
+                      digest: str | None = None, settings: dict[str, Any] | None = None) -> None:
+        """Point a route's `field` (student or target) at `model`, with `settings` that belong to
+        it (the cascade threshold calibrated for a student); remember what it replaced (the route's
+        override, or none: the configured value) so a rollback restores exactly that."""
         from redis.exceptions import WatchError
 
         async with self._r.pipeline(transaction=True) as pipe:
@@ -103,10 +107,10 @@ class LifecycleStore:
                     await pipe.watch(OVERRIDES, PROMOTIONS + route)
                     raw = await pipe.hget(OVERRIDES, route)
                     entry = {"at": time.time(), "action": "promote", "field": field, "from": previous, "to": model,
-                             "reason": reason, "digest": digest}
+                             "reason": reason, "digest": digest, "settings": settings or {}}
                     pushed = {**entry, "override_before": json.loads(raw) if raw else None}
                     pipe.multi()
-                    pipe.hset(OVERRIDES, route, json.dumps({field: model}))
+                    pipe.hset(OVERRIDES, route, json.dumps({field: model, **(settings or {})}))
                     pipe.lpush(PROMOTIONS + route, json.dumps(pushed))
                     pipe.lpush(HISTORY + route, json.dumps(entry))
                     await pipe.execute()

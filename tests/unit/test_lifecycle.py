@@ -185,6 +185,23 @@ def test_route_override_swaps_the_student_and_back(tmp_path):
     assert ask(client).headers["x-llmserve-served-by"] == "v1"
 
 
+def test_a_promotion_carries_its_calibrated_threshold_and_a_rollback_takes_it_back(tmp_path):
+    """The student answers at mean logprob -0.1; the configured threshold (-100) keeps every answer."""
+    client, _ = make(config(tmp_path))
+    gw = client.app.state.gateway
+    runtime = {"v2": {"base": "base", "path": "/a/v2", "digest": "d2"}}
+    apply(gw, runtime, {"r": {"student": "v2", "min_mean_logprob": 0.0}})  # calibrated: -0.1 is unsure
+    assert ask(client).headers["x-llmserve-served-by"] == "teacher"
+    apply(gw, runtime, {"r": {"student": "v2", "min_mean_logprob": -0.5}})  # a later calibration
+    assert ask(client).headers["x-llmserve-served-by"] == "v2"
+    apply(gw, runtime, {"r": {"student": "v2", "min_mean_logprob": 0.0}})
+    apply(gw, runtime, {"r": {"student": "v2"}})  # rolled back to a promotion without one: the configured
+    assert ask(client).headers["x-llmserve-served-by"] == "v2"
+    apply(gw, runtime, {"r": {"student": "v1", "min_mean_logprob": 0.0}})
+    apply(gw, runtime, {})  # and back to the configuration
+    assert ask(client).headers["x-llmserve-served-by"] == "v1"
+
+
 def test_apply_learns_weights_another_gateway_reloaded(tmp_path):
     client, _ = make(config(tmp_path))
     catalog = client.app.state.gateway.catalog

@@ -13,7 +13,7 @@ from serve.config import GateSpec
 from serve.students.calibrate import at, calibrate, choose, curve, plot, split, table
 from serve.students.gate import eval_refusal, promote_refusal
 from serve.students.metrics import exact_match, json_valid, score, token_overlap
-from serve.students.registry import AdapterError, LifecycleStore, adapter_digest
+from serve.students.registry import THRESHOLD, AdapterError, LifecycleStore, adapter_digest
 
 SAMPLES = [(-3.0, 0.0), (-2.5, 0.0), (-2.0, 1.0), (-1.5, 0.0), (-1.0, 1.0), (-0.5, 1.0), (-0.2, 1.0), (-0.1, 1.0)]
 
@@ -247,6 +247,21 @@ async def test_rollback_walks_back_through_promotions(redis_url):
         await store.close()
 
 
+async def test_a_promotions_threshold_is_in_force_until_it_is_rolled_back(redis_url):
+    store = LifecycleStore(redis_url)
+    try:
+        await store.promote("thr", "student", "v2", "v1", "first", "d2", {THRESHOLD: -1.25})
+        await store.promote("thr", "student", "v3", "v2", "second", "d3")  # calibrated for nobody: none
+        assert (await store.overrides())["thr"] == {"student": "v3"}
+        await store.rollback("thr")
+        assert (await store.overrides())["thr"] == {"student": "v2", THRESHOLD: -1.25}
+        assert (await store.history("thr"))[-1]["settings"] == {THRESHOLD: -1.25}
+        await store.rollback("thr")
+        assert "thr" not in await store.overrides()
+    finally:
+        await store.close()
+
+
 async def test_adapters_are_registered_with_their_digest(redis_url):
     store = LifecycleStore(redis_url)
     try:
@@ -291,8 +306,17 @@ def test_cli_promotes_only_the_evaluated_weights_and_rolls_back_twice(redis_url,
     assert main(["students", "promote", "v1", "--path", other, *common]) == 1
     assert "evaluated on the weights at" in capsys.readouterr().err
     assert main(["students", "promote", "v0", "--path", v0, *common]) == 0
-    assert main(["students", "promote", "v1", "--path", evaluated, *common]) == 0
-    capsys.readouterr()
+    assert main(["students", "promote", "v1", "--path", evaluated, "--threshold", "-0.75", *common]) == 0
+    assert "cascade threshold -0.7500" in capsys.readouterr().out
+
+    async def overrides():
+        store = LifecycleStore(redis_url)
+        try:
+            return await store.overrides()
+        finally:
+            await store.close()
+
+    assert asyncio.run(overrides())["cli-route"] == {"student": "v1", THRESHOLD: -0.75}
     rollback = ["students", "rollback", "--route", "cli-route", "--redis-url", redis_url, "--config", str(cfg)]
     assert main(rollback) == 0 and "student back to v0" in capsys.readouterr().out
     assert main(rollback) == 0 and "student back to base" in capsys.readouterr().out
@@ -301,3 +325,12 @@ def test_cli_promotes_only_the_evaluated_weights_and_rolls_back_twice(redis_url,
     history = json.loads(capsys.readouterr().out)
     assert [(h["action"], h["to"]) for h in history] == [("rollback", "base"), ("rollback", "v0"),
                                                          ("promote", "v1"), ("promote", "v0")]
+
+
+def test_a_threshold_is_refused_on_a_route_without_a_cascade(tmp_path):
+    cfg = tmp_path / "llmserve.yaml"
+    cfg.write_text(yaml.safe_dump({"models": [{"name": "base", "source": "x"}],
+                                   "routes": [{"name": "plain", "target": "base"}]}))
+    with pytest.raises(SystemExit, match="has no cascade"):
+        main(["students", "promote", "v1", "--route", "plain", "--base", "base", "--path", str(tmp_path),
+              "--threshold", "-1", "--config", str(cfg), "--redis-url", "redis://127.0.0.1:9"])
