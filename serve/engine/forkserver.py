@@ -39,6 +39,7 @@ import multiprocessing.context
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 logger = logging.getLogger("llmserve.engine")
@@ -66,17 +67,21 @@ def worker_environment() -> dict[str, str]:
     return {ENV: "1", WORKER_PROCESS_SETUP_HOOK_ENV_VAR: SETUP_HOOK}
 
 
-def prestart(wait_s: float = 60.0, poll_s: float = 0.01) -> threading.Thread:
+def prestart(wait_s: float = 60.0, poll_s: float = 0.01,
+             runtime_context: Callable[[], Any] | None = None) -> threading.Thread:
     """Ray's setup hook: returns at once. A Ray worker learns which actor it runs a few ms after
     its setup hook ran, so a thread waits for that and starts the fork server if it is a Serve
     replica. Never raises (Ray would end the worker), and never sets the environment (the main
-    thread may be reading it in C)."""
+    thread may be reading it in C). `runtime_context`: Ray's, unless a test gives its own."""
 
     def start_if_replica() -> None:
         try:
-            import ray
+            if runtime_context is None:
+                import ray
 
-            context = ray.get_runtime_context()
+                context = ray.get_runtime_context()
+            else:
+                context = runtime_context()
             deadline = time.monotonic() + wait_s
             while context.get_actor_id() is None:
                 if time.monotonic() > deadline:

@@ -17,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import ray
 from ray._common.utils import load_class  # how Ray's worker loads its setup hook
 from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 from ray._private.workers import default_worker
@@ -86,9 +85,8 @@ def _prestart(monkeypatch, actor_ids: list, name: str | None) -> list[int]:
     started: list[int] = []
     ids = iter(actor_ids)
     monkeypatch.setattr(forkserver, "start_server", lambda: started.append(1))
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(
-        get_actor_id=lambda: next(ids, actor_ids[-1]), get_actor_name=lambda: name))
-    thread = forkserver.prestart(wait_s=0.5, poll_s=0.001)
+    context = SimpleNamespace(get_actor_id=lambda: next(ids, actor_ids[-1]), get_actor_name=lambda: name)
+    thread = forkserver.prestart(wait_s=0.5, poll_s=0.001, runtime_context=lambda: context)
     assert isinstance(thread, threading.Thread)
     thread.join(5)
     assert not thread.is_alive()
@@ -112,11 +110,13 @@ def test_the_setup_hook_never_raises_into_rays_worker(monkeypatch):
         raise OSError("no fork server here")
 
     monkeypatch.setattr(forkserver, "start_server", broken)
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(
-        get_actor_id=lambda: "a", get_actor_name=lambda: forkserver.SERVE_REPLICA_PREFIX + "x"))
-    errors: list[BaseException] = []
-    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
-    forkserver.prestart().join(5)
+    context = SimpleNamespace(get_actor_id=lambda: "a", get_actor_name=lambda: forkserver.SERVE_REPLICA_PREFIX + "x")
+    errors: list[BaseException | None] = []
+    hook = threading.excepthook
+    # Only the hook's own thread: other threads of this session (Ray's) report through it too.
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value)
+                        if args.thread is not None and args.thread.name == "llmserve-forkserver" else hook(args))
+    forkserver.prestart(runtime_context=lambda: context).join(5)
     assert errors == []
 
 
