@@ -1,1 +1,2 @@
-"""Model artefacts the project builds itself (no hub download is possible offline)."""
+"""Models: what one served model is (spec.py, an entry of the configuration's `models`) and the
+artefacts the project builds itself (no hub download is possible offline)."""
