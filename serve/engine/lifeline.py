@@ -80,15 +80,15 @@ def _exists(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's process: it exists
+        pass
     return True
 
 
 def run_engine_core(*args: Any, **kwargs: Any) -> Any:
     """vLLM's engine-core entry point, with a lifeline to the replica. Runs in the child: under
-    spawn (what CPU engines use) this module is imported fresh there and vLLM's class is unpatched;
-    under fork, `_ORIGINAL` came along."""
+    spawn this module is imported fresh there, and under a fork server (CPU engines) it was imported
+    by the server, which never patched vLLM's class; under fork, `_ORIGINAL` came along."""
     exit_with_parent()
     if _ORIGINAL is not None:
         return _ORIGINAL(*args, **kwargs)
