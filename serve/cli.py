@@ -140,8 +140,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import ray
     import uvicorn
 
+    from serve.contract.registry import get_registry
     from serve.engine.cluster import connect_ray
-    from serve.engine.registry import get_registry
     from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
 
     config = load_config(args.config)
@@ -149,8 +149,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         config.gateway.port = args.port
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _warn_if_open(config)
-    from serve.engine.secret import ENV as SECRET_ENV
-    from serve.engine.secret import engine_secret
+    from serve.contract.secret import ENV as SECRET_ENV
+    from serve.contract.secret import engine_secret
 
     if engine_secret() is None:
         print(f"llmserve: set {SECRET_ENV} to the engines' secret (the chart keeps it in a Secret); engines "

@@ -404,7 +404,7 @@ class SqliteStore(SqlStore):
 def open_store(config: Config) -> BatchStore:
     """The store a configuration names: PostgreSQL at `batch.database_url`, else SQLite (default
     under the project's cache directory); file bytes in `batch.storage_dir`."""
-    from serve.engine.models import cache_dir
+    from serve.contract.paths import cache_dir
 
     base = cache_dir() / "batch"
     files = LocalFiles(Path(config.batch.storage_dir).expanduser() if config.batch.storage_dir else base / "files")

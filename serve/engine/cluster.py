@@ -21,9 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 from serve.config import Config
+from serve.contract.registry import get_registry
+from serve.contract.secret import ensure_engine_secret
 from serve.engine.app import IMPORT_PATH as ENGINE_APP
-from serve.engine.registry import get_registry
-from serve.engine.secret import ensure_engine_secret
 
 logger = logging.getLogger("llmserve.cluster")
 

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from serve.config import ModelSpec
-from serve.engine import forkserver, secret
+from serve.contract import paths, secret
+from serve.engine import forkserver
 from serve.engine.models import resolve_source
 
 # What vLLM needs on a CPU host (see docs/operations.md): a KV cache size it can actually get,
@@ -69,7 +70,7 @@ def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if adapter_roots:
         # Where adapters registered at runtime may be loaded from by a new replica (direct.py).
-        env[secret.ADAPTER_ROOTS_ENV] = os.pathsep.join(adapter_roots)
+        env[paths.ADAPTER_ROOTS_ENV] = os.pathsep.join(adapter_roots)
     # The engine secret never goes into runtime_env: Serve logs a deployment's options (env vars
     # included) and the dashboard shows them. Ray 2.60 starts a worker with the raylet's
     # environment (ray._private.runtime_env.context.RuntimeEnvContext.exec_worker), which has it:

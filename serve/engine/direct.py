@@ -12,7 +12,7 @@ the executor on CPU). The driver's side has its own
 ``ray.init(_node_ip_address=...)``), kept apart because the driver must not import vLLM.
 Everything else in the project uses public APIs.
 
-The port is closed to everyone without the engine secret (serve/engine/secret.py): the app is
+The port is closed to everyone without the engine secret (serve/contract/secret.py): the app is
 served wrapped in RequireEngineSecret rather than with vLLM's --api-key, whose middleware guards
 only /v1, /v2, /inference and /cohere and so leaves /invocations (inference) and SageMaker's
 /adapters (LoRA loading) open in vLLM 0.32.
@@ -48,19 +48,11 @@ from ray.serve.llm import LLMServer
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
 from serve.asgi import bind_socket, start_in_loop
+from serve.contract.paths import adapter_roots, runtime_adapters_for
+from serve.contract.registry import get_registry
+from serve.contract.secret import ENV as SECRET_ENV
+from serve.contract.secret import ASGIApp, Receive, RequireEngineSecret, Scope, Send, engine_secret
 from serve.engine.lifeline import tie_engine_cores_to_replica
-from serve.engine.registry import get_registry
-from serve.engine.secret import ENV as SECRET_ENV
-from serve.engine.secret import (
-    ASGIApp,
-    Receive,
-    RequireEngineSecret,
-    Scope,
-    Send,
-    adapter_roots,
-    engine_secret,
-    runtime_adapters_for,
-)
 from serve.policies.autoscaling import KV_USAGE, ONGOING, REQUESTS, TTFT, WAITING
 
 logger = logging.getLogger("llmserve.engine")

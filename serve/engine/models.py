@@ -4,17 +4,10 @@ model the project builds once and caches."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from serve.config import ModelSpec
+from serve.contract.paths import cache_dir
 from serve.model.tiny import TinySource
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("LLMSERVE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llmserve"
-    )
-    return Path(base)
 
 
 def resolve_source(spec: ModelSpec) -> str:

@@ -11,8 +11,8 @@ from typing import Any
 from serve.batch.store import open_store
 from serve.batch.worker import BatchRunner, Call
 from serve.config import Config
-from serve.gateway.app import Gateway
 from serve.gateway.errors import APIError
+from serve.gateway.service import Gateway
 
 logger = logging.getLogger("llmserve.batch")
 WORKER_NAME = "llmserve-batch-worker"
@@ -44,7 +44,7 @@ def owner_call(gateway: Gateway) -> Call:
 async def run_batch_worker(cfg: Config) -> None:
     """The worker's whole life: a gateway of its own (the same admission as online requests) and
     the runner over the shared store, until cancelled."""
-    from serve.engine.registry import get_registry
+    from serve.contract.registry import get_registry
     from serve.gateway.server import GatewayParts, ray_snapshot_source
 
     parts = GatewayParts(cfg, ray_snapshot_source(get_registry(cfg.ray.namespace)))

@@ -33,7 +33,7 @@ from ray import serve
 
 from serve.asgi import start_in_loop
 from serve.config import Config, GatewaySpec, apply_env_overrides
-from serve.engine.registry import get_registry
+from serve.contract.registry import get_registry
 from serve.gateway.server import ByPort, build_gateway, listen, ray_snapshot_source
 from serve.policies.autoscaling import ONGOING, REQUESTS
 

@@ -24,7 +24,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve.engine.secret import path_under_roots
+from serve.contract.paths import path_under_roots
 from serve.gateway.errors import APIError, bad_request
 from serve.students.registry import THRESHOLD
 

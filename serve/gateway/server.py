@@ -17,12 +17,13 @@ from serve.asgi import bind_socket
 from serve.batch.store import open_store
 from serve.cache.store import HeadCache
 from serve.config import Config
-from serve.engine.secret import engine_secret
-from serve.gateway.app import Gateway, app_for, create_metrics_app
+from serve.contract.secret import engine_secret
+from serve.gateway.app import app_for, create_metrics_app
 from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends
 from serve.gateway.lifecycle import lifecycle_loop
 from serve.gateway.ratelimit import RateLimiter
+from serve.gateway.service import Gateway
 from serve.gateway.upstream import HttpUpstream, Upstream
 from serve.students.registry import LifecycleStore
 
@@ -62,7 +63,7 @@ class GatewayParts:
         self.config = config
         self.fetch = fetch
         self.backends = backends or Backends()
-        # Engines answer only holders of the engine secret (serve/engine/secret.py).
+        # Engines answer only holders of the engine secret (serve/contract/secret.py).
         self.upstream = upstream or HttpUpstream(connect_timeout_s=config.gateway.connect_timeout_s,
                                                  secret=engine_secret())
         self.cache = HeadCache(config.cache.redis_url, lru_size=config.cache.lru_size,

@@ -43,7 +43,7 @@ class Upstream(Protocol):
 class HttpUpstream:
     """aiohttp client with a keep-alive pool: the cheapest hop we measured from Python.
 
-    Every request carries the engine secret (serve/engine/secret.py) as its only credential; the
+    Every request carries the engine secret (serve/contract/secret.py) as its only credential; the
     client's own Authorization never reaches an engine, since only these headers are sent."""
 
     def __init__(self, connect_timeout_s: float = 5.0, max_connections: int = 1024,

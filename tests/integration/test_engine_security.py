@@ -7,7 +7,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from serve.engine.secret import engine_secret
+from serve.contract.secret import engine_secret
 
 pytestmark = pytest.mark.integration
 

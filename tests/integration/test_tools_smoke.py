@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import loadgen, report
-from serve.engine.secret import engine_secret
+from serve.contract.secret import engine_secret
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -210,7 +210,7 @@ def test_engines_are_closed_and_bound_to_the_pod_ip(case: str) -> None:
     else:
         [secret] = generated
         value = base64.b64decode(secret["data"]["engine-secret"]).decode()
-        assert re.fullmatch(r"[A-Za-z0-9]{48}", value), "what serve/engine/secret.py accepts"
+        assert re.fullmatch(r"[A-Za-z0-9]{48}", value), "what serve/contract/secret.py accepts"
 
 
 def test_adapter_roots_reach_every_ray_container() -> None:

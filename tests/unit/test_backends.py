@@ -1,6 +1,6 @@
 import random
 
-from serve.engine.registry import EndpointTable
+from serve.contract.registry import EndpointTable
 from serve.gateway.backends import Backends
 
 

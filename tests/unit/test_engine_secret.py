@@ -17,8 +17,9 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from serve.config import ModelSpec
-from serve.engine import secret
-from serve.engine.secret import RequireEngineSecret, ensure_engine_secret, path_under_roots, runtime_adapters_for
+from serve.contract import paths, secret
+from serve.contract.paths import path_under_roots, runtime_adapters_for
+from serve.contract.secret import RequireEngineSecret, ensure_engine_secret
 
 SECRET = "s3cret-engine-token-0123456789"
 
@@ -122,9 +123,9 @@ def test_llm_config_carries_adapter_roots_and_never_the_secret(monkeypatch):
     config = llm_config_for(spec, "ns", adapter_roots=["/data/a", "/data/b"])
     env = config["runtime_env"]["env_vars"]
     assert secret.ENV not in env and SECRET not in repr(config)
-    assert env[secret.ADAPTER_ROOTS_ENV] == os.pathsep.join(["/data/a", "/data/b"])
+    assert env[paths.ADAPTER_ROOTS_ENV] == os.pathsep.join(["/data/a", "/data/b"])
     env = llm_config_for(ModelSpec(name="m", source="org/model"), "ns")["runtime_env"]["env_vars"]
-    assert secret.ADAPTER_ROOTS_ENV not in env
+    assert paths.ADAPTER_ROOTS_ENV not in env
 
 
 def test_http_upstream_sends_the_secret_when_given():

@@ -3,8 +3,8 @@
 Each replica serves vLLM's whole OpenAI app on a port of its own (serve/engine/direct.py). Open,
 that port lets anything that reaches it skip the gateway's keys and limits, and load a LoRA adapter
 from any path. So every request to it must carry ``Authorization: Bearer <engine secret>``, a
-secret only the gateways and the batch worker hold; and adapters a replica loads on its own from
-the runtime registry must lie under the configured adapter roots.
+secret only the gateways and the batch worker hold. (Adapters a replica loads on its own from the
+runtime registry must lie under the configured adapter roots: serve/contract/paths.py.)
 
 The secret travels as an environment variable, never in the YAML config (which the chart turns
 into serveConfigV2, readable by anyone who can read the RayService).
@@ -18,11 +18,10 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 ENV = "LLMSERVE_ENGINE_SECRET"
-ADAPTER_ROOTS_ENV = "LLMSERVE_ADAPTER_ROOTS"
 
 # Paths served without the secret: the probe and our read-only engine counters. Everything else is
 # refused, including routes vLLM's own --api-key leaves open (it guards only /v1, /v2, /inference
@@ -91,42 +90,3 @@ class RequireEngineSecret:
                     "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-def adapter_roots() -> list[str]:
-    """Directories runtime adapters may be loaded from (env LLMSERVE_ADAPTER_ROOTS, os.pathsep-separated)."""
-    return [r for r in os.environ.get(ADAPTER_ROOTS_ENV, "").split(os.pathsep) if r]
-
-
-def path_under_roots(path: str, roots: Iterable[str]) -> bool:
-    """Whether `path` is inside one of `roots` once symlinks and `..` are resolved (an absolute
-    path only: a relative one would depend on the replica's working directory)."""
-    if not os.path.isabs(path):
-        return False
-    real = os.path.realpath(path)
-    for root in roots:
-        base = os.path.realpath(root)
-        if os.path.commonpath([real, base]) == base:
-            return True
-    return False
-
-
-def runtime_adapters_for(entries: Mapping[Any, Any], base: str, roots: Iterable[str]
-                         ) -> tuple[list[dict[str, str]], list[str]]:
-    """Split the runtime adapter registry (name -> JSON `{base, path, ...}`, as stored in Redis)
-    into the adapters of `base` a replica may load, `[{name, path}]`, and the names of those it must
-    not load because their path lies outside `roots` (no roots: none may be loaded)."""
-    roots = list(roots)
-    allowed: list[dict[str, str]] = []
-    refused: list[str] = []
-    for raw_name, raw in entries.items():
-        meta = json.loads(raw)
-        if meta.get("base") != base:
-            continue
-        name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
-        path = meta.get("path")
-        if isinstance(path, str) and path_under_roots(path, roots):
-            allowed.append({"name": name, "path": path})
-        else:
-            refused.append(name)
-    return allowed, refused
