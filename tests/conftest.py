@@ -19,6 +19,13 @@ _STARTED = time.time()
 _SUBREAPER = become_subreaper()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `destructive` take parts of the shared stack away (Redis, a replica, a second Ray
+    cluster beside the first), so they run after every other test of the session, in their
+    collected order; the sort is stable, so everything else keeps its order too."""
+    items.sort(key=lambda item: item.get_closest_marker("destructive") is not None)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     deadline = time.monotonic() + 30  # engine cores get their lifeline's grace to shut down cleanly

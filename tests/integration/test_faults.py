@@ -1,4 +1,4 @@
-"""Faults, last in the session because they take parts of the stack away."""
+"""Faults, marked destructive (run after every other test) because they take parts of the stack away."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 from tests.integration.test_policies import counter, gauge, msgs
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.destructive]
 
 
 def test_redis_down_serves_from_models_and_says_so(stack):

@@ -16,7 +16,7 @@ import pytest
 from bench.procs import FORKSERVER
 from tests.support import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.destructive]
 
 
 def _alive(p: psutil.Process) -> bool:
