@@ -112,7 +112,7 @@ class FakeUpstream:
             return UpstreamResponse(200, {}, json.dumps(body).encode())
 
         async def events() -> AsyncIterator[bytes]:
-            from serve.gateway.responses import replay
+            from serve.gateway.dialects.responses_events import replay
 
             for ev in replay(body):
                 yield ev

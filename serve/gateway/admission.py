@@ -15,15 +15,12 @@ from typing import Any
 from serve.config import ApiKey, Config, RouteSpec
 from serve.gateway.auth import KeyStore
 from serve.gateway.catalog import Catalog
+from serve.gateway.dialects.base import Dialect, View
 from serve.gateway.errors import APIError, bad_request, model_not_found
 from serve.gateway.metrics import Metrics
 from serve.gateway.ratelimit import RateLimiter
-from serve.gateway.validate import validate
 from serve.policies.ratelimit import estimate_tokens
 
-# Which engine task serves which endpoint: a generate model has no /v1/embeddings and vice versa.
-ROUTE_TASK = {"/v1/chat/completions": "generate", "/v1/completions": "generate", "/v1/embeddings": "embed",
-              "/v1/responses": "generate"}  # (/tokenize and /detokenize: any model)
 ANONYMOUS = "anonymous"  # the key name when auth is off
 
 
@@ -33,6 +30,7 @@ class Ticket:
 
     route: RouteSpec
     key_name: str
+    view: View
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -43,7 +41,7 @@ class Admission:
         self.limiter = limiter
         self.metrics = metrics
 
-    def resolve(self, payload: dict[str, Any], path: str) -> RouteSpec:
+    def resolve(self, payload: dict[str, Any]) -> RouteSpec:
         model = payload.get("model")
         if model is None:
             raise bad_request("You must provide a model parameter.", param="model")
@@ -52,33 +50,37 @@ class Admission:
         route = self.catalog.route(model)
         if route is None:
             raise model_not_found(model)
+        return route
+
+    def check_task(self, route: RouteSpec, dialect: Dialect) -> None:
+        """A generate model has no /v1/embeddings and vice versa (tokenizers: any model)."""
         first = route.cascade.student if route.cascade else route.target
         spec = self.catalog.spec(first) if first else None
-        task = ROUTE_TASK.get(path)
-        if spec is not None and task is not None and spec.task != task:
+        if spec is not None and dialect.task is not None and spec.task != dialect.task:
             raise bad_request(
-                f"The model `{model}` does not support {path} (it is a {spec.task} model).",
+                f"The model `{route.name}` does not support {dialect.path} (it is a {spec.task} model).",
                 param="model", code="model_not_supported",
             )
+
+    async def admit(self, key: ApiKey | None, dialect: Dialect, payload: dict[str, Any], body_bytes: int) -> Ticket:
+        route = self.resolve(payload)
+        # Access first: a key learns nothing, not even a model's task, about models it may not use.
+        if not KeyStore.allows(key, route.name):
+            raise model_not_found(route.name)
+        self.check_task(route, dialect)
         stream = payload.get("stream", False)
         if stream is not None and not isinstance(stream, bool):
             raise bad_request("`stream` must be a boolean.", param="stream")
-        return route
-
-    async def admit(self, key: ApiKey | None, path: str, payload: dict[str, Any], body_bytes: int) -> Ticket:
-        route = self.resolve(payload, path)
-        if not KeyStore.allows(key, route.name):
-            raise model_not_found(route.name)
-        validate(path, payload, self.config.gateway.max_messages)
+        dialect.validate(payload, self.config.gateway.max_messages)
+        view = dialect.view(payload)
         if key is None:
-            return Ticket(route, ANONYMOUS)
+            return Ticket(route, ANONYMOUS, view)
         auth = self.config.auth
         rpm = key.requests_per_minute or auth.default_requests_per_minute
         tpm = key.tokens_per_minute or auth.default_tokens_per_minute
         if rpm is None and tpm is None:
-            return Ticket(route, key.name)
-        tokens = estimate_tokens(body_bytes, payload.get("max_tokens") or payload.get("max_completion_tokens")
-                                 or payload.get("max_output_tokens"))
+            return Ticket(route, key.name, view)
+        tokens = estimate_tokens(body_bytes, view.max_output_tokens)
         if tpm is not None and tokens > tpm:
             # No wait would ever admit it (a bucket holds at most a minute's tokens): say so, rather
             # than a 429 that a client (or a batch line) would retry forever.
@@ -91,4 +93,4 @@ class Admission:
             raise APIError(429, f"Rate limit reached for {verdict.limit_name} per minute on key `{key.name}`. "
                                 f"Retry after {verdict.headers['Retry-After']}s.",
                            code="rate_limit_exceeded", headers=verdict.headers)
-        return Ticket(route, key.name, verdict.headers)
+        return Ticket(route, key.name, view, verdict.headers)

@@ -1,6 +1,7 @@
 """What a route produced, before it is HTTP: a JSON body or a stream of SSE bytes, plus who answered
-and what it cost (in `headers`). The route runner returns one; the HTTP edge (`to_response`), the
-batch worker and tests consume it directly, so nothing parses a Starlette response back.
+and what it cost (in `headers`). The service returns one; the HTTP edge (`to_response` in
+serve/gateway/app.py), the batch worker and tests consume it directly, so nothing parses a
+Starlette response back.
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ import json
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serve.gateway.errors import APIError
 
@@ -43,11 +42,3 @@ class Answer:
     @property
     def served_by(self) -> str:
         return self.headers.get("x-llmserve-served-by", "-")
-
-
-def to_response(answer: Answer) -> Response:
-    """The one place an answer becomes HTTP."""
-    if answer.chunks is not None:
-        return StreamingResponse(answer.chunks, status_code=answer.status, media_type="text/event-stream",
-                                 headers=answer.headers)
-    return JSONResponse(answer.body, answer.status, headers=answer.headers)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from serve.gateway.dialects.responses import RESPONSES, check_supported
 from serve.gateway.errors import APIError, bad_request
-from serve.gateway.responses import RESPONSES, check_supported
 
 TOKENIZER_PATHS = ("/tokenize", "/detokenize")
 

@@ -96,7 +96,7 @@ def test_streamed_cascade_decides_on_the_first_k_tokens_at_a_calibrated_threshol
     """The same boundary for a streamed request on a route with decide_after_tokens: the decision
     reads the student's first K token logprobs (measured here through the SDK), so each prompt
     whose prefix falls below the threshold streams the teacher's answer, each above it the
-    student's, and the usage chunk and headers say which (cascade_stream.py, on real engines)."""
+    student's, and the usage chunk and headers say which (serve/gateway/stages/prefix.py, on real engines)."""
     from openai import OpenAI
 
     from serve.config import Config

@@ -11,9 +11,9 @@ from typing import Any
 
 from serve.cache.store import HeadCache
 from serve.config import Config
-from serve.gateway.app import Gateway
 from serve.gateway.backends import Backends
-from serve.gateway.cascade_stream import Prefix
+from serve.gateway.service import Gateway
+from serve.gateway.stages.prefix import Prefix
 from serve.gateway.upstream import UpstreamResponse
 from serve.policies.cascade import CascadePolicy, Decision, decide_prefix, prefix_decidable
 

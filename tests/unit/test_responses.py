@@ -9,7 +9,7 @@ from serve.config import Config
 from serve.gateway.app import create_app
 from serve.gateway.auth import hash_key
 from serve.gateway.backends import Backends
-from serve.gateway.responses import ResponsesAssembler
+from serve.gateway.dialects.responses_events import ResponsesAssembler
 from tests.fakes import FakeUpstream
 
 CONFIG = Config.model_validate({

@@ -17,18 +17,17 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from serve.gateway.answer import Answer
+from serve.gateway.context import RequestContext
+from serve.gateway.dispatch import Dispatcher
 from serve.gateway.errors import APIError
-from serve.gateway.responses import RESPONSES
+from serve.gateway.metrics import Metrics
 from serve.gateway.sse import StreamAssembler
-from serve.policies.cascade import CascadePolicy, Decision, decide_prefix, prefix_decidable
-
-if TYPE_CHECKING:
-    from serve.config import CascadeSpec, RouteSpec
-    from serve.gateway.routes import Outcome, RouteRunner, Store
-    from serve.gateway.upstream import UpstreamResponse
+from serve.gateway.stages.student import student_failed
+from serve.gateway.upstream import UpstreamResponse
+from serve.policies.cascade import CascadePolicy, Decision, decide_prefix
 
 
 @dataclass
@@ -96,14 +95,6 @@ class Prefix:
         return decide_prefix(policy, request, "".join(self.text), self.logprobs[:k], self.finish_reason)
 
 
-def on_a_prefix(cs: CascadeSpec, path: str, payload: dict[str, Any], policy: CascadePolicy) -> bool:
-    """Whether a request is decided on a prefix: streamed, on a route with decide_after_tokens, one
-    choice (the relay follows one stream), chat or completions (a Responses stream is events of
-    another shape), and no check that needs the whole answer (a schema)."""
-    return bool(payload.get("stream")) and cs.decide_after_tokens is not None and path != RESPONSES \
-        and payload.get("n", 1) in (1, None) and prefix_decidable(policy, payload)
-
-
 async def read_prefix(chunks: AsyncIterator[bytes], k: int) -> Prefix:
     """Read the student's stream until k tokens, its finish, its end, or a broken event."""
     prefix = Prefix()
@@ -117,47 +108,46 @@ async def read_prefix(chunks: AsyncIterator[bytes], k: int) -> Prefix:
     return prefix
 
 
-async def stream_student(runner: RouteRunner, route: RouteSpec, path: str, payload: dict[str, Any],
-                         req: dict[str, Any], policy: CascadePolicy, out: Outcome, store: Store | None,
-                         asked_logprobs: bool) -> Answer | None:
+async def stream_student(dispatch: Dispatcher, metrics: Metrics, ctx: RequestContext, req: dict[str, Any],
+                         policy: CascadePolicy, asked_logprobs: bool) -> Answer | None:
     """The streamed student, decided on its first `decide_after_tokens` tokens. Returns the answer
     when accepted (or when the request itself is wrong), None when the teacher must answer."""
-    cs = route.cascade
+    cs = ctx.route.cascade
     assert cs is not None and cs.decide_after_tokens is not None
     k = cs.decide_after_tokens
-    client_opts = payload.get("stream_options") or {}
+    client_opts = ctx.payload.get("stream_options") or {}
     req = {**req, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     try:
-        resp, replica = await runner.send(cs.student, path, json.dumps(req).encode(), True, payload)
+        resp, replica = await dispatch.send_json(ctx, cs.student, req, stream=True)
     except APIError as e:
-        return runner.student_failed(route.name, cs.student, out, e)
+        return student_failed(metrics, ctx, cs.student, e)
     if resp.status >= 400 or resp.chunks is None:
         if resp.status < 400:  # an engine that answered a stream request whole: nothing to relay
             resp.status = 502
-        return runner.student_failed(route.name, cs.student, out, resp)
+        return student_failed(metrics, ctx, cs.student, resp)
     chunks = resp.chunks.__aiter__()
     try:
         prefix = await read_prefix(chunks, k)
     except BaseException:
         await resp.aclose()
         raise
-    decision = prefix.decision(policy, payload, k)
-    out.models.append(cs.student)
-    runner.metrics.cascade.labels(route.name, "escalate" if decision.escalate else "accept", decision.reason).inc()
+    decision = prefix.decision(policy, ctx.payload, k)
+    ctx.models.append(cs.student)
+    metrics.cascade.labels(ctx.route.name, "escalate" if decision.escalate else "accept", decision.reason).inc()
     if decision.escalate:
         await resp.aclose()  # the engine aborts the request when its stream is closed
         # Billed for what it did until the abort: the latest running usage (prompt + tokens made).
         usage = prefix.usage or {"prompt_tokens": 0, "completion_tokens": len(prefix.logprobs)}
-        out.cost_usd += runner.bill(out, cs.student, usage)
-        out.escalated = decision.reason
-        runner.metrics.escalations.labels(route.name, decision.reason).inc()
+        dispatch.charge(ctx, cs.student, usage)
+        ctx.escalated = decision.reason
+        metrics.escalations.labels(ctx.route.name, decision.reason).inc()
         return None
-    out.served_by, out.replica = cs.student, replica
-    runner.metrics.requests.labels(route.name, cs.student, "200").inc()
-    relay = Relay(runner, cs.student, out, store, strip_logprobs=not asked_logprobs,
+    ctx.served_by, ctx.replica = cs.student, replica
+    metrics.requests.labels(ctx.route.name, cs.student, "200").inc()
+    relay = Relay(dispatch, cs.student, ctx, strip_logprobs=not asked_logprobs,
                   include_usage=bool(client_opts.get("include_usage")),
                   continuous=bool(client_opts.get("continuous_usage_stats")), usage=prefix.usage)
-    return Answer(200, chunks=relay.run(resp, chunks, prefix), headers=out.headers())
+    return Answer(200, chunks=relay.run(resp, chunks, prefix), headers=ctx.headers())
 
 
 def _made(usage: dict[str, Any]) -> int:
@@ -169,13 +159,13 @@ class Relay:
     """The accepted student's stream as the client asked for it: logprobs and running usage only if
     it asked; the final usage chunk billed (with the cost in it) and kept only if it asked."""
 
-    def __init__(self, runner: RouteRunner, model: str, out: Outcome, store: Store | None, *,
+    def __init__(self, dispatch: Dispatcher, model: str, ctx: RequestContext, *,
                  strip_logprobs: bool, include_usage: bool, continuous: bool, usage: dict[str, Any] | None) -> None:
-        self.runner, self.model, self.out, self.store = runner, model, out, store
+        self.dispatch, self.model, self.ctx, self.store = dispatch, model, ctx, ctx.store
         self.strip_logprobs, self.include_usage, self.continuous = strip_logprobs, include_usage, continuous
         self.usage = usage
         self.billed = False
-        self.assembler = StreamAssembler() if store is not None else None
+        self.assembler = StreamAssembler() if self.store is not None else None
 
     async def run(self, resp: UpstreamResponse, chunks: AsyncIterator[bytes], prefix: Prefix) -> AsyncIterator[bytes]:
         try:
@@ -198,7 +188,7 @@ class Relay:
 
     def bill(self, usage: dict[str, Any]) -> None:
         self.billed = True
-        self.out.cost_usd += self.runner.bill(self.out, self.model, usage)
+        self.dispatch.charge(self.ctx, self.model, usage)
 
     def event(self, event: bytes) -> bytes:
         """One event for the client (b"" to drop it); bytes unchanged when nothing needs removing."""
@@ -229,7 +219,7 @@ class Relay:
                 self.bill(obj["usage"])
                 if not self.include_usage:
                     return b""
-                obj["usage"]["cost_usd"] = round(self.out.cost_usd, 10)
+                obj["usage"]["cost_usd"] = round(self.ctx.cost_usd, 10)
                 changed = True
             elif not self.continuous:
                 del obj["usage"]  # running usage the gateway asked for, not the client

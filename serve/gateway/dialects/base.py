@@ -1,0 +1,141 @@
+"""What one API endpoint supplies to the gateway: a dialect.
+
+Each OpenAI API (chat, completions, Responses, embeddings, tokenize, ...) is one dialect: how a
+request is validated, the typed view the gateway reads it through (parsed once: max output tokens
+under one name, `n`, `stream`), what the cascade sends the student and what it judges, how a whole
+answer (a cache hit, an accepted student) is replayed as a body or a stream, whether an answer may
+be cached, and how usage is read and billed from a body or a stream. The route's stages (cache,
+cascade, fallback) work only through this interface, so they never ask which API a request is.
+
+The defaults here are those of an endpoint that answers whole JSON bodies with a `usage` object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from serve.gateway.answer import Answer
+
+# usage -> the request's whole cost so far, after billing it (the tap writes that into the stream).
+Charge = Callable[[Any], float]
+# a whole answer read back from a stream -> None (stored in the head cache).
+Keep = Callable[[dict[str, Any]], None]
+Task = Literal["generate", "embed"]
+
+
+@dataclass(frozen=True)
+class View:
+    """A request as the gateway reads it, parsed once after validation."""
+
+    stream: bool = False
+    include_usage: bool = False  # streams: the client asked for the usage chunk
+    n: int = 1
+    max_output_tokens: int | None = None  # whichever field the API names it by
+    max_tokens_field: str = "max_tokens"  # that field's name, for a request the gateway rewrites
+
+
+@dataclass
+class Conversation:
+    """A request that continues stored state (Responses' `previous_response_id`, `store`)."""
+
+    previous_response_id: str | None
+    items: list[Any]  # the whole conversation as input items, this turn's included
+    store: bool  # keep the answer for a follow-up turn
+
+
+class StreamTap(Protocol):
+    """Reads an engine's stream as it is relayed: bills its usage, keeps the whole answer for the
+    cache, and returns the bytes the client gets (usually the chunk unchanged)."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+
+class PassThrough:
+    """A stream the gateway has nothing to read in."""
+
+    def feed(self, chunk: bytes) -> bytes:
+        return chunk
+
+
+def with_cost(body: dict[str, Any], cost: float) -> dict[str, Any]:
+    """Put the cost into `usage` as an extra field; the SDK keeps unknown fields."""
+    usage = body.get("usage")
+    if isinstance(usage, dict):
+        usage["cost_usd"] = round(cost, 10)
+    return body
+
+
+class Dialect:
+    """One API endpoint. Subclasses override what differs; see the module docstring."""
+
+    path: str = ""
+    task: Task | None = None  # the engine task that serves it; None: any model (tokenizers)
+    routed: bool = True  # False: sent to the route's first model as is (no cache, cascade, cost)
+    cascades: bool = False  # a cascade may answer it with the student
+    shadowable: bool = False  # a route's shadow model may be asked the same (agreement is measured)
+
+    # ---- admission -------------------------------------------------------------------------------
+    def validate(self, payload: dict[str, Any], max_messages: int) -> None:
+        """Raise a 400 naming `param` for what the API does not accept."""
+
+    def view(self, payload: dict[str, Any]) -> View:
+        return View()
+
+    # ---- state a request continues from (Responses' previous_response_id) -----------------------
+    async def before(self, payload: dict[str, Any], key: str) -> tuple[dict[str, Any], Conversation | None]:
+        """(the request the route runs on, the stored state it continues). Raises APIError."""
+        return payload, None
+
+    async def after(self, conversation: Conversation | None, key: str, answer: Answer) -> Answer:
+        """What to do with the route's answer before it goes out (e.g. store it)."""
+        return answer
+
+    # ---- whole answers: the cache and the cascade --------------------------------------------------
+    def cacheable(self, body: dict[str, Any]) -> bool:
+        """Whether this whole answer is what the same request would get again."""
+        return True
+
+    def usage(self, body: dict[str, Any]) -> Any:
+        return body.get("usage")
+
+    def zero_usage(self) -> dict[str, Any]:
+        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost_usd": 0.0}
+
+    def refresh(self, body: dict[str, Any]) -> None:
+        """A replayed answer is a new answer: a fresh id and creation time."""
+
+    def replay(self, body: dict[str, Any], view: View) -> Iterable[bytes]:
+        raise NotImplementedError(f"{self.path} is not streamed")
+
+    def whole(self, body: dict[str, Any], view: View, headers: dict[str, str]) -> Answer:
+        """A whole answer for the client: the body, or its replay as a stream when it streams."""
+        if view.stream:
+            return Answer.replayed(self.replay(body, view), headers)
+        return Answer(200, body, headers=headers)
+
+    def student_request(self, payload: dict[str, Any], view: View, student: str,
+                        cap: int | None) -> tuple[dict[str, Any], bool]:
+        """(the student's request, whether the client itself asked for logprobs). The student is
+        asked for the logprobs the cascade decides on; `cap` bounds its output when buffered."""
+        raise NotImplementedError(f"{self.path} has no cascade")
+
+    def judged(self, payload: dict[str, Any], body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the request, the answer) as the cascade policy reads them: chat's names and choices."""
+        return payload, body
+
+    def strip_logprobs(self, body: dict[str, Any]) -> None:
+        """Remove the logprobs the gateway asked for only to decide."""
+
+    def prefix_decidable(self, view: View) -> bool:
+        """Whether the streamed cascade may decide on the student's first tokens."""
+        return False
+
+    # ---- streams ---------------------------------------------------------------------------------
+    def stream_request(self, payload: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """(the request to send, whether the usage the gateway added must be stripped again)."""
+        return payload, False
+
+    def tap(self, charge: Charge, keep: Keep | None, strip_usage: bool) -> StreamTap:
+        return PassThrough()

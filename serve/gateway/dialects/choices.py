@@ -1,0 +1,123 @@
+"""What chat completions and completions share: answers made of `choices`, streamed as
+`data:` chunks ending in `[DONE]`, with usage in a chunk of its own (serve/gateway/sse.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from serve.gateway.dialects.base import Charge, Dialect, Keep, View, with_cost
+from serve.gateway.sse import COMPLETE_FINISH, StreamAssembler, replay
+
+# A chunk that carries usage (not `"usage":null`): the only chunks the tap looks inside.
+_USAGE = re.compile(rb'"usage":\s*\{')
+
+
+def complete(body: dict[str, Any]) -> bool:
+    """Every choice ended normally (as a stored stream must; an aborted or errored choice is not
+    what the same request gets next time)."""
+    return all(c.get("finish_reason") in COMPLETE_FINISH for c in body.get("choices") or [])
+
+
+class ChoicesTap:
+    """Bills the usage chunk (asked for by the gateway if not by the client, then dropped again),
+    puts the cost into it, and rebuilds the whole answer for the cache."""
+
+    def __init__(self, charge: Charge, keep: Keep | None, strip_usage: bool) -> None:
+        self.charge, self.keep, self.strip = charge, keep, strip_usage
+        self.assembler = StreamAssembler() if keep is not None else None
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.assembler is not None:
+            self.assembler.feed(chunk)
+            if self.assembler.done:
+                # Stored before the last bytes go out: a client that hangs up right after [DONE]
+                # cancels the relay before it would run past its loop.
+                whole = self.assembler.response()
+                if whole is not None and self.keep is not None:
+                    self.keep(whole)
+                self.assembler = None
+        if _USAGE.search(chunk):
+            return self._bill(chunk)
+        return chunk
+
+    def _bill(self, chunk: bytes) -> bytes:
+        kept = []
+        for ev in chunk.split(b"\n\n"):
+            if ev.startswith(b"data: {") and _USAGE.search(ev):
+                try:
+                    obj = json.loads(ev[6:])
+                except ValueError:
+                    obj = None
+                if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                    cost = self.charge(obj["usage"])
+                    if self.strip and not obj.get("choices"):
+                        continue  # the usage-only chunk the client did not ask for
+                    if self.strip:
+                        obj["usage"] = None
+                    else:
+                        with_cost(obj, cost)
+                    ev = b"data: " + json.dumps(obj, separators=(",", ":")).encode()
+            kept.append(ev)
+        return b"\n\n".join(kept)
+
+
+class ChoicesDialect(Dialect):
+    """Chat completions and completions."""
+
+    task = "generate"
+    cascades = True
+    shadowable = True
+    chat = False
+
+    def view(self, payload: dict[str, Any]) -> View:
+        field = "max_completion_tokens" if self.chat and "max_completion_tokens" in payload else "max_tokens"
+        limit = payload.get(field)
+        n = payload.get("n")
+        return View(stream=bool(payload.get("stream")),
+                    include_usage=bool((payload.get("stream_options") or {}).get("include_usage")),
+                    n=n if isinstance(n, int) else 1,
+                    max_output_tokens=limit if isinstance(limit, int) else None, max_tokens_field=field)
+
+    def cacheable(self, body: dict[str, Any]) -> bool:
+        return complete(body)
+
+    def refresh(self, body: dict[str, Any]) -> None:
+        body["id"] = f"cache-{uuid.uuid4().hex[:24]}"
+        body["created"] = int(time.time())
+
+    def replay(self, body: dict[str, Any], view: View) -> Iterable[bytes]:
+        return replay(body, view.include_usage)
+
+    def student_request(self, payload: dict[str, Any], view: View, student: str,
+                        cap: int | None) -> tuple[dict[str, Any], bool]:
+        req = {k: v for k, v in payload.items() if k not in ("stream", "stream_options")}
+        req["model"] = student
+        req["logprobs"] = True if self.chat else max(1, int(payload.get("logprobs") or 1))
+        if cap is not None:  # the cap bounds the buffer; a prefix-decided answer is not buffered
+            asked = view.max_output_tokens
+            req[view.max_tokens_field] = min(asked, cap) if asked is not None else cap
+        return req, bool(payload.get("logprobs"))
+
+    def strip_logprobs(self, body: dict[str, Any]) -> None:
+        for c in body.get("choices", []):
+            c["logprobs"] = None
+
+    def prefix_decidable(self, view: View) -> bool:
+        # One choice (the relay follows one stream), streamed.
+        return view.stream and view.n == 1
+
+    def stream_request(self, payload: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        # Streams are billed from their usage chunk: ask for it, and drop it again if the client
+        # did not ask for it.
+        if (payload.get("stream_options") or {}).get("include_usage"):
+            return payload, False
+        return {**payload, "stream_options": {**(payload.get("stream_options") or {}), "include_usage": True}}, True
+
+    def tap(self, charge: Charge, keep: Keep | None, strip_usage: bool) -> ChoicesTap:
+        return ChoicesTap(charge, keep, strip_usage)

@@ -1,0 +1,22 @@
+"""`POST /v1/embeddings`: a whole answer, always deterministic (so always cacheable), no cascade."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from serve.gateway.dialects.base import Dialect
+from serve.gateway.validate import validate
+
+
+class Embeddings(Dialect):
+    path = "/v1/embeddings"
+    task = "embed"
+
+    def validate(self, payload: dict[str, Any], max_messages: int) -> None:
+        validate(self.path, payload, max_messages)
+
+    def refresh(self, body: dict[str, Any]) -> None:
+        body["id"] = f"cache-{uuid.uuid4().hex[:24]}"
+        body["created"] = int(time.time())

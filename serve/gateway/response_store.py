@@ -1,0 +1,101 @@
+"""Stored responses (`store`, `previous_response_id`), kept by the gateway, not the engine.
+
+Why the gateway keeps the state: vLLM stores responses in the engine *process* (and only with
+VLLM_ENABLE_RESPONSES_API_STORE), so `previous_response_id` fails as soon as the next turn lands on
+another replica, another gateway, or a restarted engine. Here a stored response is kept in Redis
+(shared by every gateway, with a TTL and its owner's key name); a request naming
+`previous_response_id` is expanded into the conversation's input items before it is forwarded with
+`store: false`, so any replica of any model in the route can answer it, and the head cache keys on
+the whole conversation. Another key's response id is a 404, exactly like an unknown one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from serve.gateway.errors import APIError
+
+PREFIX = "llmserve:responses:"
+
+
+def not_found(rid: str) -> APIError:
+    return APIError(404, f"Response with id '{rid}' not found.", param="response_id", code="not_found")
+
+
+def input_items(inp: Any) -> list[Any]:
+    return [{"role": "user", "content": inp}] if isinstance(inp, str) else list(inp)
+
+
+def output_text_of(item: dict[str, Any]) -> str:
+    return "".join(p.get("text") or "" for p in item.get("content") or []
+                   if isinstance(p, dict) and p.get("type") == "output_text")
+
+
+def output_text(body: dict[str, Any]) -> str:
+    return "".join(output_text_of(i) for i in body.get("output") or []
+                   if isinstance(i, dict) and i.get("type") == "message")
+
+
+def output_as_input(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A response's output items in the form the next turn's `input` takes them."""
+    items: list[dict[str, Any]] = []
+    for item in body.get("output") or []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "message":
+            items.append({"role": "assistant", "content": output_text_of(item)})
+        elif item.get("type") == "function_call":
+            items.append({k: item[k] for k in ("type", "call_id", "name", "arguments") if k in item})
+    return items
+
+
+def expand(payload: dict[str, Any], record: dict[str, Any] | None) -> tuple[dict[str, Any], list[Any]]:
+    """(the request to forward, the whole conversation as input items). The engine gets the whole
+    conversation and `store: false`: the gateway, not the engine, keeps state."""
+    items = [*(record["items"] if record else []), *input_items(payload.get("input", ""))]
+    sent = {k: v for k, v in payload.items() if k != "previous_response_id"}
+    sent["input"] = items
+    sent["store"] = False
+    return sent, items
+
+
+class ResponseStore:
+    """Stored responses: {owner, response, items} per id, in Redis (or in this process without one)."""
+
+    def __init__(self, redis_url: str | None, ttl_s: float, timeout_s: float = 2.0) -> None:
+        self.ttl_s = ttl_s
+        self._local: dict[str, str] = {}
+        self._r: Any = None
+        if redis_url:
+            import redis.asyncio as aioredis
+
+            self._r = aioredis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+    async def put(self, rid: str, owner: str, response: dict[str, Any], items: list[Any]) -> None:
+        raw = json.dumps({"owner": owner, "response": response, "items": items}, separators=(",", ":"))
+        if self._r is None:
+            self._local[rid] = raw
+            return
+        await self._r.set(PREFIX + rid, raw, ex=max(1, int(self.ttl_s)))
+
+    async def get(self, rid: str, owner: str) -> dict[str, Any]:
+        """The record of `rid` if `owner` created it; a 404 otherwise (unknown and foreign alike)."""
+        raw = self._local.get(rid) if self._r is None else await self._r.get(PREFIX + rid)
+        if raw is None:
+            raise not_found(rid)
+        record: dict[str, Any] = json.loads(raw)
+        if record.get("owner") != owner:
+            raise not_found(rid)
+        return record
+
+    async def delete(self, rid: str, owner: str) -> None:
+        await self.get(rid, owner)
+        if self._r is None:
+            self._local.pop(rid, None)
+        else:
+            await self._r.delete(PREFIX + rid)
+
+    async def close(self) -> None:
+        if self._r is not None:
+            await self._r.aclose()

@@ -1,0 +1,116 @@
+"""The service layer: one way in for every request (an HTTP request, a batch line with its owner's
+key, a replay), whatever API it speaks.
+
+    admission (route, access, validation, limits)
+      -> the dialect's `before` (state the request continues)
+      -> the route's stages (serve/gateway/stages: cache, cascade, chain), which dispatch
+      -> the dialect's `after` (state the answer leaves)
+
+It knows nothing of HTTP: it takes the caller's key and the parsed body and returns an `Answer`,
+which the HTTP edge (serve/gateway/app.py) or the batch worker turns into what its caller needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any
+
+from serve.cache.store import HeadCache
+from serve.config import ApiKey, Config
+from serve.gateway.admission import ANONYMOUS, Admission
+from serve.gateway.answer import Answer
+from serve.gateway.auth import KeyStore
+from serve.gateway.backends import Backends
+from serve.gateway.catalog import Catalog
+from serve.gateway.context import RequestContext
+from serve.gateway.dialects.base import Dialect
+from serve.gateway.dialects.table import endpoint_table
+from serve.gateway.dispatch import Dispatcher
+from serve.gateway.errors import APIError
+from serve.gateway.metrics import Metrics
+from serve.gateway.ratelimit import RateLimiter
+from serve.gateway.response_store import ResponseStore
+from serve.gateway.stages.runner import RouteRunner
+from serve.gateway.upstream import Upstream
+from serve.policies.affinity import prefix_key
+
+
+class Gateway:
+    """State shared by the handlers; injected, never global."""
+
+    def __init__(self, config: Config, backends: Backends, upstream: Upstream,
+                 cache: HeadCache | None = None, metrics: Metrics | None = None,
+                 keys: KeyStore | None = None, limiter: RateLimiter | None = None) -> None:
+        self.config = config
+        self.keys = keys or KeyStore(config.auth)
+        self.lifecycle: Any = None  # the student lifecycle store (Redis), when configured
+        self.backends = backends
+        self.upstream = upstream
+        self.metrics = metrics or Metrics()
+        self.cache = cache
+        self.created = int(time.time())
+        # Which gateway answered (x-llmserve-gateway): the pod (hostname) and process. Several
+        # gateways sit behind one Service; this is how an operator, or a test, tells them apart.
+        self.instance = f"{socket.gethostname()}:{os.getpid()}"
+        self.catalog = Catalog(config)
+        self.admission = Admission(config, self.catalog, limiter or RateLimiter(None), self.metrics)
+        self.dispatch = Dispatcher(config, self.catalog, backends, upstream, self.metrics)
+        self.runner = RouteRunner(self.dispatch, self.metrics, cache)
+        self.response_store = ResponseStore(config.cache.redis_url, config.gateway.responses_ttl_s)
+        self.endpoints: dict[str, Dialect] = endpoint_table(self.response_store)
+
+    async def handle(self, key: ApiKey | None, path: str, payload: dict[str, Any],
+                     raw: bytes | None = None) -> Answer:
+        """Admit a request with the caller's key, then run its route. Every entry calls this: an
+        HTTP request, a batch line (with its owner's key), a replay. Errors come back as answers."""
+        dialect = self.endpoints.get(path)
+        try:
+            if dialect is None:
+                raise APIError(404, f"Unknown route POST {path}.", code="unknown_route")
+            body_bytes = len(raw) if raw is not None else len(json.dumps(payload))
+            ticket = await self.admission.admit(key, dialect, payload, body_bytes)
+            sent, conversation = await dialect.before(payload, ticket.key_name)
+        except APIError as e:
+            self.metrics.requests.labels("-", "-", str(e.status)).inc()
+            return Answer.error(e)
+        ctx = RequestContext(route=ticket.route, dialect=dialect, payload=sent, view=ticket.view,
+                             key=ticket.key_name, raw=raw if sent is payload else None,
+                             affinity=prefix_key(sent), conversation=conversation)
+        answer = await self.runner.run(ctx)
+        answer = await dialect.after(conversation, ticket.key_name, answer)
+        answer.headers.update(ticket.headers)
+        return answer
+
+    @staticmethod
+    def owner(key: ApiKey | None) -> str:
+        return key.name if key else ANONYMOUS
+
+    async def get_response(self, key: ApiKey | None, rid: str) -> dict[str, Any]:
+        record = await self.response_store.get(rid, self.owner(key))
+        body: dict[str, Any] = record["response"]
+        return body
+
+    async def delete_response(self, key: ApiKey | None, rid: str) -> None:
+        await self.response_store.delete(rid, self.owner(key))
+
+    def model_entry(self, name: str) -> dict[str, Any] | None:
+        """One `/v1/models` object: a route, a model, or an adapter (with its base as parent).
+        `max_model_len` is the context of the model that answers (clients size prompts from it)."""
+        entry: dict[str, Any] = {"id": name, "object": "model", "created": self.created, "owned_by": "llmserve"}
+        route = self.catalog.route(name) if self.catalog.is_configured_route(name) else None
+        first = (route.cascade.student if route.cascade else route.target) if route is not None else name
+        spec = self.catalog.spec(first or "")
+        if spec is None:
+            return None
+        if spec.engine.max_model_len is not None:
+            entry["max_model_len"] = spec.engine.max_model_len
+        if route is not None:
+            return {**entry, "llmserve_route": True}
+        return {**entry, "parent": spec.name} if name != spec.name else entry
+
+    def models(self, key: ApiKey | None) -> list[dict[str, Any]]:
+        names = [*(r.name for r in self.config.routes), *self.catalog.model_names()]
+        return [e for n in names if KeyStore.allows(key, n) and (e := self.model_entry(n)) is not None]
