@@ -1,6 +1,6 @@
 """The batch store in PostgreSQL, for several gateway replicas and a batch worker on different pods.
 
-The statements are SqlStore's (serve/batch/store.py); what PostgreSQL adds is that they hold
+The statements are SqlStore's (serve/batch/sql.py); what PostgreSQL adds is that they hold
 across machines: a read-modify-write locks its row (SELECT ... FOR UPDATE, so a cancel and the
 worker's completion are applied one after the other, each seeing the other's result), a claim is
 one conditional UPDATE whose condition PostgreSQL re-checks on the row it waited for, and leases
@@ -17,7 +17,7 @@ from typing import Any
 from psycopg_pool import ConnectionPool
 
 from serve.batch.files import FileBytes, LocalFiles
-from serve.batch.store import Cursor, Run, SqlStore
+from serve.batch.sql import Cursor, Run, SqlStore
 
 # Taken for the schema's creation: gateways and the worker starting together would otherwise race
 # in CREATE TABLE IF NOT EXISTS, which is not safe against a concurrent create of the same table.

@@ -8,10 +8,9 @@ import logging
 import threading
 from typing import Any
 
-from serve.batch.store import open_store
+from serve.batch.backends import open_store
 from serve.batch.worker import BatchRunner, Call
 from serve.config import Config
-from serve.gateway.errors import APIError
 from serve.gateway.service import Gateway
 
 logger = logging.getLogger("llmserve.batch")
@@ -21,22 +20,11 @@ WORKER_NAME = "llmserve-batch-worker"
 def owner_call(gateway: Gateway) -> Call:
     """A batch line enters like the same request online, with its owner's key: the same
     admission (model access, validation, rate limits), routes, cache, cascade, fallback and cost,
-    billed to the owner. A key removed since the batch was created stops its remaining lines."""
+    billed to the owner (`Gateway.call_as`). A key removed since the batch was created stops its
+    remaining lines."""
 
     async def call(owner: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        key = None
-        if gateway.keys.enabled:
-            key = gateway.keys.by_name(owner)
-            if key is None:
-                e = APIError(401, f"The API key `{owner}` that owns this batch no longer exists.",
-                             code="invalid_api_key")
-                return e.status, e.body()
-        answer = await gateway.handle(key, path, {**body, "stream": False})
-        assert answer.body is not None, "a batch line is never streamed"
-        if answer.status == 429 and "Retry-After" in answer.headers:
-            # The runner waits this long for the owner's budget instead of polling.
-            return 429, {**answer.body, "retry_after_s": float(answer.headers["Retry-After"])}
-        return answer.status, answer.body
+        return await gateway.call_as(owner, path, body)
 
     return call
 
@@ -47,7 +35,7 @@ async def run_batch_worker(cfg: Config) -> None:
     from serve.contract.registry import get_registry
     from serve.gateway.server import GatewayParts, ray_snapshot_source
 
-    parts = GatewayParts(cfg, ray_snapshot_source(get_registry(cfg.ray.namespace)))
+    parts = GatewayParts(cfg, ray_snapshot_source(get_registry(cfg.ray.namespace)), runs_background=True)
     async with parts.running() as gateway:
         runner = BatchRunner(open_store(cfg), owner_call(gateway), concurrency=cfg.batch.concurrency)
         await runner.run_forever()

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from starlette.applications import Starlette
 
 from serve.asgi import bind_socket
-from serve.batch.store import open_store
+from serve.batch.backends import open_store
 from serve.cache.store import HeadCache
 from serve.config import Config
 from serve.contract.secret import engine_secret
@@ -59,8 +59,13 @@ class GatewayParts:
     worker, which runs batch lines through the same Gateway.handle without HTTP."""
 
     def __init__(self, config: Config, fetch: Callable[[], Awaitable[Snapshot]],
-                 upstream: Upstream | None = None, backends: Backends | None = None) -> None:
+                 upstream: Upstream | None = None, backends: Backends | None = None,
+                 runs_background: bool | None = None) -> None:
         self.config = config
+        # Background responses run where batch lines run (the batch worker); a gateway runs them
+        # itself when there is no batch worker, or no Redis to share their state with one.
+        self.runs_background = runs_background if runs_background is not None else (
+            config.cache.redis_url is None or not config.batch.enabled)
         self.fetch = fetch
         self.backends = backends or Backends()
         # Engines answer only holders of the engine secret (serve/contract/secret.py).
@@ -88,6 +93,8 @@ class GatewayParts:
         gw.lifecycle = lifecycle
         if lifecycle is not None:
             tasks.append(loop.create_task(lifecycle_loop(gw, lifecycle, interval)))
+        if self.runs_background:
+            tasks.append(loop.create_task(gw.background_runner(config.batch.concurrency).run_forever()))
         try:
             yield gw
         finally:

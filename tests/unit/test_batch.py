@@ -15,7 +15,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.testclient import TestClient
 
 from serve.batch.lines import BadLine, Line, parse
-from serve.batch.store import CHUNK, EmptyFile, FileTooLarge, SqliteStore
+from serve.batch.sql import SqliteStore
+from serve.batch.store import CHUNK, EmptyFile, FileTooLarge
 from serve.batch.worker import BatchRunner, new_batch
 from serve.config import ApiKey, AuthSpec, Config
 from serve.gateway.app import create_app

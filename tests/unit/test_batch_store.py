@@ -22,8 +22,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.testclient import TestClient
 
+from serve.batch.backends import open_store
 from serve.batch.files import CHUNK, EmptyFile, FileTooLarge
-from serve.batch.store import BatchStore, SqliteStore, allowed, open_store
+from serve.batch.sql import SqliteStore
+from serve.batch.store import BatchStore, allowed
 from serve.batch.worker import BatchRunner, new_batch
 from serve.config import load_config
 from serve.gateway.batch_api import BatchAPI
