@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from bench.loadgen import pct, prompts
+from serve.sse_events import aiter_events
 
 
 async def one(session: Any, url: str, headers: dict[str, str], body: dict[str, Any]) -> dict[str, Any]:
@@ -33,13 +34,9 @@ async def one(session: Any, url: str, headers: dict[str, str], body: dict[str, A
             return {"ok": False, "status": resp.status}
         served_by = resp.headers.get("x-llmserve-served-by", "")
         escalated = "x-llmserve-escalated" in resp.headers
-        buf = b""
-        async for chunk in resp.content.iter_any():
-            buf += chunk
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                if ttft is None and event.startswith(b"data: {") and json.loads(event[6:]).get("choices"):
-                    ttft = time.perf_counter() - t0
+        async for event in aiter_events(resp.content.iter_any()):
+            if ttft is None and (event.json() or {}).get("choices"):  # json() is None for [DONE]
+                ttft = time.perf_counter() - t0
     e2e = time.perf_counter() - t0
     return {"ok": True, "ttft": ttft if ttft is not None else e2e, "e2e": e2e, "served_by": served_by,
             "escalated": escalated}

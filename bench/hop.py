@@ -29,12 +29,13 @@ import psutil
 
 from bench.procs import cpu_ms_per_request, cpu_seconds
 from bench.run import ROOT, free_port, run_load, start_load
+from serve.sse_events import DONE, encode
 
 SECRET = "bench-hop-engine-secret-0123456789"
 
 
 def sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return encode(json.dumps(obj, separators=(",", ":")))
 
 
 def engine_main(port: int, step_s: float) -> None:
@@ -60,7 +61,7 @@ def engine_main(port: int, step_s: float) -> None:
         if (body.get("stream_options") or {}).get("include_usage"):
             await resp.write(sse({**base, "choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": n,
                                                                    "total_tokens": 30 + n}}))
-        await resp.write(b"data: [DONE]\n\n")
+        await resp.write(DONE)
         return resp
 
     app = web.Application()

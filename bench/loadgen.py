@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any
 
+from serve.sse_events import aiter_events
+
 WORDS = [
     "order", "status", "refund", "account", "password", "delivery", "invoice", "price", "shipping",
     "return", "warranty", "address", "payment", "card", "login", "email", "phone", "store",
@@ -51,18 +53,14 @@ async def one(session: Any, url: str, headers: dict, body: dict, stream: bool) -
             e2e = time.perf_counter() - t0
             return {"ok": True, "ttft": e2e, "e2e": e2e,
                     "tokens": (data.get("usage") or {}).get("completion_tokens", 0)}
-        buf = b""
-        async for chunk in resp.content.iter_any():
-            buf += chunk
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                if not event.startswith(b"data: {"):
-                    continue
-                obj = json.loads(event[6:])
-                if obj.get("choices") and ttft is None:
-                    ttft = time.perf_counter() - t0
-                if obj.get("usage"):
-                    tokens = obj["usage"].get("completion_tokens", 0)
+        async for event in aiter_events(resp.content.iter_any()):
+            obj = event.json()
+            if obj is None:  # [DONE]
+                continue
+            if obj.get("choices") and ttft is None:
+                ttft = time.perf_counter() - t0
+            if obj.get("usage"):
+                tokens = obj["usage"].get("completion_tokens", 0)
     e2e = time.perf_counter() - t0
     return {"ok": True, "ttft": ttft if ttft is not None else e2e, "e2e": e2e, "tokens": tokens}
 

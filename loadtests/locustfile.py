@@ -26,6 +26,8 @@ from locust import FastHttpUser, between, tag, task
 # Locust puts this file's directory on sys.path; prompts.py has no locust import, for unit tests.
 from prompts import SUMMARISE, TOPICS, context_length, long_context, long_context_chars
 
+from serve.sse_events import iter_events
+
 logger = logging.getLogger(__name__)
 
 API_KEY = os.environ.get("LLMSERVE_API_KEY", "none")
@@ -63,22 +65,18 @@ class _OpenAIUser(FastHttpUser):
             if resp.status_code != 200:
                 resp.failure(f"{resp.status_code}: {resp.text[:200]}")
                 return
-            buf = b""
-            for chunk in resp.iter_content(chunk_size=512, decode_content=False):
-                buf += chunk if isinstance(chunk, bytes) else chunk.encode()
-                while b"\n\n" in buf:
-                    event, buf = buf.split(b"\n\n", 1)
-                    if not event.startswith(b"data: {"):
-                        continue
-                    obj = json.loads(event[6:])
-                    if obj.get("error"):  # the engine broke mid-stream: a 200 that failed
-                        err = obj["error"]
-                        resp.failure(f"stream error: {str(err.get('message') if isinstance(err, dict) else err)[:200]}")
-                        return
-                    if obj.get("choices") and first is None:
-                        first = time.perf_counter()
-                    if obj.get("usage"):
-                        tokens = obj["usage"].get("completion_tokens", 0)
+            for event in iter_events(resp.iter_content(chunk_size=512, decode_content=False)):
+                obj = event.json()
+                if obj is None:  # [DONE]
+                    continue
+                if obj.get("error"):  # the engine broke mid-stream: a 200 that failed
+                    err = obj["error"]
+                    resp.failure(f"stream error: {str(err.get('message') if isinstance(err, dict) else err)[:200]}")
+                    return
+                if obj.get("choices") and first is None:
+                    first = time.perf_counter()
+                if obj.get("usage"):
+                    tokens = obj["usage"].get("completion_tokens", 0)
             resp.success()
         end = time.perf_counter()
         fire = self.environment.events.request.fire
