@@ -7,12 +7,12 @@ the engine is a stand-in AsyncLLM whose output loop reports to vLLM's own StatLo
 vLLM's own SchedulerStats and IterationStats. Serve's pieces are Ray's: UserCallableWrapper (finds
 the hook), ReplicaMetricsManager (validates, records and pushes what it returns), the compressed
 report, DeploymentAutoscalingState (builds the AutoscalingContext, runs the policy in Serve's
-wrapper with its delays and bounds). Time is a fake clock in all of them.
+wrapper with its delays and bounds), driven by the harness in tests/autoscaler.py. Time is a fake
+clock in all of them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,14 +22,8 @@ from typing import Any
 import pytest
 import ray
 import yaml
-from ray.serve import autoscaling_policy as ray_policy
-from ray.serve._private import autoscaling_state as ray_state
 from ray.serve._private import replica as ray_replica
 from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
-from ray.serve._private.config import DeploymentConfig, ReplicaConfig
-from ray.serve._private.constants import RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR
-from ray.serve._private.deployment_info import DeploymentInfo
-from ray.serve._private.utils import decompress_metric_report
 from ray.serve.config import AutoscalingConfig
 from vllm.v1.metrics.loggers import StatLoggerBase, StatLoggerManager
 from vllm.v1.metrics.stats import IterationStats, SchedulerStats
@@ -38,6 +32,7 @@ from serve.config import ModelSpec
 from serve.engine import direct
 from serve.engine.direct import DirectLLMServer, EngineLoad
 from serve.policies import autoscaling as slo
+from tests.autoscaler import Serve, ServedReplica
 from tests.fakes import FakeTime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -268,56 +263,24 @@ def chart_autoscaling(**change: Any) -> tuple[AutoscalingConfig, int]:
     return config, dep.max_ongoing_requests
 
 
-class Noop:
-    pass
+class ServedEngine(ServedReplica):
+    """One engine replica as Ray runs it (tests/autoscaler.py), over its own stand-in engine."""
 
-
-class Controller:
-    """Serve's controller for one deployment: Ray's DeploymentAutoscalingState, fed the replicas'
-    compressed reports as ServeController.record_autoscaling_metrics_from_replica feeds it."""
-
-    def __init__(self, config: AutoscalingConfig, max_ongoing: int) -> None:
-        self.state = ray_state.DeploymentAutoscalingState(DEP)
-        info = DeploymentInfo(
-            deployment_config=DeploymentConfig(autoscaling_config=config, max_ongoing_requests=max_ongoing),
-            replica_config=ReplicaConfig.create(Noop), start_time_ms=0, deployer_job_id="test")
-        self.target = self.state.register(info, config.min_replicas)
-        self.record_autoscaling_metrics_from_replica = SimpleNamespace(remote=self._receive)
-
-    def _receive(self, compressed: bytes) -> object:
-        self.state.record_request_metrics_for_replica(decompress_metric_report(compressed))
-        return object()  # the push's ObjectRef
-
-
-class ServedReplica:
-    """One engine replica as Ray runs it: the user callable in Ray's wrapper, Ray's metrics manager."""
-
-    def __init__(self, n: int, config: AutoscalingConfig, max_ongoing: int) -> None:
-        self.id = ReplicaID(unique_id=f"r{n}", deployment_id=DEP)
-        self.config, self.max_ongoing = config, max_ongoing
+    def __init__(self, replica_id: ReplicaID, config: AutoscalingConfig, max_ongoing: int) -> None:
         self.engine = FakeAsyncLLM()
-        self.wrapper = ray_replica.UserCallableWrapper(
-            EngineReplica, (self.engine,), {}, deployment_id=DEP, run_sync_methods_in_threadpool=False,
-            run_user_code_in_separate_thread=False, local_testing_mode=True,
-            deployment_config=DeploymentConfig(autoscaling_config=config), actor_id=f"actor-{n}")
-        self.received = 0
-
-    async def start(self) -> None:
-        await self.wrapper.initialize_callable()
-        self.app = self.wrapper._callable.app
-        self.metrics = ray_replica.ReplicaMetricsManager(self.id, asyncio.get_running_loop(), self.config,
-                                                         False, self.max_ongoing)
-        # What Replica.initialize does once the user callable is up (ray/serve/_private/replica.py).
-        has_hook = getattr(self.wrapper, "_user_autoscaling_stats", None) is not None
-        self.metrics.enable_custom_autoscaling_metrics(
-            custom_metrics_enabled=has_hook, record_autoscaling_stats_fn=self.wrapper.call_record_autoscaling_stats)
+        super().__init__(replica_id, EngineReplica, (self.engine,), config, max_ongoing)
 
     async def serve(self, requests: int, request_s: float) -> None:
         """`requests` arrive this second through the port's app, each in the engine for `request_s`."""
         for _ in range(requests):
-            assert await call(self.app, "POST", "/v1/chat/completions") == 200
+            assert await call(self.user.app, "POST", "/v1/chat/completions") == 200
         self.engine.unfinished = ongoing = round(requests * request_s)
         self.engine.step(running=ongoing, waiting=0, kv=ongoing / 256, ttfts=[0.1] * requests)
+
+
+def serve_engines(config: AutoscalingConfig, max_ongoing: int, monkeypatch: pytest.MonkeyPatch) -> Serve:
+    return Serve(monkeypatch, DEP, config, lambda rid: ServedEngine(rid, config, max_ongoing), max_ongoing,
+                 clock_modules=[direct])
 
 
 async def run(config: AutoscalingConfig, max_ongoing: int, load: list[tuple[int, int, float]],
@@ -326,49 +289,19 @@ async def run(config: AutoscalingConfig, max_ongoing: int, load: list[tuple[int,
     replica records and pushes its metrics at Serve's intervals, the controller decides, replicas
     start or stop at once. `load`: [(seconds, requests/s, seconds a request is in the engine)].
     Returns the target at each second."""
-    clock = FakeTime(0.0)
-    for module in (ray_replica, ray_state, ray_policy, direct):
-        monkeypatch.setattr(module, "time", clock)
-    started: list[ReplicaID] = []
-    # The pusher's two periodic tasks are driven below on the fake clock, at the intervals it uses.
-    monkeypatch.setattr(ray_replica.ReplicaMetricsManager, "start_metrics_pusher",
-                        lambda self: started.append(self._replica_id))
-    monkeypatch.setattr(ray_replica, "check_obj_ref_ready_nowait", lambda ref: True)
-    controller = Controller(config, max_ongoing)
-    monkeypatch.setattr(ray, "get_actor", lambda *a, **k: controller)
-    record_every = min(config.look_back_period_s * RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR,
-                       config.metrics_interval_s)
-    replicas: list[ServedReplica] = []
-    made = 0
-    targets: dict[int, int] = {}
+    serve = serve_engines(config, max_ongoing, monkeypatch)
     begin = 0
     for seconds, rate, request_s in load:
         for t in range(begin, begin + seconds):
-            clock.now = float(t)
-            while len(replicas) < controller.target:
-                replica = ServedReplica(made, config, max_ongoing)
-                made += 1
-                await replica.start()
-                replicas.append(replica)
-            while len(replicas) > controller.target:
-                controller.state.on_replica_stopped(replicas.pop().id)
-            controller.state.update_running_replica_ids([r.id for r in replicas])
+            await serve.scale(t)
+            replicas = serve.replicas
             for i, replica in enumerate(replicas):
+                assert isinstance(replica, ServedEngine)
                 await replica.serve(rate // len(replicas) + (i < rate % len(replicas)), request_s)
-                if t % record_every < 1:
-                    await replica.metrics._add_autoscaling_metrics_point_async()
-                if t % config.metrics_interval_s < 1:
-                    replica.metrics._push_autoscaling_metrics()
-            decision = controller.state.get_decision_num_replicas(controller.target)
-            if decision != controller.target:
-                (controller.state.record_scale_up if decision > controller.target
-                 else controller.state.record_scale_down)()
-            controller.target = targets[t] = decision
+            await serve.report_and_decide(t)
         begin += seconds
-    # Every replica's hook was found and Serve's pusher asked for: custom metrics on, on each.
-    assert started == [ReplicaID(unique_id=f"r{n}", deployment_id=DEP) for n in range(made)]
-    assert all(r.metrics._custom_metrics_enabled and r.metrics._checked_custom_metrics for r in replicas)
-    return targets
+    assert serve.custom_metrics_on_everywhere()
+    return serve.targets
 
 
 async def test_load_through_serve_scales_the_chart_deployment_up_and_back_down(monkeypatch):
@@ -397,24 +330,19 @@ async def test_without_a_measured_rate_it_scales_on_the_engines_ongoing_requests
 
 async def test_serve_hands_the_policy_each_replicas_series_of_what_the_hook_returned(monkeypatch):
     config, max_ongoing = chart_autoscaling()
-    clock = FakeTime(0.0)
-    for module in (ray_replica, ray_state, direct):
-        monkeypatch.setattr(module, "time", clock)
-    monkeypatch.setattr(ray_replica.ReplicaMetricsManager, "start_metrics_pusher", lambda self: None)
-    controller = Controller(config, max_ongoing)
-    monkeypatch.setattr(ray, "get_actor", lambda *a, **k: controller)
-    replica = ServedReplica(0, config, max_ongoing)
-    await replica.start()
-    controller.state.update_running_replica_ids([replica.id])
+    serve = serve_engines(config, max_ongoing, monkeypatch)
+    await serve.scale(0)
+    (replica,) = serve.replicas
+    assert isinstance(replica, ServedEngine)
     for t, (requests, waiting) in enumerate([(30, 0), (50, 2), (60, 4)]):
-        clock.now = 6.0 * t
+        serve.clock.now = 6.0 * t
         for _ in range(requests):
-            await call(replica.app, "POST", "/v1/completions")
+            await call(replica.user.app, "POST", "/v1/completions")
         replica.engine.unfinished = 20 + waiting
         replica.engine.step(running=20, waiting=waiting, kv=0.7, ttfts=[0.25])
         await replica.metrics._add_autoscaling_metrics_point_async()
     replica.metrics._push_autoscaling_metrics()
-    ctx = controller.state.get_autoscaling_context(1)
+    ctx = serve.controller.state.get_autoscaling_context(1)
     assert ctx.raw_metrics[slo.REQUESTS][replica.id] == [
         TimeStampedValue(0.0, 30.0), TimeStampedValue(6.0, 80.0), TimeStampedValue(12.0, 140.0)]
     signals = slo.read_signals(ctx)
@@ -425,7 +353,7 @@ async def test_rays_replica_finds_the_hook_by_the_name_it_looks_up_and_keeps_its
     config, max_ongoing = chart_autoscaling()
     monkeypatch.setattr(ray, "get_actor", lambda *a, **k: None)
     monkeypatch.setattr(ray_replica.ReplicaMetricsManager, "start_metrics_pusher", lambda self: None)
-    replica = ServedReplica(0, config, max_ongoing)
+    replica = ServedEngine(ReplicaID(unique_id="r0", deployment_id=DEP), config, max_ongoing)
     await replica.start()
     # UserCallableWrapper.initialize_callable: getattr(callable, "record_autoscaling_stats", None).
     assert replica.wrapper._user_autoscaling_stats.__func__ is DirectLLMServer.record_autoscaling_stats

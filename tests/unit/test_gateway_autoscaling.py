@@ -1,7 +1,8 @@
 """Gateway autoscaling: what build() hands Serve, what a gateway replica reports through its
 `record_autoscaling_stats` (serve/gateway/deployment.py; counted by the front app, ByPort, in
 serve/gateway/server.py), and the engines' policy scaling gateways on those two numbers alone,
-through Ray Serve 2.60's own replica and controller code on a fake clock. And SO_REUSEPORT.
+through Ray Serve 2.60's own replica and controller code on a fake clock (tests/autoscaler.py). And
+SO_REUSEPORT.
 
 No Ray cluster: the gateway replica is GatewayServer with its __init__ (registry, uvicorn) replaced
 by the front app the hook reads, built by the real build_gateway over a fake engine.
@@ -12,18 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import ray
-from ray.serve import autoscaling_policy as ray_policy
-from ray.serve._private import autoscaling_state as ray_state
-from ray.serve._private import replica as ray_replica
 from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
-from ray.serve._private.config import DeploymentConfig, ReplicaConfig
-from ray.serve._private.constants import RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR
-from ray.serve._private.deployment_info import DeploymentInfo
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from serve.asgi import bind_socket
@@ -32,7 +25,8 @@ from serve.gateway.backends import Backends
 from serve.gateway.deployment import GatewayServer, build
 from serve.gateway.server import ByPort, build_gateway, listen
 from serve.policies import autoscaling as slo
-from tests.fakes import FakeTime, FakeUpstream
+from tests.autoscaler import Serve, ServedReplica
+from tests.fakes import FakeUpstream
 
 CONFIG = {"models": [{"name": "m", "source": "builtin://tiny?seed=1", "accelerator": "cpu"}],
           "ray": {"address": "auto"}}
@@ -216,89 +210,32 @@ def test_the_policy_reads_a_gateways_report_with_the_engine_signals_absent():
     assert slo.SLOPolicy(replica_start_s=60)(ctx)[0] == 2  # 300 open / 256 a replica
 
 
-class Noop:
-    pass
-
-
-class Controller:
-    """Serve's controller for the gateway deployment: Ray's DeploymentAutoscalingState, fed the
-    replicas' compressed reports as ServeController.record_autoscaling_metrics_from_replica feeds it."""
-
-    def __init__(self, config: AutoscalingConfig) -> None:
-        from ray.serve._private.utils import decompress_metric_report
-
-        self.state = ray_state.DeploymentAutoscalingState(DEP)
-        info = DeploymentInfo(deployment_config=DeploymentConfig(autoscaling_config=config),
-                              replica_config=ReplicaConfig.create(Noop), start_time_ms=0, deployer_job_id="test")
-        self.target = self.state.register(info, config.min_replicas)
-        self.record_autoscaling_metrics_from_replica = SimpleNamespace(
-            remote=lambda compressed: self.state.record_request_metrics_for_replica(
-                decompress_metric_report(compressed)) or object())
-
-
-class ServedGateway:
-    """One gateway replica as Ray runs it: the user callable in Ray's wrapper, Ray's metrics manager."""
-
-    def __init__(self, n: int, config: AutoscalingConfig, upstream: FakeUpstream) -> None:
-        self.id = ReplicaID(unique_id=f"g{n}", deployment_id=DEP)
-        self.config = config
-        self.front = front_app(upstream)
-        self.wrapper = ray_replica.UserCallableWrapper(
-            GatewayReplica, (self.front,), {}, deployment_id=DEP, run_sync_methods_in_threadpool=False,
-            run_user_code_in_separate_thread=False, local_testing_mode=True,
-            deployment_config=DeploymentConfig(autoscaling_config=config), actor_id=f"actor-{n}")
-
-    async def start(self) -> None:
-        await self.wrapper.initialize_callable()
-        self.metrics = ray_replica.ReplicaMetricsManager(self.id, asyncio.get_running_loop(), self.config, False, 5)
-        # What Replica.initialize does once the user callable is up (ray/serve/_private/replica.py).
-        assert self.wrapper._user_autoscaling_stats.__func__ is GatewayServer.record_autoscaling_stats
-        self.metrics.enable_custom_autoscaling_metrics(
-            custom_metrics_enabled=True, record_autoscaling_stats_fn=self.wrapper.call_record_autoscaling_stats)
-
-
 async def test_through_serve_one_gateway_over_target_gets_a_second_and_back_after_the_delays(monkeypatch):
     config = gateway_deployment({"autoscaling": {"min_replicas": 1, "max_replicas": 3}})._deployment_config
     scaling = config.autoscaling_config
-    clock = FakeTime()
-    for module in (ray_replica, ray_state, ray_policy):
-        monkeypatch.setattr(module, "time", clock)
-    monkeypatch.setattr(ray_replica.ReplicaMetricsManager, "start_metrics_pusher", lambda self: None)
-    monkeypatch.setattr(ray_replica, "check_obj_ref_ready_nowait", lambda ref: True)
-    controller = Controller(scaling)
-    monkeypatch.setattr(ray, "get_actor", lambda *a, **k: controller)
-    record_every = min(scaling.look_back_period_s * RAY_SERVE_AUTOSCALING_METRIC_RECORD_INTERVAL_FACTOR,
-                       scaling.metrics_interval_s)
     upstream = GatedUpstream()
-    replicas: list[ServedGateway] = []
+    # One gateway replica as Ray runs it (tests/autoscaler.py), each with its own front app.
+    max_ongoing = config.max_ongoing_requests
+    serve = Serve(monkeypatch, DEP, scaling,
+                  lambda rid: ServedReplica(rid, GatewayReplica, (front_app(upstream),), scaling, max_ongoing),
+                  max_ongoing)
     streams: list[Client] = []
-    targets: dict[int, int] = {}
     for t in range(130):
-        clock.now = float(t)
-        while len(replicas) < controller.target:
-            replicas.append(ServedGateway(len(replicas), scaling, upstream))
-            await replicas[-1].start()
-        while len(replicas) > controller.target:
-            controller.state.on_replica_stopped(replicas.pop().id)
-        controller.state.update_running_replica_ids([r.id for r in replicas])
+        await serve.scale(t)
+        # What Replica.initialize found: the gateway's own hook, on every replica.
+        assert all(r.wrapper._user_autoscaling_stats.__func__ is GatewayServer.record_autoscaling_stats
+                   for r in serve.replicas)
         if t == 0:  # 300 streams open on the one gateway (target: 256 a replica) ...
-            streams = [Client(replicas[0].front, "POST", "/v1/chat/completions", STREAM) for _ in range(300)]
+            front = serve.replicas[0].user._front
+            streams = [Client(front, "POST", "/v1/chat/completions", STREAM) for _ in range(300)]
             await asyncio.wait_for(asyncio.gather(*(s.first_chunk.wait() for s in streams)), 10)
             assert all(s.chunks[0].startswith(b"data: {") and not s.task.done() for s in streams)
         if t == 60:  # ... until their engine finishes them all
             upstream.gate.set()
             await asyncio.wait_for(asyncio.gather(*(s.task for s in streams)), 10)
-        for r in replicas:
-            if t % record_every < 1:
-                await r.metrics._add_autoscaling_metrics_point_async()
-            if t % scaling.metrics_interval_s < 1:
-                r.metrics._push_autoscaling_metrics()
-        decision = controller.state.get_decision_num_replicas(controller.target)
-        if decision != controller.target:
-            (controller.state.record_scale_up if decision > controller.target
-             else controller.state.record_scale_down)()
-        controller.target = targets[t] = decision
-    assert all(r.metrics._custom_metrics_enabled and r.metrics._checked_custom_metrics for r in replicas)
+        await serve.report_and_decide(t)
+    targets = serve.targets
+    assert serve.custom_metrics_on_everywhere()
     up = min(t for t, n in targets.items() if n == 2)
     assert up <= scaling.metrics_interval_s  # the first push: no upscale delay
     assert max(targets.values()) == 2  # 300 open need 2, not max_replicas
