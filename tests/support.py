@@ -1,5 +1,6 @@
 """Real services the tests start, shared by unit and integration tests: a Redis server, a
-PostgreSQL server, and a gateway app served by uvicorn on a thread."""
+PostgreSQL server, and a gateway app served by uvicorn on a thread; and the helpers that read what
+the gateway exposes (its Prometheus metrics, exactly)."""
 
 from __future__ import annotations
 
@@ -202,3 +203,42 @@ def serving(app: Any, config: Any) -> Iterator[Any]:
 
     with serving_on_thread(app, config) as server:
         yield server
+
+
+# ---- what integration tests send and read: a chat message, the gateway's metrics -------------------
+def msgs(text: str) -> list[dict[str, str]]:
+    """One user message, as the OpenAI SDK takes it."""
+    return [{"role": "user", "content": text}]
+
+
+# The sample names each metric type exposes, after its family's name.
+_SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_count", "_sum", "_bucket", "_created"),
+             "summary": ("", "_count", "_sum", "_created")}
+
+
+def samples(metrics: str, name: str, **labels: Any) -> list[float]:
+    """Values of the samples called exactly `name` whose labels include `labels` (exact values).
+
+    Parsed with prometheus_client's own parser, so a gauge without labels (`name 0.0`) is read too
+    and `model="x"` does not match `from_model="x"`. A name no family declares is a typo in the test,
+    not a zero: it raises."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = list(text_string_to_metric_families(metrics))
+    if not any(name == f.name + s for f in families for s in _SUFFIXES.get(f.type, ("",))):
+        raise AssertionError(f"no metric family declares {name}")
+    want = {k: str(v) for k, v in labels.items()}
+    return [s.value for f in families for s in f.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in want.items())]
+
+
+def counter(metrics: str, name: str, **labels: Any) -> float:
+    """Sum over the matching series; a labelled series nobody has incremented yet is absent: 0."""
+    return sum(samples(metrics, name, **labels))
+
+
+def gauge(metrics: str, name: str, **labels: Any) -> float:
+    """The value of exactly one series; absent or ambiguous is an error, never a silent 0."""
+    found = samples(metrics, name, **labels)
+    assert len(found) == 1, f"{name}{labels}: {len(found)} matching samples"
+    return found[0]

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from tests.integration.test_policies import msgs
+from tests.support import msgs
 
 pytestmark = pytest.mark.integration
 

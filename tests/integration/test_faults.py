@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from tests.integration.test_policies import counter, gauge, msgs
+from tests.support import counter, gauge, msgs
 
 pytestmark = [pytest.mark.integration, pytest.mark.destructive]
 

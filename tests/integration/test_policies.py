@@ -8,45 +8,9 @@ import uuid
 import pytest
 
 from tests.integration.conftest import PRICE_A, PRICE_B
+from tests.support import counter, msgs
 
 pytestmark = pytest.mark.integration
-
-
-def msgs(text):
-    return [{"role": "user", "content": text}]
-
-
-# The sample names each metric type exposes, after its family's name.
-_SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_count", "_sum", "_bucket", "_created"),
-             "summary": ("", "_count", "_sum", "_created")}
-
-
-def samples(metrics: str, name: str, **labels) -> list[float]:
-    """Values of the samples called exactly `name` whose labels include `labels` (exact values).
-
-    Parsed with prometheus_client's own parser, so a gauge without labels (`name 0.0`) is read too
-    and `model="x"` does not match `from_model="x"`. A name no family declares is a typo in the test,
-    not a zero: it raises."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    families = list(text_string_to_metric_families(metrics))
-    if not any(name == f.name + s for f in families for s in _SUFFIXES.get(f.type, ("",))):
-        raise AssertionError(f"no metric family declares {name}")
-    want = {k: str(v) for k, v in labels.items()}
-    return [s.value for f in families for s in f.samples
-            if s.name == name and all(s.labels.get(k) == v for k, v in want.items())]
-
-
-def counter(metrics: str, name: str, **labels) -> float:
-    """Sum over the matching series; a labelled series nobody has incremented yet is absent: 0."""
-    return sum(samples(metrics, name, **labels))
-
-
-def gauge(metrics: str, name: str, **labels) -> float:
-    """The value of exactly one series; absent or ambiguous is an error, never a silent 0."""
-    found = samples(metrics, name, **labels)
-    assert len(found) == 1, f"{name}{labels}: {len(found)} matching samples"
-    return found[0]
 
 
 def test_routes_and_adapters_are_listed(stack):

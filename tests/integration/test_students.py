@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import make_lora_adapter
-from tests.integration.test_policies import counter, msgs
+from tests.support import counter, msgs
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "serve.cli"]

@@ -1,4 +1,4 @@
-"""The integration suite's metric readers (tests/integration/test_policies.py) against text the
+"""The integration suite's metric readers (tests/support.py) against text the
 gateway really renders: they read gauges without labels, match labels exactly, and refuse a name
 no metric declares, so an assertion on a metric can fail."""
 
@@ -15,7 +15,7 @@ from serve.gateway.app import create_app, create_metrics_app
 from serve.gateway.backends import Backends
 from serve.gateway.metrics import Metrics
 from tests.fakes import FakeUpstream
-from tests.integration.test_policies import counter, gauge
+from tests.support import counter, gauge
 
 CONFIG = Config.model_validate({"auth": {"enabled": False}, "models": [{"name": "a", "source": "x"}]})
 
