@@ -36,6 +36,7 @@ from serve.gateway.metrics import Metrics
 from serve.gateway.ratelimit import RateLimiter
 from serve.gateway.service import Gateway
 from serve.gateway.upstream import Upstream
+from serve.gateway.version import version
 
 logger = logging.getLogger("llmserve.gateway")
 
@@ -164,6 +165,9 @@ class Edge:
         await self.gw.delete_response(self.key(request), rid)
         return JSONResponse({"id": rid, "object": "response", "deleted": True})
 
+    async def cancel_response(self, request: Request) -> Response:
+        return JSONResponse(await self.gw.cancel_response(self.key(request), request.path_params["response_id"]))
+
     async def load_adapter(self, request: Request) -> Response:
         return await load_adapter(self.gw, request)
 
@@ -226,7 +230,9 @@ def app_for(gw: Gateway, *, batch_store: BatchStore | None = None, lifespan: Any
         *(Route(path, edge.post, methods=["POST"]) for path in gw.endpoints),
         Route("/v1/responses/{response_id}", edge.get_response, methods=["GET"]),
         Route("/v1/responses/{response_id}", edge.delete_response, methods=["DELETE"]),
+        Route("/v1/responses/{response_id}/cancel", edge.cancel_response, methods=["POST"]),
         Route("/health", edge.health, methods=["GET"]),
+        Route("/version", version, methods=["GET"]),  # vLLM's; serve/gateway/version.py
         # Ray Serve proxies answer this; KubeRay and load balancers probe it.
         Route("/-/healthz", edge.health, methods=["GET"]),
         Route("/v1/llmserve/adapters", edge.load_adapter, methods=["POST"]),

@@ -12,6 +12,7 @@ the whole conversation. Another key's response id is a 404, exactly like an unkn
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from serve.gateway.errors import APIError
@@ -60,8 +61,12 @@ def expand(payload: dict[str, Any], record: dict[str, Any] | None) -> tuple[dict
     return sent, items
 
 
+Record = dict[str, Any]  # {owner, response, items[, request]}
+
+
 class ResponseStore:
-    """Stored responses: {owner, response, items} per id, in Redis (or in this process without one)."""
+    """Stored responses: {owner, response, items} per id, in Redis (or in this process without one).
+    A background response's record also holds the request it runs (`request`)."""
 
     def __init__(self, redis_url: str | None, ttl_s: float, timeout_s: float = 2.0) -> None:
         self.ttl_s = ttl_s
@@ -72,22 +77,66 @@ class ResponseStore:
 
             self._r = aioredis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
-    async def put(self, rid: str, owner: str, response: dict[str, Any], items: list[Any]) -> None:
-        raw = json.dumps({"owner": owner, "response": response, "items": items}, separators=(",", ":"))
+    @property
+    def redis(self) -> Any:
+        """The Redis client every gateway shares, or None (state in this process only)."""
+        return self._r
+
+    async def put(self, rid: str, owner: str, response: dict[str, Any], items: list[Any],
+                  request: dict[str, Any] | None = None) -> None:
+        record: Record = {"owner": owner, "response": response, "items": items}
+        if request is not None:
+            record["request"] = request
+        await self._write(rid, record)
+
+    async def _write(self, rid: str, record: Record, keep_ttl: bool = False) -> None:
+        raw = json.dumps(record, separators=(",", ":"))
         if self._r is None:
             self._local[rid] = raw
-            return
-        await self._r.set(PREFIX + rid, raw, ex=max(1, int(self.ttl_s)))
+        elif keep_ttl:
+            await self._r.set(PREFIX + rid, raw, keepttl=True)
+        else:
+            await self._r.set(PREFIX + rid, raw, ex=max(1, int(self.ttl_s)))
 
-    async def get(self, rid: str, owner: str) -> dict[str, Any]:
-        """The record of `rid` if `owner` created it; a 404 otherwise (unknown and foreign alike)."""
+    async def record(self, rid: str) -> Record | None:
+        """Any owner's record (for the background runner, which runs it as its owner)."""
         raw = self._local.get(rid) if self._r is None else await self._r.get(PREFIX + rid)
-        if raw is None:
-            raise not_found(rid)
-        record: dict[str, Any] = json.loads(raw)
-        if record.get("owner") != owner:
+        return None if raw is None else dict(json.loads(raw))
+
+    async def get(self, rid: str, owner: str) -> Record:
+        """The record of `rid` if `owner` created it; a 404 otherwise (unknown and foreign alike)."""
+        record = await self.record(rid)
+        if record is None or record.get("owner") != owner:
             raise not_found(rid)
         return record
+
+    async def update(self, rid: str, change: Callable[[Record], Record | None]) -> Record | None:
+        """Read, change and write one record atomically (a cancel and the runner's result race);
+        `change` returning None leaves it as it is. Returns what was written, or None."""
+        if self._r is None:
+            current = await self.record(rid)
+            new = change(current) if current is not None else None
+            if new is not None:
+                await self._write(rid, new, keep_ttl=True)
+            return new
+        from redis.exceptions import WatchError
+
+        key = PREFIX + rid
+        async with self._r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    new = change(json.loads(raw)) if raw is not None else None
+                    if new is None:
+                        await pipe.unwatch()
+                        return None
+                    pipe.multi()
+                    pipe.set(key, json.dumps(new, separators=(",", ":")), keepttl=True)
+                    await pipe.execute()
+                    return new
+                except WatchError:
+                    continue  # changed between read and write: read again
 
     async def delete(self, rid: str, owner: str) -> None:
         await self.get(rid, owner)

@@ -24,6 +24,7 @@ from serve.gateway.admission import ANONYMOUS, Admission
 from serve.gateway.answer import Answer
 from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends
+from serve.gateway.background import BackgroundQueue, BackgroundRunner
 from serve.gateway.catalog import Catalog
 from serve.gateway.context import RequestContext
 from serve.gateway.dialects.base import Dialect
@@ -60,29 +61,60 @@ class Gateway:
         self.dispatch = Dispatcher(config, self.catalog, backends, upstream, self.metrics)
         self.runner = RouteRunner(self.dispatch, self.metrics, cache)
         self.response_store = ResponseStore(config.cache.redis_url, config.gateway.responses_ttl_s)
-        self.endpoints: dict[str, Dialect] = endpoint_table(self.response_store)
+        self.background = BackgroundQueue(self.response_store)
+        self.endpoints: dict[str, Dialect] = endpoint_table(self.response_store, self.background)
 
     async def handle(self, key: ApiKey | None, path: str, payload: dict[str, Any],
-                     raw: bytes | None = None) -> Answer:
+                     raw: bytes | None = None, prepaid: bool = False) -> Answer:
         """Admit a request with the caller's key, then run its route. Every entry calls this: an
-        HTTP request, a batch line (with its owner's key), a replay. Errors come back as answers."""
+        HTTP request, a batch line or a background response (with its owner's key), a replay.
+        Errors come back as answers."""
         dialect = self.endpoints.get(path)
         try:
             if dialect is None:
                 raise APIError(404, f"Unknown route POST {path}.", code="unknown_route")
             body_bytes = len(raw) if raw is not None else len(json.dumps(payload))
-            ticket = await self.admission.admit(key, dialect, payload, body_bytes)
+            ticket = await self.admission.admit(key, dialect, payload, body_bytes, prepaid)
+            later = await dialect.deferred(payload, ticket.key_name)
+            if later is not None:
+                later.headers.update(ticket.headers)
+                return later
             sent, conversation = await dialect.before(payload, ticket.key_name)
         except APIError as e:
             self.metrics.requests.labels("-", "-", str(e.status)).inc()
             return Answer.error(e)
         ctx = RequestContext(route=ticket.route, dialect=dialect, payload=sent, view=ticket.view,
-                             key=ticket.key_name, raw=raw if sent is payload else None,
+                             key=ticket.key_name, raw=raw if sent is payload and not ticket.rewritten else None,
                              affinity=prefix_key(sent), conversation=conversation)
         answer = await self.runner.run(ctx)
         answer = await dialect.after(conversation, ticket.key_name, answer)
         answer.headers.update(ticket.headers)
         return answer
+
+    async def call_as(self, owner: str, path: str, body: dict[str, Any],
+                      prepaid: bool = False) -> tuple[int, dict[str, Any]]:
+        """A request run as its owner's, without HTTP (a batch line, a background response): the
+        same admission (model access, validation, limits), routes, cache, cascade, fallback and
+        cost, billed to the owner. A key removed since stops its work."""
+        key = None
+        if self.keys.enabled:
+            key = self.keys.by_name(owner)
+            if key is None:
+                e = APIError(401, f"The API key `{owner}` that owns this request no longer exists.",
+                             code="invalid_api_key")
+                return e.status, e.body()
+        answer = await self.handle(key, path, {**body, "stream": False}, prepaid=prepaid)
+        assert answer.body is not None, "a request run without HTTP is never streamed"
+        if answer.status == 429 and "Retry-After" in answer.headers:
+            # A batch runner waits this long for the owner's budget instead of polling.
+            return 429, {**answer.body, "retry_after_s": float(answer.headers["Retry-After"])}
+        return answer.status, answer.body
+
+    def background_runner(self, concurrency: int) -> BackgroundRunner:
+        return BackgroundRunner(self.background, self.call_as, concurrency=concurrency)
+
+    async def cancel_response(self, key: ApiKey | None, rid: str) -> dict[str, Any]:
+        return await self.background.cancel(rid, self.owner(key))
 
     @staticmethod
     def owner(key: ApiKey | None) -> str:

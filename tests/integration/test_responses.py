@@ -108,3 +108,32 @@ def test_tokenize_and_detokenize_through_the_gateway(stack):
     assert tokens["count"] == len(tokens["tokens"]) > 0
     text = httpx.post(f"{base}/detokenize", json={"model": "tiny-a", "tokens": tokens["tokens"]}, headers=auth)
     assert text.json()["prompt"].strip() == "hello world"
+
+
+def test_background_response_polled_cancelled_continued_and_owner_only(stack):
+    """`background: true` through the SDK: queued at once, run by the batch worker (state in Redis),
+    polled to completion, continued by a follow-up turn, cancelled, and invisible to another key."""
+    client, other = stack.client(), stack.client(api_key="other")
+    bg = client.responses.create(model="tiny-b", input="Say hi", max_output_tokens=8, temperature=0, background=True)
+    assert bg.status == "queued" and bg.background is True
+    deadline = time.time() + 60
+    while (got := client.responses.retrieve(bg.id)).status in ("queued", "in_progress") and time.time() < deadline:
+        time.sleep(0.1)
+    assert got.status == "completed" and got.id == bg.id and got.output_text, got
+    assert got.usage.output_tokens > 0 and got.usage.model_extra["cost_usd"] > 0
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(bg.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.cancel(bg.id)
+    follow = client.responses.create(model="tiny-b", input="And again?", previous_response_id=bg.id,
+                                     max_output_tokens=4, temperature=0)
+    alone = client.responses.create(model="tiny-b", input="And again?", max_output_tokens=4, temperature=0,
+                                    store=False)
+    assert follow.usage.input_tokens > alone.usage.input_tokens  # the background turn was in its input
+
+    long = client.responses.create(model="tiny-b", input="Count slowly", max_output_tokens=400, background=True)
+    assert client.responses.cancel(long.id).status == "cancelled"
+    time.sleep(2.0)  # the runner would have finished by now had it not stopped
+    assert client.responses.retrieve(long.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(follow.id)  # a synchronous response cannot be cancelled

@@ -84,6 +84,11 @@ class Dialect:
         return View()
 
     # ---- state a request continues from (Responses' previous_response_id) -----------------------
+    async def deferred(self, payload: dict[str, Any], key: str) -> Answer | None:
+        """An answer now, with the request queued to run later (Responses' `background`), or None
+        to run it now. Raises APIError."""
+        return None
+
     async def before(self, payload: dict[str, Any], key: str) -> tuple[dict[str, Any], Conversation | None]:
         """(the request the route runs on, the stored state it continues). Raises APIError."""
         return payload, None

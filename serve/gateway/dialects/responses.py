@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from serve.gateway.answer import Answer
+from serve.gateway.background import BackgroundQueue
 from serve.gateway.dialects.base import Charge, Conversation, Dialect, Keep, View, with_cost
 from serve.gateway.dialects.responses_events import ResponsesAssembler, replay
 from serve.gateway.errors import APIError, bad_request
@@ -32,8 +33,14 @@ def check_supported(payload: dict[str, Any]) -> None:
     """What this gateway does not do gets a clear 400, not a silent difference."""
     _num(payload, "temperature", 0, 2)
     _num(payload, "top_p", 0, 1)
-    if payload.get("background"):
-        raise bad_request("`background` responses are not supported by this gateway.", param="background")
+    bg = payload.get("background")
+    if bg is not None and not isinstance(bg, bool):
+        raise bad_request("`background` must be a boolean.", param="background")
+    if bg and payload.get("store") is False:
+        raise bad_request("background can only be used when `store` is true", param="background")
+    if bg and payload.get("stream"):
+        raise bad_request("A background response is polled (GET /v1/responses/{id}), not streamed; "
+                          "send `stream: false`.", param="stream")
     for name in ("conversation", "prompt"):
         if payload.get(name) is not None:
             raise bad_request(f"`{name}` is not supported by this gateway; send the input (and "
@@ -156,8 +163,9 @@ class Responses(Dialect):
     task = "generate"
     cascades = True
 
-    def __init__(self, store: ResponseStore) -> None:
+    def __init__(self, store: ResponseStore, background: BackgroundQueue) -> None:
         self.store = store
+        self.background = background
 
     def validate(self, payload: dict[str, Any], max_messages: int) -> None:
         check_supported(payload)
@@ -168,6 +176,29 @@ class Responses(Dialect):
         return View(stream=bool(payload.get("stream")), include_usage=True,
                     max_output_tokens=limit if isinstance(limit, int) else None,
                     max_tokens_field="max_output_tokens")
+
+    async def deferred(self, payload: dict[str, Any], key: str) -> Answer | None:
+        """`background: true`: a queued response now; a runner answers it later
+        (serve/gateway/background.py). The id is the gateway's, never the client's."""
+        if not payload.get("background"):
+            return None
+        rid = fresh_id()
+        shell = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "queued",
+                 "background": True, "model": payload.get("model"), "output": [], "usage": None, "error": None,
+                 "incomplete_details": None, "store": True, "instructions": payload.get("instructions"),
+                 "max_output_tokens": payload.get("max_output_tokens"), "metadata": payload.get("metadata"),
+                 "previous_response_id": payload.get("previous_response_id"), "temperature": payload.get("temperature"),
+                 "top_p": payload.get("top_p"), "tools": payload.get("tools") or [],
+                 "tool_choice": payload.get("tool_choice", "auto"), "parallel_tool_calls": True,
+                 "text": payload.get("text") or {"format": {"type": "text"}}}
+        request = {k: v for k, v in payload.items() if k != "request_id"}
+        try:
+            await self.background.submit(rid, key, request, shell)
+        except Exception as e:  # Redis unreachable: nothing was queued
+            logger.warning("background queue unreachable: %s", e)
+            raise APIError(503, "The response store is unavailable; retry shortly.",
+                           code="store_unavailable", headers={"Retry-After": "5"}) from e
+        return Answer(200, shell)
 
     async def before(self, payload: dict[str, Any], key: str) -> tuple[dict[str, Any], Conversation | None]:
         """Expand `previous_response_id` from the store (the owner's only) into the whole
@@ -182,6 +213,9 @@ class Responses(Dialect):
             raise APIError(503, "The response store is unavailable; retry shortly.",
                            code="store_unavailable", headers={"Retry-After": "5"}) from e
         sent, items = expand(payload, record)
+        # vLLM names a response after the client's request_id: the gateway's stored ids must be
+        # the engine's random ones, never a name a client chose (another key's id, say).
+        sent.pop("request_id", None)
         return sent, Conversation(prev, items, payload.get("store", True) is not False)
 
     async def after(self, conversation: Conversation | None, key: str, answer: Answer) -> Answer:

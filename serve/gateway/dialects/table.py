@@ -3,6 +3,7 @@ The HTTP edge mounts a POST route for each path; the service looks a request's d
 
 from __future__ import annotations
 
+from serve.gateway.background import BackgroundQueue
 from serve.gateway.dialects.base import Dialect
 from serve.gateway.dialects.chat import ChatCompletions
 from serve.gateway.dialects.completions import Completions
@@ -12,7 +13,7 @@ from serve.gateway.dialects.tokenize import Tokenizer
 from serve.gateway.response_store import ResponseStore
 
 
-def endpoint_table(responses: ResponseStore) -> dict[str, Dialect]:
-    dialects: list[Dialect] = [ChatCompletions(), Completions(), Embeddings(), Responses(responses),
+def endpoint_table(responses: ResponseStore, background: BackgroundQueue) -> dict[str, Dialect]:
+    dialects: list[Dialect] = [ChatCompletions(), Completions(), Embeddings(), Responses(responses, background),
                                Tokenizer("/tokenize"), Tokenizer("/detokenize")]
     return {d.path: d for d in dialects}
