@@ -75,6 +75,7 @@ class Dialect:
     routed: bool = True  # False: sent to the route's first model as is (no cache, cascade, cost)
     cascades: bool = False  # a cascade may answer it with the student
     shadowable: bool = False  # a route's shadow model may be asked the same (agreement is measured)
+    deterministic: bool = False  # no sampling: every request may be cached (embeddings, scores)
 
     # ---- admission -------------------------------------------------------------------------------
     def validate(self, payload: dict[str, Any], max_messages: int) -> None:

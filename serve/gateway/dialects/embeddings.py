@@ -13,6 +13,7 @@ from serve.gateway.validate import validate
 class Embeddings(Dialect):
     path = "/v1/embeddings"
     task = "embed"
+    deterministic = True  # an embedding does not sample: the same input always gives the same vector
 
     def validate(self, payload: dict[str, Any], max_messages: int) -> None:
         validate(self.path, payload, max_messages)

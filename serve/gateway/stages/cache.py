@@ -24,7 +24,7 @@ class CacheStage:
         spec = ctx.route.cache
         if spec is None or not spec.enabled or ctx.view.n != 1:
             return None
-        if not is_deterministic(ctx.payload, spec.cacheable, path=ctx.path):  # embeddings always are
+        if not (ctx.dialect.deterministic or is_deterministic(ctx.payload, spec.cacheable)):
             return None
         norm = Normalization(whitespace=spec.normalize_whitespace, case=spec.normalize_case)
         return cache_key(ctx.route.name, ctx.path, ctx.payload, norm)
