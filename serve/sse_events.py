@@ -30,13 +30,11 @@ DONE = b"data: [DONE]\n\n"  # the OpenAI stream's last event, as vLLM writes it
 
 # An object-valued `usage` (vLLM sends `"usage":null` in chunks that carry none).
 _USAGE = re.compile(rb'"usage":\s*\{')
-# A blank line: two line endings in a row, each `\n` or `\r\n`.
-_BLANK = re.compile(rb"\r?\n\r?\n")
 # Bytes to keep rescanning at the end of a buffer with no blank line yet (`\r\n\r` of `\r\n\r\n`).
 _TAIL = 3
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs 3x to build, once per event
 class Event:
     """One dispatched event: `data` is the `data:` lines joined by `\\n` (no trailing newline),
     `event` the `event:` field or None, `raw` the event's bytes as received, blank line included."""
@@ -65,6 +63,23 @@ class Event:
         if not isinstance(obj, dict):
             raise ValueError(f"SSE data is not a JSON object: {self.data[:80]!r}")
         return obj
+
+
+def _blank(buf: bytes, pos: int) -> tuple[int, int] | None:
+    """The first blank line (two line endings in a row, each `\\n` or `\\r\\n`) at or after `pos`:
+    (where the block before it ends, where the next one starts); a `\\r` left at the block's end is
+    a line ending that `parse_block` drops. A loop over `find`, not a regex: `\\r?\\n\\r?\\n` has no
+    literal prefix to search for, and was 5x slower per event."""
+    find = buf.find
+    i = find(b"\n", pos)
+    while i != -1:
+        j = i + 1
+        if buf[j:j + 1] == b"\r":
+            j += 1
+        if buf[j:j + 1] == b"\n":
+            return i, j + 1
+        i = find(b"\n", i + 1)
+    return None
 
 
 def parse_block(block: bytes, raw: bytes = b"") -> Event | None:
@@ -111,18 +126,29 @@ class EventParser:
     def feed(self, chunk: bytes | str) -> list[Event]:
         if isinstance(chunk, str):
             chunk = chunk.encode()
+        if not self._buf and chunk.startswith(b"data: ") and chunk.find(b"\n") == len(chunk) - 2 \
+                and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+            return [Event(chunk[6:-2], None, chunk)]  # the common read: one whole one-line event
         buf = self._buf + chunk if self._buf else chunk
         out: list[Event] = []
-        start = 0
-        search = _BLANK.search
-        while (m := search(buf, max(start, self._scan))) is not None:
-            block, end = buf[start:m.start()], m.end()
-            ev = parse_block(block, buf[start:end])
+        start, pos = 0, self._scan
+        lf_only = b"\r" not in buf  # then a blank line is two LFs, found by one C search
+        while True:
+            if lf_only:
+                stop = buf.find(b"\n\n", pos)
+                if stop == -1:
+                    break
+                end = stop + 2
+            elif (m := _blank(buf, pos)) is not None:
+                stop, end = m
+            else:
+                break
+            ev = parse_block(buf[start:stop], buf[start:end])
             if ev is not None:
                 out.append(ev)
             elif self.keep_empty:
                 out.append(Event(b"", None, buf[start:end]))
-            start = end
+            start = pos = end
         self._buf = buf[start:]
         self._scan = max(0, len(self._buf) - _TAIL)
         return out
