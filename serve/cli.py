@@ -76,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serve.gateway.server import build_gateway, listen, ray_snapshot_source, run_event_loop, uvicorn_config
-    from serve.stack import start_stack, stop_stack
+    from serve.launch.local import start_stack, stop_stack
 
     phases = Phases()
     config = load_config(args.config)

@@ -246,7 +246,7 @@ def _load_adapter(url: str, key: str, name: str, path: str, base: str) -> dict[s
 
 def run_loop(demo: Demo) -> int:
     from serve.engine.cluster import wait_for_engines
-    from serve.stack import start_stack, stop_stack
+    from serve.launch.local import start_stack, stop_stack
 
     a = demo.args
     out = demo.out

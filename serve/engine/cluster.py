@@ -1,7 +1,7 @@
 """Start (or join) Ray, deploy one Serve application per configured model, and tear them down.
 
 The driver (`llmserve run`, which also runs the gateway) never imports vLLM or torch: each model
-is deployed by import path (`serve.engine.app:build`) through Serve's declarative config, the way
+is deployed by import path (`serve.launch.engine_replica:build`) through Serve's declarative config, the way
 KubeRay deploys the chart's serveConfigV2, so only Serve's build task (one short-lived worker per
 application, max_calls=1) and the replicas import them. Building the apps here instead cost the
 gateway process ~20 s of CPU and ~500 MB of RSS it never used (issue 17).
@@ -23,9 +23,12 @@ from typing import Any
 from serve.config import Config
 from serve.contract.registry import get_registry
 from serve.contract.secret import ensure_engine_secret
-from serve.engine.app import IMPORT_PATH as ENGINE_APP
 
 logger = logging.getLogger("llmserve.cluster")
+
+# The engine replica's builder (serve/launch/engine_replica.py IMPORT_PATH), by name: Serve's build
+# task imports it, the driver never does (tests/unit/test_launch.py checks the two agree).
+ENGINE_APP = "serve.launch.engine_replica:build"
 
 
 def connect_ray(config: Config) -> None:
@@ -129,7 +132,7 @@ def _serve_apps() -> dict[str, Any]:
 
 def failed_engines(models: list[str], apps: dict[str, Any] | None = None) -> dict[str, str]:
     """Models whose Serve application gave up starting, with Serve's message: the build task's
-    traceback (serve.engine.app:build raised: a bad model spec, a tiny model that cannot be
+    traceback (serve.launch.engine_replica:build raised: a bad model spec, a tiny model that cannot be
     built), or a replica that kept crashing (Serve retries it a few times first)."""
     apps = _serve_apps() if apps is None else apps
     return {m: apps[m].message for m in models if m in apps and apps[m].status == "DEPLOY_FAILED"}

@@ -138,7 +138,7 @@ class ByPort:
 
     Counts the public HTTP requests, probes aside: `received` since start and `ongoing`, those
     whose response (a stream included) has not ended; what the gateway reports to Serve's
-    autoscaler (serve/gateway/deployment.py). Two int updates a request on the event loop: no lock."""
+    autoscaler (serve/launch/gateway_replica.py). Two int updates a request on the event loop: no lock."""
 
     def __init__(self, public: Starlette, metrics: Starlette) -> None:
         self.public = public

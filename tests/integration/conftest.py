@@ -138,7 +138,7 @@ def stack(tmp_path_factory, redis_server):
     from serve.engine.cluster import wait_for_engines
     from serve.engine.models import resolve_source
     from serve.gateway.server import build_gateway, ray_snapshot_source
-    from serve.stack import start_stack, stop_stack
+    from serve.launch.local import start_stack, stop_stack
 
     os.environ.setdefault("LLMSERVE_CACHE_DIR", str(tmp_path_factory.getbasetemp().parent / "llmserve-cache"))
     base = resolve_source(ModelSpec(name="x", source="builtin://tiny?seed=1"))

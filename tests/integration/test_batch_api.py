@@ -137,7 +137,7 @@ def test_cancel_keeps_finished_results(stack):
 def test_killed_worker_resumes_with_one_result_per_custom_id(stack):
     import ray
 
-    from serve.gateway.batch_actor import WORKER_NAME
+    from serve.launch.batch_worker import WORKER_NAME
 
     client = stack.client()
     ids = [f"k-{i}" for i in range(40)]

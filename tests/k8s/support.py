@@ -204,7 +204,7 @@ def check_serve_config_v2(text: str) -> tuple[dict[str, Any], Any]:
 
     apps = {a["name"]: a for a in raw["applications"]}
     gateway = apps.pop("gateway")
-    assert gateway["import_path"] == "serve.gateway.deployment:build"
+    assert gateway["import_path"] == "serve.launch.gateway_replica:build"
     assert gateway["route_prefix"] is None
     assert set(gateway["args"]) == {"config", "replicas"}
     config = Config.model_validate(gateway["args"]["config"])
@@ -214,7 +214,7 @@ def check_serve_config_v2(text: str) -> tuple[dict[str, Any], Any]:
     assert list(apps) == [m.name for m in config.models], "one Serve application per model, in order"
     for model in config.models:
         app = apps[model.name]
-        assert app["import_path"] == "serve.engine.app:build"
+        assert app["import_path"] == "serve.launch.engine_replica:build"
         assert app["route_prefix"] is None
         assert set(app["args"]) == {"model", "namespace", "adapter_roots"}
         assert ModelSpec.model_validate(app["args"]["model"]) == model

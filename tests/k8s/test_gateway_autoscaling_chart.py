@@ -30,7 +30,7 @@ def refusal(*args: str) -> str:
 
 
 def test_the_gateway_app_carries_autoscaling_to_build_and_build_to_serve():
-    from serve.gateway.deployment import build
+    from serve.launch.gateway_replica import build
 
     app, config = gateway_app("-f", PRODUCTION, "--set", "serve.gateway.autoscaling.min_replicas=1",
                               "--set", "serve.gateway.autoscaling.max_replicas=2",
@@ -48,7 +48,7 @@ def test_the_gateway_app_carries_autoscaling_to_build_and_build_to_serve():
 def test_by_default_the_gateways_are_the_fixed_count():
     app, config = gateway_app("-f", PRODUCTION)
     assert config.gateway.autoscaling is None
-    from serve.gateway.deployment import build
+    from serve.launch.gateway_replica import build
 
     assert build(app["args"])._bound_deployment.num_replicas == app["args"]["replicas"] == 2
 

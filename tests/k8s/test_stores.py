@@ -160,5 +160,5 @@ def test_engines_get_the_adapter_roots() -> None:
     """A replica started after a promotion loads the promoted adapter only from these roots."""
     objs = helm_template("-f", CPU_DEV, "--set", "serve.gateway.adapter_roots[0]=/model-cache/adapters")
     apps = yaml.safe_load(one(objs, "RayService")["spec"]["serveConfigV2"])["applications"]
-    engines = [a for a in apps if a["import_path"] == "serve.engine.app:build"]
+    engines = [a for a in apps if a["import_path"] == "serve.launch.engine_replica:build"]
     assert len(engines) == 2 and all(a["args"]["adapter_roots"] == ["/model-cache/adapters"] for a in engines)

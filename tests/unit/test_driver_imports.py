@@ -33,8 +33,8 @@ DRIVER = textwrap.dedent("""
     import ray.serve.context
 
     import serve.engine.cluster as cluster
-    import serve.gateway.batch_actor as batch_actor
-    import serve.stack
+    import serve.launch.batch_worker as batch_actor
+    import serve.launch.local
     from serve.cli import build_parser
     from serve.config import load_config
     from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
@@ -67,7 +67,7 @@ DRIVER = textwrap.dedent("""
     config.gateway.port = 0
     config.gateway.metrics_port = 0
     phases = []
-    registry = serve.stack.start_stack(config, phases.append)
+    registry = serve.launch.local.start_stack(config, phases.append)
     app = build_gateway(config, ray_snapshot_source(registry))
     uvicorn_config(app, config)
     for s in listen(app, config):

@@ -1,5 +1,5 @@
 """Gateway autoscaling: what build() hands Serve, what a gateway replica reports through its
-`record_autoscaling_stats` (serve/gateway/deployment.py; counted by the front app, ByPort, in
+`record_autoscaling_stats` (serve/launch/gateway_replica.py; counted by the front app, ByPort, in
 serve/gateway/server.py), and the engines' policy scaling gateways on those two numbers alone,
 through Ray Serve 2.60's own replica and controller code on a fake clock (tests/autoscaler.py). And
 SO_REUSEPORT.
@@ -22,8 +22,8 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 from serve.asgi import bind_socket
 from serve.config import Config
 from serve.gateway.backends import Backends
-from serve.gateway.deployment import GatewayServer, build
 from serve.gateway.server import ByPort, build_gateway, listen
+from serve.launch.gateway_replica import GatewayServer, build
 from serve.policies import autoscaling as slo
 from tests.autoscaler import Serve, ServedReplica
 from tests.fakes import FakeUpstream

@@ -8,8 +8,9 @@ import asyncio
 
 import pytest
 
-import serve.gateway.batch_actor as batch_actor
-from serve.gateway.deployment import BatchWorkerServer, build, pod_config
+import serve.launch.batch_worker as batch_actor
+from serve.launch.batch_worker import BatchWorkerServer, pod_config
+from serve.launch.gateway_replica import build
 
 CONFIG = {"models": [{"name": "m", "source": "builtin://tiny?seed=1", "accelerator": "cpu"}],
           "ray": {"address": "auto"}}

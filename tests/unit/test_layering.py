@@ -165,3 +165,14 @@ def test_policies_stay_pure():
                 if not any(t == p or t.startswith(p + ".") for p in POLICY_IMPORTS):
                     bad.add(f"{name} imports {t}")
     assert not bad, bad
+
+
+# The process kinds' composition roots sit on top: only the CLI (and the demo, one of its commands)
+# starts them.
+LAUNCHERS = ("serve.launch", "serve.cli", "serve.demo")
+
+
+def test_only_the_cli_imports_the_launch_package():
+    bad = {f"{m} -> {t}" for m, ts in graph().items() if not m.startswith(LAUNCHERS) for t in ts
+           if t.startswith("serve.launch")}
+    assert not bad, bad

@@ -217,7 +217,7 @@ def test_public_port_has_no_metrics_and_models_need_a_key():
 async def test_batch_line_is_admitted_with_its_owners_key():
     """A batch line takes the same admission as the HTTP request: model access, rate limits, and
     the cost billed to the owner's key."""
-    from serve.gateway.batch_actor import owner_call
+    from serve.launch.batch_worker import owner_call
 
     client, up = make()
     gw = client.app.state.gateway

@@ -109,8 +109,8 @@ and, in Ray 2.60's default (v1) autoscaler, ignores label selectors:
 {{- end }}
 
 {{/*
-serveConfigV2: one Serve application per model (serve.engine.app:build) and the gateway
-(serve.gateway.deployment:build), Serve's own HTTP proxy disabled. route_prefix is null: no app is
+serveConfigV2: one Serve application per model (serve.launch.engine_replica:build) and the gateway
+(serve.launch.gateway_replica:build), Serve's own HTTP proxy disabled. route_prefix is null: no app is
 reached through a Serve proxy. The gateway's replicas and the batch worker are placed on the pods
 labelled llmserve.io/gateway=true (those the Service selects) by the Ray resources only those pods
 declare, through Serve deployment overrides.
@@ -119,7 +119,7 @@ declare, through Serve deployment overrides.
 {{- $ns := dig "ray" "namespace" "llmserve" .Values.serve }}
 {{- $apps := list }}
 {{- range .Values.serve.models }}
-{{- $apps = append $apps (dict "name" .name "import_path" "serve.engine.app:build" "route_prefix" nil
+{{- $apps = append $apps (dict "name" .name "import_path" "serve.launch.engine_replica:build" "route_prefix" nil
       "args" (dict "model" . "namespace" $ns "adapter_roots" (dig "gateway" "adapter_roots" (list) $.Values.serve))) }}
 {{- end }}
 {{- /* Placement by Ray resources that gateway pods declare (llmserve.rayStartParams), not by node
@@ -135,7 +135,7 @@ files the gateways store, and the NetworkPolicy treats it as one of the release'
 refuses an override for a deployment the app lacks, hence only with batch enabled. */}}
 {{- $overrides = append $overrides (dict "name" "batch-worker" "ray_actor_options" (dict "num_cpus" 0 "resources" (dict "llmserve_gateway_host" 0.001))) }}
 {{- end }}
-{{- $gateway := dict "name" "gateway" "import_path" "serve.gateway.deployment:build" "route_prefix" nil
+{{- $gateway := dict "name" "gateway" "import_path" "serve.launch.gateway_replica:build" "route_prefix" nil
       "args" (dict "config" .Values.serve "replicas" (int .Values.gateway.replicas))
       "deployments" $overrides }}
 {{- toYaml (dict "proxy_location" "Disabled" "applications" (append $apps $gateway)) }}

@@ -1,6 +1,7 @@
-"""A whole local stack, assembled in one place: the engines (serve/engine) and the batch worker
-(serve/gateway/batch_actor), started and stopped together. The composition root of `llmserve run`
-and of the integration tests; the packages below it never import each other upward."""
+"""The local driver's composition root: a whole local stack, assembled in one place: the engines
+(serve/engine) and the batch worker (serve/launch/batch_worker.py), started and stopped together.
+What `llmserve run`, the demo and the integration tests start; the packages below it never import
+each other upward."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def start_stack(config: Config, progress: Callable[[str], None] = _quiet) -> Any
     registry = deploy_models(config)
     progress(f"models deployed: {', '.join(m.name for m in config.models)} (Serve builds and loads them now)")
     if config.batch.enabled:
-        from serve.gateway.batch_actor import start_batch_worker
+        from serve.launch.batch_worker import start_batch_worker
 
         start_batch_worker(config)
         progress("batch worker started")
@@ -37,7 +38,7 @@ def stop_stack(config: Config) -> None:
     import ray
 
     if config.batch.enabled and ray.is_initialized():
-        from serve.gateway.batch_actor import WORKER_NAME
+        from serve.launch.batch_worker import WORKER_NAME
 
         with contextlib.suppress(ValueError):  # ValueError: it is not running
             ray.kill(ray.get_actor(WORKER_NAME, namespace=config.ray.namespace))

@@ -1,16 +1,21 @@
-"""The batch worker as a Ray actor: restarted by Ray when it dies, resuming from the store."""
+"""The batch worker's composition root: a gateway of its own (the same admission as online requests)
+and the runner over the shared store. Run as a Ray actor under `llmserve run` (restarted by Ray when it
+dies, resuming from the store) or as a Serve replica on Kubernetes (BatchWorkerServer, deployed with
+the gateway by serve/launch/gateway_replica.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
+import os
 import threading
 from typing import Any
 
 from serve.batch.backends import open_store
 from serve.batch.worker import BatchRunner, Call
-from serve.config import Config
+from serve.config import Config, apply_env_overrides
 from serve.gateway.service import Gateway
 
 logger = logging.getLogger("llmserve.batch")
@@ -71,3 +76,26 @@ def start_batch_worker(config: Config) -> Any:
     with contextlib.suppress(Exception):
         ray.get(handle.alive.remote(), timeout=60)
     return handle
+
+
+def pod_config(config: dict[str, Any]) -> Config:
+    """The configuration the chart rendered, completed from this pod's environment."""
+    return Config.model_validate(apply_env_overrides(copy.deepcopy(config), os.environ))
+
+
+class BatchWorkerServer:
+    """The batch worker as a Serve replica: Serve keeps exactly one and replaces it when its
+    runner stops; the runner resumes from the store (in-progress lines are redone)."""
+
+    async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
+        self._task = asyncio.get_running_loop().create_task(run_batch_worker(pod_config(config)))
+
+    async def check_health(self) -> None:
+        if self._task.done():
+            why = "cancelled" if self._task.cancelled() else repr(self._task.exception())
+            raise RuntimeError(f"batch worker stopped: {why}")
+
+    async def __del__(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task

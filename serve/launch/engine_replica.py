@@ -1,8 +1,9 @@
-"""Serve application builders, for `serve run` / KubeRay `serveConfigV2` import paths.
+"""The engine replica's composition root: the Serve application of one model, built from one entry of
+`models` by Serve's build task, for `llmserve run` and KubeRay's `serveConfigV2` alike.
 
     applications:
       - name: tiny
-        import_path: serve.engine.app:build
+        import_path: serve.launch.engine_replica:build
         args: {model: {...one entry of `models`...}, namespace: llmserve, adapter_roots: [...]}
 """
 
@@ -15,8 +16,8 @@ from serve.config import ModelSpec
 from serve.engine.deployments import build_engine_app
 
 # What Serve imports to build a model's application: the chart's serveConfigV2 and `llmserve run`
-# (serve/engine/cluster.py serve_deploy_config) name it. Importing this module is cheap (vLLM is
-# imported only when build() runs), so the driver may name it without importing vLLM.
+# (serve/engine/cluster.py ENGINE_APP, which names it as a string so the engine package does not
+# import the launch package above it). vLLM is imported only when build() runs.
 IMPORT_PATH = f"{__name__}:build"
 
 

@@ -1,4 +1,5 @@
-"""The gateway as a Ray Serve application (how it runs in a RayService on Kubernetes).
+"""The gateway replica's composition root: the gateway as a Ray Serve application (how it runs in a
+RayService on Kubernetes).
 
 Each gateway replica serves the same ASGI app `llmserve run` serves, on `gateway.port` of its node,
 itself: no Serve proxy in the path. One replica per node (they share the port); a Kubernetes
@@ -7,7 +8,7 @@ replica per cluster, restarted by Serve when it dies or fails its health check, 
 (and expire) on Kubernetes exactly as under `llmserve run`.
 
     - name: gateway
-      import_path: serve.gateway.deployment:build
+      import_path: serve.launch.gateway_replica:build
       args: {config: {...the whole configuration...}, replicas: 2}
 
 With `gateway.autoscaling` in the configuration, Serve scales the gateway replicas between its
@@ -24,25 +25,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
-import os
 from typing import Any
 
 from ray import serve
 
 from serve.asgi import start_in_loop
-from serve.config import Config, GatewaySpec, apply_env_overrides
+from serve.config import GatewaySpec
 from serve.contract.registry import get_registry
 from serve.gateway.server import ByPort, build_gateway, listen, ray_snapshot_source
+from serve.launch.batch_worker import BatchWorkerServer, pod_config
 from serve.policies.autoscaling import ONGOING, REQUESTS
 
 logger = logging.getLogger("llmserve.gateway")
-
-
-def pod_config(config: dict[str, Any]) -> Config:
-    """The configuration the chart rendered, completed from this pod's environment."""
-    return Config.model_validate(apply_env_overrides(copy.deepcopy(config), os.environ))
 
 
 class GatewayServer:
@@ -71,26 +66,6 @@ class GatewayServer:
         self._server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._task, timeout=35)
-
-
-class BatchWorkerServer:
-    """The batch worker as a Serve replica: Serve keeps exactly one and replaces it when its
-    runner stops; the runner resumes from the store (in-progress lines are redone)."""
-
-    async def __init__(self, config: dict[str, Any]) -> None:  # type: ignore[misc]
-        from serve.gateway.batch_actor import run_batch_worker
-
-        self._task = asyncio.get_running_loop().create_task(run_batch_worker(pod_config(config)))
-
-    async def check_health(self) -> None:
-        if self._task.done():
-            why = "cancelled" if self._task.cancelled() else repr(self._task.exception())
-            raise RuntimeError(f"batch worker stopped: {why}")
-
-    async def __del__(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(BaseException):
-            await self._task
 
 
 def gateway_options(spec: GatewaySpec, replicas: int) -> dict[str, Any]:
