@@ -72,6 +72,11 @@ class GatewaySpec(StrictModel):
         1.0, gt=0, description="How often the gateway refreshes the list of engine replicas."
     )
     max_messages: int = Field(2048, gt=0, description="Most chat messages one request may carry.")
+    default_model: str | None = Field(
+        None, description="Model, adapter or route that serves a request sent without `model`, as a vLLM server "
+                          "serves its one model. Unset: the one configured model when there is exactly one and "
+                          "no routes; otherwise `model` is required.",
+    )
     drain_timeout_s: float = Field(
         30, ge=0, description="On SIGTERM, how long in-flight requests and streams may take to finish."
     )
@@ -267,6 +272,21 @@ class Config(StrictModel):
                 if ref not in models:
                     raise ValueError(f"route {r.name!r} names unknown model {ref!r}")
         return self
+
+    @model_validator(mode="after")
+    def _default_model_exists(self) -> Config:
+        name = self.gateway.default_model
+        names = {n for m in self.models for n in [m.name, *(a.name for a in m.adapters)]}
+        if name is not None and name not in names | {r.name for r in self.routes}:
+            raise ValueError(f"gateway.default_model {name!r} is not a configured model, adapter or route")
+        return self
+
+    def default_model(self) -> str | None:
+        """What serves a request without `model`: gateway.default_model, else the only model when one
+        model and no route are configured (vLLM serves its one model), else nothing."""
+        if self.gateway.default_model is not None:
+            return self.gateway.default_model
+        return self.models[0].name if len(self.models) == 1 and not self.routes else None
 
     def route(self, name: str) -> RouteSpec | None:
         return next((r for r in self.routes if r.name == name), None)

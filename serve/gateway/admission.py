@@ -19,6 +19,7 @@ from serve.gateway.dialects.base import Dialect, View
 from serve.gateway.errors import APIError, bad_request, model_not_found
 from serve.gateway.metrics import Metrics
 from serve.gateway.ratelimit import RateLimiter
+from serve.gateway.validate import coerce, default_model
 from serve.policies.ratelimit import estimate_tokens
 
 ANONYMOUS = "anonymous"  # the key name when auth is off
@@ -32,6 +33,7 @@ class Ticket:
     key_name: str
     view: View
     headers: dict[str, str] = field(default_factory=dict)
+    rewritten: bool = False  # admission changed the payload (coerced, default model): forward it, not raw
 
 
 class Admission:
@@ -63,6 +65,8 @@ class Admission:
             )
 
     async def admit(self, key: ApiKey | None, dialect: Dialect, payload: dict[str, Any], body_bytes: int) -> Ticket:
+        # vLLM's type coercions, and its one served model when `model` is left out (gateway.default_model).
+        rewritten = coerce(dialect.path, payload) | default_model(self.config, payload)
         route = self.resolve(payload)
         # Access first: a key learns nothing, not even a model's task, about models it may not use.
         if not KeyStore.allows(key, route.name):
@@ -74,12 +78,12 @@ class Admission:
         dialect.validate(payload, self.config.gateway.max_messages)
         view = dialect.view(payload)
         if key is None:
-            return Ticket(route, ANONYMOUS, view)
+            return Ticket(route, ANONYMOUS, view, rewritten=rewritten)
         auth = self.config.auth
         rpm = key.requests_per_minute or auth.default_requests_per_minute
         tpm = key.tokens_per_minute or auth.default_tokens_per_minute
         if rpm is None and tpm is None:
-            return Ticket(route, key.name, view)
+            return Ticket(route, key.name, view, rewritten=rewritten)
         tokens = estimate_tokens(body_bytes, view.max_output_tokens)
         if tpm is not None and tokens > tpm:
             # No wait would ever admit it (a bucket holds at most a minute's tokens): say so, rather
@@ -93,4 +97,4 @@ class Admission:
             raise APIError(429, f"Rate limit reached for {verdict.limit_name} per minute on key `{key.name}`. "
                                 f"Retry after {verdict.headers['Retry-After']}s.",
                            code="rate_limit_exceeded", headers=verdict.headers)
-        return Ticket(route, key.name, view, verdict.headers)
+        return Ticket(route, key.name, view, verdict.headers, rewritten)

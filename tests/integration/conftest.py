@@ -63,7 +63,9 @@ def stack_config(port: int, redis_url: str, lora_dir: str, batch_dir: str) -> Co
             {"name": "other", "sha256": hashlib.sha256(b"other").hexdigest()},
         ]},
         # Adapters loaded at run time (student promotion) must lie next to the configured one.
+        # default_model: a request without `model` is served as vLLM serves its one model (vLLM's own tests).
         "gateway": {"host": "127.0.0.1", "port": port, "metrics_port": free_port(), "request_timeout_s": 60,
+                    "default_model": "tiny-a",
                     "adapter_roots": [os.path.dirname(lora_dir)]},
         "ray": {"num_cpus": 8, "namespace": "llmserve-test"},
     })
