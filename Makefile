@@ -92,9 +92,13 @@ demo: install system-deps
 k8s: install k8s-tools
 	$(PY) k8s/generate.py
 
+RUFF := $(VENV)/bin/ruff check serve tests bench loadtests k8s
+MYPY := $(VENV)/bin/mypy
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
+
 lint: install
-	$(VENV)/bin/ruff check serve tests bench loadtests k8s
-	$(VENV)/bin/mypy
+	$(RUFF)
+	$(MYPY)
 
 unit: install
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
@@ -102,8 +106,16 @@ unit: install
 integration: install system-deps
 	$(PY) -m pytest tests/integration -q $(PYTEST_ARGS)
 
-test: install system-deps k8s-tools lint
-	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+# Two lanes side by side (tests/lanes.py): lint and the tests that need no Ray (tests/unit, tests/k8s)
+# beside the Ray-backed ones, which leave one core mostly idle while an engine starts. The Ray lane
+# is two sessions: the integration suite first (its engines start while the pure lane runs), then
+# every other directory (tests/cluster, and any new one), so the integration stack is stopped before
+# a cluster starts on the same ports. Every command runs; the last line sums every test.
+test: install system-deps k8s-tools
+	$(PY) -m tests.lanes \
+	  --lane pure "$(RUFF)" "$(MYPY)" "$(PYTEST) tests/unit tests/k8s $(PYTEST_ARGS)" \
+	  --lane ray "$(PYTEST) tests/integration $(PYTEST_ARGS)" \
+	    "$(PYTEST) tests --ignore=tests/integration --ignore=tests/unit --ignore=tests/k8s $(PYTEST_ARGS)"
 
 # Side-by-side benchmark against bare vLLM: writes bench/results/<date>.json and .png (minutes).
 bench: install system-deps
