@@ -64,7 +64,10 @@ class Admission:
                 param="model", code="model_not_supported",
             )
 
-    async def admit(self, key: ApiKey | None, dialect: Dialect, payload: dict[str, Any], body_bytes: int) -> Ticket:
+    async def admit(self, key: ApiKey | None, dialect: Dialect, payload: dict[str, Any], body_bytes: int,
+                    prepaid: bool = False) -> Ticket:
+        """`prepaid`: the request's budget was charged when it was submitted (a background
+        response): checked again for access and shape, not charged twice."""
         # vLLM's type coercions, and its one served model when `model` is left out (gateway.default_model).
         rewritten = coerce(dialect.path, payload) | default_model(self.config, payload)
         route = self.resolve(payload)
@@ -79,6 +82,8 @@ class Admission:
         view = dialect.view(payload)
         if key is None:
             return Ticket(route, ANONYMOUS, view, rewritten=rewritten)
+        if prepaid:
+            return Ticket(route, key.name, view, rewritten=rewritten)
         auth = self.config.auth
         rpm = key.requests_per_minute or auth.default_requests_per_minute
         tpm = key.tokens_per_minute or auth.default_tokens_per_minute

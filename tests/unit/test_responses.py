@@ -131,7 +131,7 @@ def test_cascade_escalates_an_unsure_student_and_bills_both():
 
 def test_unsupported_parameters_and_non_json_bodies_are_refused_clearly():
     client = make(FakeUpstream())
-    for extra, param in [({"background": True}, "background"), ({"conversation": "c1"}, "conversation"),
+    for extra, param in [({"background": True, "store": False}, "background"), ({"conversation": "c1"}, "conversation"),
                          ({"tools": [{"type": "web_search"}]}, "tools"), ({"input": 3}, "input")]:
         r = create(client, **extra)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
