@@ -51,12 +51,13 @@ def _wait(client: Any, batch_id: str, timeout_s: float, quiet: bool = False) -> 
 def offline_batch(config: Config, model: str, input_path: str, output_path: str) -> int:
     """vLLM's own offline batch runner (OpenAI batch format in and out), on the configured engine
     arguments; no server, no Ray."""
+    from serve.engine import private
     from serve.engine.models import resolve_source
 
     spec = config.model(model)
     if spec is None:
         raise SystemExit(f"llmserve: model {model!r} is not in the configuration")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", input_path, "-o", output_path,
+    cmd = [sys.executable, "-m", private.VLLM_RUN_BATCH.module, "-i", input_path, "-o", output_path,
            "--model", resolve_source(spec), "--served-model-name", spec.name]
     for k, v in spec.engine.to_kwargs().items():
         if k == "structured_outputs_config":

@@ -6,7 +6,8 @@ KubeRay deploys the chart's serveConfigV2, so only Serve's build task (one short
 application, max_calls=1) and the replicas import them. Building the apps here instead cost the
 gateway process ~20 s of CPU and ~500 MB of RSS it never used (issue 17).
 
-This is the driver side's one module on Ray's less public surface, each touch in one place:
+This is the driver side's one module on Ray's less public surface (each name listed in
+serve/engine/private.py):
 ``ray.init(_node_ip_address=...)`` (connect_ray) and Serve's controller client
 (``ray.serve.context._get_global_client``, ``deploy_apps``, ``get_serve_details``:
 _apply_serve_config), what `serve deploy` reaches through the dashboard, which `llmserve run`
@@ -23,6 +24,7 @@ from typing import Any
 from serve.config import Config
 from serve.contract.registry import get_registry
 from serve.contract.secret import ensure_engine_secret
+from serve.engine import private
 
 logger = logging.getLogger("llmserve.cluster")
 
@@ -111,11 +113,10 @@ def _apply_serve_config(deploy_config: dict[str, Any]) -> None:
     (what `serve deploy` does through the dashboard). Imperatively deployed applications and
     plain actors (the batch worker, the registry) are not touched by it."""
     from ray import serve
-    from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
     serve.start(proxy_location=deploy_config["proxy_location"])
-    client = _get_global_client()
+    client = private.SERVE_CONTROLLER_CLIENT.load()()
     schema = ServeDeploySchema.model_validate(with_other_apps(deploy_config, client.get_serve_details()))
     client.deploy_apps(schema, _blocking=False)
 

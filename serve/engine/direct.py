@@ -1,16 +1,15 @@
 """The engine replica: Ray Serve LLM's LLMServer, plus vLLM's own OpenAI app on a port of its own.
 
-This is the one module that relies on Ray Serve LLM's and vLLM's less public surface, each in
-one place: ``LLMServer.__serve_build_asgi_app__`` (which Ray 2.60's direct streaming uses to get
-vLLM's FastAPI app with LoRA resolution attached), Ray's engine wrapper's ``_engine_client``
-(vLLM's AsyncLLM: ``_engine_client()``), AsyncLLM's ``logger_manager`` (where ``EngineLoad``,
-a vLLM stat logger, joins the engine's own: ``_engine_load()``), Ray Serve LLM's node-init
-callback (``NodeInitOnlyToDownload``, named in ``callback_config``), ``LLMServer._start_engine``
-(its usage report moved off the start) and ``VLLMEngine._prepare_engine_config`` (``InCoreEngine``:
-the executor on CPU). The driver's side has its own
-(serve/engine/cluster.py: Serve's controller client for a declarative deploy, and
+The replica side of Ray Serve LLM's and vLLM's less public surface (every such name is listed, and
+imported, in serve/engine/private.py): ``LLMServer.__serve_build_asgi_app__`` (which Ray 2.60's
+direct streaming uses to get vLLM's FastAPI app with LoRA resolution attached), Ray's engine
+wrapper's ``_engine_client`` (vLLM's AsyncLLM: ``_engine_client()``), AsyncLLM's ``logger_manager``
+(where ``EngineLoad``, a vLLM stat logger, joins the engine's own: ``_engine_load()``), Ray Serve
+LLM's node-init callback (``NodeInitOnlyToDownload``, named in ``callback_config``),
+``LLMServer._start_engine`` (its usage report moved off the start) and
+``VLLMEngine._prepare_engine_config`` (``InCoreEngine``: the executor on CPU). The driver's side has
+its own (serve/engine/cluster.py: Serve's controller client for a declarative deploy, and
 ``ray.init(_node_ip_address=...)``), kept apart because the driver must not import vLLM.
-Everything else in the project uses public APIs.
 
 The port is closed to everyone without the engine secret (serve/contract/secret.py): the app is
 served wrapped in RequireEngineSecret rather than with vLLM's --api-key, whose middleware guards
@@ -38,24 +37,29 @@ import uuid
 from collections import deque
 from typing import Any
 
-from ray._common.usage.usage_lib import TagKey, record_extra_usage_tag, usage_stats_enabled
-from ray.llm._internal.common.callbacks.base import CallbackBase
-from ray.llm._internal.common.utils.cloud_utils import is_remote_path
-from ray.llm._internal.serve.constants import RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING
-from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
-from ray.llm._internal.serve.observability.usage_telemetry.usage import push_telemetry_report_for_all_models
 from ray.serve.llm import LLMServer
-from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
 from serve.asgi import bind_socket, start_in_loop
 from serve.contract.paths import adapter_roots, runtime_adapters_for
 from serve.contract.registry import get_registry
 from serve.contract.secret import ENV as SECRET_ENV
 from serve.contract.secret import ASGIApp, Receive, RequireEngineSecret, Scope, Send, engine_secret
+from serve.engine import private
 from serve.engine.lifeline import tie_engine_cores_to_replica
 from serve.policies.autoscaling import KV_USAGE, ONGOING, REQUESTS, TTFT, WAITING
 
 logger = logging.getLogger("llmserve.engine")
+
+# Ray Serve LLM's and vLLM's less public names, from the one module that lists them (private.py).
+TagKey: Any = private.USAGE_TAG_KEY.load()
+record_extra_usage_tag = private.RECORD_USAGE_TAG.load()
+usage_stats_enabled = private.USAGE_STATS_ENABLED.load()
+CallbackBase: Any = private.CALLBACK_BASE.load()
+is_remote_path = private.IS_REMOTE_PATH.load()
+RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING = private.DIRECT_STREAMING.load()
+VLLMEngine: Any = private.VLLM_ENGINE.load()
+push_telemetry_report_for_all_models = private.PUSH_TELEMETRY.load()
+AggregateStatLoggerBase: Any = private.AGGREGATE_STAT_LOGGER.load()
 
 HEARTBEAT_S = 2.0
 TTL_S = 8.0

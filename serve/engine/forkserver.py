@@ -42,6 +42,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from serve.engine import private
+
 logger = logging.getLogger("llmserve.engine")
 
 # In a replica's environment (deployments.py): vLLM's launcher starts engine cores from the fork server.
@@ -54,17 +56,15 @@ ENGINE_CORE_MODULES = ("serve.engine.lifeline", "serve.engine.forkserver", "vllm
 
 # What Ray's worker runs first thing (ray.get_runtime_context is the only thing it needs).
 SETUP_HOOK = f"{__name__}.prestart"
-# How a Serve replica's actor name starts (ray.serve._private.common.REPLICA_ID_FULL_ID_STR_PREFIX;
-# a test holds the two equal). Not imported: the hook's thread would import ray.serve while the
+# How a Serve replica's actor name starts (private.SERVE_REPLICA_PREFIX; test_private_surface
+# holds the two equal). Not imported: the hook's thread would import ray.serve while the
 # worker's main thread imports it too, and one of them would find it half initialized.
 SERVE_REPLICA_PREFIX = "SERVE_REPLICA::"
 
 
 def worker_environment() -> dict[str, str]:
     """The environment variables a CPU engine's replica gets for this (deployments.py)."""
-    from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
-
-    return {ENV: "1", WORKER_PROCESS_SETUP_HOOK_ENV_VAR: SETUP_HOOK}
+    return {ENV: "1", private.WORKER_SETUP_HOOK_ENV.load(): SETUP_HOOK}
 
 
 def prestart(wait_s: float = 60.0, poll_s: float = 0.01,

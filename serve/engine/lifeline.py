@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from serve.engine import private
 from serve.engine.forkserver import engine_core_context
 
 logger = logging.getLogger("llmserve.engine")
@@ -92,17 +93,15 @@ def run_engine_core(*args: Any, **kwargs: Any) -> Any:
     exit_with_parent()
     if _ORIGINAL is not None:
         return _ORIGINAL(*args, **kwargs)
-    from vllm.v1.engine.core import EngineCoreProc
-
-    return EngineCoreProc.run_engine_core(*args, **kwargs)
+    return private.ENGINE_CORE_RUN.load()(*args, **kwargs)
 
 
 def tie_engine_cores_to_replica() -> None:
     """Make engine cores started from this process from now on use `run_engine_core`, from this
     process's fork server where it has one (forkserver.py). Idempotent."""
     global _ORIGINAL
-    from vllm.v1.engine import utils as launcher
-    from vllm.v1.engine.core import EngineCoreProc
+    launcher = private.ENGINE_CORE_MP_CONTEXT.owner()
+    EngineCoreProc = private.ENGINE_CORE_RUN.owner()
 
     if EngineCoreProc.run_engine_core is not run_engine_core:
         _ORIGINAL = EngineCoreProc.run_engine_core

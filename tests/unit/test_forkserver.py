@@ -20,7 +20,7 @@ import pytest
 from ray._common.utils import load_class  # how Ray's worker loads its setup hook
 from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 from ray._private.workers import default_worker
-from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
+from serve.engine import private
 
 from serve.config import ModelSpec
 from serve.engine import forkserver, lifeline
@@ -130,7 +130,7 @@ def test_ray_runs_the_hook_named_in_a_workers_environment():
     source = inspect.getsource(default_worker)
     assert "os.getenv(\n        ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR" in source
     assert "load_and_execute_setup_hook(worker_process_setup_hook_key)" in source
-    assert forkserver.SERVE_REPLICA_PREFIX == REPLICA_ID_FULL_ID_STR_PREFIX
+    assert forkserver.SERVE_REPLICA_PREFIX == private.SERVE_REPLICA_PREFIX.load()
 
 
 @pytest.mark.parametrize("accelerator,own_env,expected", [
