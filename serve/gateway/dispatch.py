@@ -118,5 +118,7 @@ class Dispatcher:
                 out = tap.feed(chunk)
                 if out:
                     yield out
+            if rest := tap.end():
+                yield rest
         finally:
             await resp.aclose()

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve.sse_events import Event, EventParser
+
 DONE = b"data: [DONE]\n\n"
 
 CHAT_CHUNK = "chat.completion.chunk"
@@ -121,7 +123,7 @@ class StreamAssembler:
     """Rebuilds the whole response from a stream's chunks (to cache a streamed answer)."""
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._parser = EventParser()
         self.meta: dict[str, Any] = {}
         self.choices: dict[int, _Choice] = {}
         self.usage: dict[str, Any] | None = None
@@ -130,20 +132,17 @@ class StreamAssembler:
         self.done = False  # saw `data: [DONE]`
 
     def feed(self, chunk: bytes) -> None:
-        self._buf += chunk
-        while b"\n\n" in self._buf:
-            event, self._buf = self._buf.split(b"\n\n", 1)
-            for line in event.split(b"\n"):
-                line = line.rstrip(b"\r")
-                if not line.startswith(b"data:"):
-                    continue  # comments (": ping") and other SSE fields carry no answer
-                data = line[5:].removeprefix(b" ")
-                if data == b"[DONE]":
-                    self.done = True
-                elif self.done:
-                    self.broken = True
-                else:
-                    self._take(data)
+        for ev in self._parser.feed(chunk):
+            self.take(ev)
+
+    def take(self, ev: Event) -> None:
+        """Fold in one event (for a caller that already cut the stream into events)."""
+        if ev.done:
+            self.done = True
+        elif self.done:
+            self.broken = True
+        elif ev.data:  # comments (": ping") carry no answer
+            self._take(ev.data)
 
     def _take(self, data: bytes) -> None:
         try:

@@ -321,7 +321,7 @@ def test_prefix_reads_completions_chunks_and_split_events() -> None:
     assert prefix.held == [] and prefix.logprobs == []
     prefix.feed(data[20:] + b"data: {bad")
     assert prefix.held == [data] and prefix.text == [" a b"] and prefix.logprobs == [-0.5, -1.5]
-    assert prefix.usage == {"prompt_tokens": 3, "completion_tokens": 2} and prefix.rest == b"data: {bad"
+    assert prefix.usage == {"prompt_tokens": 3, "completion_tokens": 2} and prefix.parser.pending == b"data: {bad"
     assert prefix.decision(CascadePolicy(min_mean_logprob=-1.0), {}, 1) == Decision(False, "accepted", -0.5)
     prefix.feed(b"\n\n")
     assert prefix.broken and prefix.decision(CascadePolicy(), {}, 1).reason == "malformed"

@@ -51,12 +51,19 @@ class StreamTap(Protocol):
 
     def feed(self, chunk: bytes) -> bytes: ...
 
+    def end(self) -> bytes:
+        """Bytes held back when the stream ends (an event cut off by the engine)."""
+        ...
+
 
 class PassThrough:
     """A stream the gateway has nothing to read in."""
 
     def feed(self, chunk: bytes) -> bytes:
         return chunk
+
+    def end(self) -> bytes:
+        return b""
 
 
 def with_cost(body: dict[str, Any], cost: float) -> dict[str, Any]:

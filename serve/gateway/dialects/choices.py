@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -13,9 +12,7 @@ from typing import Any
 
 from serve.gateway.dialects.base import Charge, Dialect, Keep, View, with_cost
 from serve.gateway.sse import COMPLETE_FINISH, StreamAssembler, replay
-
-# A chunk that carries usage (not `"usage":null`): the only chunks the tap looks inside.
-_USAGE = re.compile(rb'"usage":\s*\{')
+from serve.sse_events import Event, EventParser
 
 
 def complete(body: dict[str, Any]) -> bool:
@@ -26,15 +23,26 @@ def complete(body: dict[str, Any]) -> bool:
 
 class ChoicesTap:
     """Bills the usage chunk (asked for by the gateway if not by the client, then dropped again),
-    puts the cost into it, and rebuilds the whole answer for the cache."""
+    puts the cost into it, and rebuilds the whole answer for the cache. Reads whole events
+    (serve/sse_events.py), so a usage chunk split across two reads is still billed."""
 
     def __init__(self, charge: Charge, keep: Keep | None, strip_usage: bool) -> None:
         self.charge, self.keep, self.strip = charge, keep, strip_usage
+        self.parser = EventParser(keep_empty=True)
         self.assembler = StreamAssembler() if keep is not None else None
 
     def feed(self, chunk: bytes) -> bytes:
+        events = self.parser.feed(chunk)
+        if len(events) == 1 and self.assembler is None and not events[0].has_usage:
+            return events[0].raw  # the common chunk: one event, relayed untouched
+        return b"".join(self._event(ev) for ev in events)
+
+    def end(self) -> bytes:
+        return self.parser.pending
+
+    def _event(self, ev: Event) -> bytes:
         if self.assembler is not None:
-            self.assembler.feed(chunk)
+            self.assembler.take(ev)
             if self.assembler.done:
                 # Stored before the last bytes go out: a client that hangs up right after [DONE]
                 # cancels the relay before it would run past its loop.
@@ -42,29 +50,23 @@ class ChoicesTap:
                 if whole is not None and self.keep is not None:
                     self.keep(whole)
                 self.assembler = None
-        if _USAGE.search(chunk):
-            return self._bill(chunk)
-        return chunk
+        return self._bill(ev) if ev.has_usage else ev.raw
 
-    def _bill(self, chunk: bytes) -> bytes:
-        kept = []
-        for ev in chunk.split(b"\n\n"):
-            if ev.startswith(b"data: {") and _USAGE.search(ev):
-                try:
-                    obj = json.loads(ev[6:])
-                except ValueError:
-                    obj = None
-                if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
-                    cost = self.charge(obj["usage"])
-                    if self.strip and not obj.get("choices"):
-                        continue  # the usage-only chunk the client did not ask for
-                    if self.strip:
-                        obj["usage"] = None
-                    else:
-                        with_cost(obj, cost)
-                    ev = b"data: " + json.dumps(obj, separators=(",", ":")).encode()
-            kept.append(ev)
-        return b"\n\n".join(kept)
+    def _bill(self, ev: Event) -> bytes:
+        try:
+            obj = ev.json()
+        except ValueError:
+            return ev.raw
+        if obj is None or not isinstance(obj.get("usage"), dict):
+            return ev.raw
+        cost = self.charge(obj["usage"])
+        if self.strip and not obj.get("choices"):
+            return b""  # the usage-only chunk the client did not ask for
+        if self.strip:
+            obj["usage"] = None
+        else:
+            with_cost(obj, cost)
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
 class ChoicesDialect(Dialect):

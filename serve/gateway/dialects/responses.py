@@ -16,6 +16,7 @@ from serve.gateway.dialects.base import Charge, Conversation, Dialect, Keep, Vie
 from serve.gateway.dialects.responses_events import ResponsesAssembler, replay
 from serve.gateway.errors import APIError, bad_request
 from serve.gateway.response_store import ResponseStore, expand, output_as_input, output_text
+from serve.sse_events import Event, EventParser, encode
 
 logger = logging.getLogger("llmserve.responses")
 
@@ -111,37 +112,32 @@ class ResponsesTap:
 
     def __init__(self, charge: Charge, keep: Keep | None) -> None:
         self.charge, self.keep = charge, keep
+        self.parser = EventParser(keep_empty=True)
         self.assembler: ResponsesAssembler | None = ResponsesAssembler()
 
     def feed(self, chunk: bytes) -> bytes:
+        return b"".join(self._event(ev) for ev in self.parser.feed(chunk))
+
+    def end(self) -> bytes:
+        return self.parser.pending
+
+    def _event(self, ev: Event) -> bytes:
         if self.assembler is None:
-            return chunk
-        self.assembler.feed(chunk)
+            return ev.raw
+        self.assembler.take(ev)
         if not self.assembler.done:
-            return chunk
+            return ev.raw
         assembler, self.assembler = self.assembler, None
         cost = self.charge((assembler.final or {}).get("usage"))
         whole = assembler.response()
         if whole is not None and self.keep is not None and cacheable(whole):
             self.keep(whole)  # before the last bytes go out (a client may hang up right after)
-        return _with_cost_in(chunk, assembler.kind, cost)
-
-
-def _with_cost_in(chunk: bytes, kind: str, cost: float) -> bytes:
-    """The final event with the cost in its response, when that event is whole in this chunk
-    (vLLM writes each event at once)."""
-    events = chunk.split(b"\n\n")
-    for i, ev in enumerate(events):
-        head, sep, data = ev.partition(b"data: ")
-        if sep and kind.encode() in data:
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                return chunk
-            with_cost(obj.get("response") or {}, cost)
-            events[i] = head + sep + json.dumps(obj, separators=(",", ":")).encode()
-            return b"\n\n".join(events)
-    return chunk
+        try:
+            obj = ev.json() or {}
+        except ValueError:
+            return ev.raw
+        with_cost(obj.get("response") or {}, cost)
+        return encode(json.dumps(obj, separators=(",", ":")), ev.event)
 
 
 async def _tap_final(chunks: AsyncIterator[bytes], on_final: Callable[[dict[str, Any]], Awaitable[None]]

@@ -7,6 +7,8 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from serve.sse_events import Event, EventParser
+
 
 def _event(kind: str, seq: int, **fields: Any) -> bytes:
     data = json.dumps({"type": kind, "sequence_number": seq, **fields}, separators=(",", ":"))
@@ -57,23 +59,24 @@ class ResponsesAssembler:
     FINAL = ("response.completed", "response.incomplete", "response.failed")
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._parser = EventParser()
         self.final: dict[str, Any] | None = None
         self.kind = ""
 
     def feed(self, chunk: bytes) -> None:
-        self._buf += chunk
-        while b"\n\n" in self._buf:
-            event, self._buf = self._buf.split(b"\n\n", 1)
-            for line in event.split(b"\n"):
-                if not line.startswith(b"data: "):
-                    continue
-                try:
-                    obj = json.loads(line[6:])
-                except ValueError:
-                    continue
-                if isinstance(obj, dict) and obj.get("type") in self.FINAL and isinstance(obj.get("response"), dict):
-                    self.kind, self.final = obj["type"], obj["response"]
+        for ev in self._parser.feed(chunk):
+            self.take(ev)
+
+    def take(self, ev: Event) -> None:
+        """Fold in one event. vLLM names every event (`event:`), so only a final one is parsed."""
+        if ev.event is not None and ev.event not in self.FINAL:
+            return
+        try:
+            obj = ev.json()
+        except ValueError:
+            return
+        if isinstance(obj, dict) and obj.get("type") in self.FINAL and isinstance(obj.get("response"), dict):
+            self.kind, self.final = obj["type"], obj["response"]
 
     @property
     def done(self) -> bool:

@@ -28,6 +28,7 @@ from serve.gateway.sse import StreamAssembler
 from serve.gateway.stages.student import student_failed
 from serve.gateway.upstream import UpstreamResponse
 from serve.policies.cascade import CascadePolicy, Decision, decide_prefix
+from serve.sse_events import Event, EventParser
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Prefix:
     """What the student streamed up to the decision: the events held back, and what they say."""
 
     held: list[bytes] = field(default_factory=list)  # whole SSE events, each ending in a blank line
-    rest: bytes = b""  # bytes after the last whole event
+    parser: EventParser = field(default_factory=lambda: EventParser(keep_empty=True))  # .pending: a cut event
     text: list[str] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
@@ -44,32 +45,28 @@ class Prefix:
     done: bool = False  # [DONE] or the stream ended
 
     def feed(self, chunk: bytes) -> None:
-        self.rest += chunk
-        while b"\n\n" in self.rest:
-            event, self.rest = self.rest.split(b"\n\n", 1)
-            self.held.append(event + b"\n\n")
-            self._take(event)
+        for ev in self.parser.feed(chunk):
+            self.held.append(ev.raw)
+            self._take(ev)
 
-    def _take(self, event: bytes) -> None:
-        for line in event.split(b"\n"):
-            if not line.startswith(b"data:"):
-                continue  # SSE comments carry no answer
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                self.done = True
-                continue
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                self.broken = True
-                continue
-            if not isinstance(obj, dict) or "error" in obj:
-                self.broken = True
-                continue
-            if isinstance(obj.get("usage"), dict):
-                self.usage = obj["usage"]
-            for c in obj.get("choices") or []:
-                self._take_choice(c)
+    def _take(self, ev: Event) -> None:
+        if not ev.data:
+            return  # SSE comments carry no answer
+        if ev.done:
+            self.done = True
+            return
+        try:
+            obj = ev.json()
+        except ValueError:
+            self.broken = True
+            return
+        if obj is None or "error" in obj:
+            self.broken = True
+            return
+        if isinstance(obj.get("usage"), dict):
+            self.usage = obj["usage"]
+        for c in obj.get("choices") or []:
+            self._take_choice(c)
 
     def _take_choice(self, c: Any) -> None:
         if not isinstance(c, dict):
@@ -169,18 +166,15 @@ class Relay:
 
     async def run(self, resp: UpstreamResponse, chunks: AsyncIterator[bytes], prefix: Prefix) -> AsyncIterator[bytes]:
         try:
-            for event in prefix.held:
-                if (ev := self.event(event)):
-                    yield ev
-            rest = prefix.rest
+            for held in prefix.held:
+                if (out := self.event(held)):
+                    yield out
             async for chunk in chunks:
-                rest += chunk
-                while b"\n\n" in rest:
-                    event, rest = rest.split(b"\n\n", 1)
-                    if (ev := self.event(event + b"\n\n")):
-                        yield ev
-            if rest:
-                yield rest
+                for event in prefix.parser.feed(chunk):
+                    if (out := self.event(event.raw)):
+                        yield out
+            if prefix.parser.pending:
+                yield prefix.parser.pending
         finally:
             if not self.billed and self.usage is not None:  # the client left before the usage chunk
                 self.bill(self.usage)
