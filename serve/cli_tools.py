@@ -16,8 +16,6 @@ from typing import Any
 
 from serve.config import Config, load_config
 
-CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
-
 
 def _client(args: argparse.Namespace) -> Any:
     from openai import OpenAI
@@ -51,7 +49,10 @@ def _wait(client: Any, batch_id: str, timeout_s: float, quiet: bool = False) -> 
 def offline_batch(config: Config, model: str, input_path: str, output_path: str) -> int:
     """vLLM's own offline batch runner (OpenAI batch format in and out), on the configured engine
     arguments; no server, no Ray."""
+    # CPU_ENV: what every CPU engine of the project gets (one definition), so an offline batch
+    # runs the engine as `llmserve run` and `make bench` do.
     from serve.engine import private
+    from serve.engine.deployments import CPU_ENV
     from serve.engine.models import resolve_source
 
     spec = config.model(model)
