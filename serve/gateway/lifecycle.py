@@ -19,19 +19,47 @@ import asyncio
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from serve.config import Config
 from serve.contract.paths import path_under_roots
+from serve.gateway.auth import KeyStore
+from serve.gateway.backends import Backends
+from serve.gateway.catalog import Catalog
 from serve.gateway.errors import APIError, bad_request
-from serve.students.registry import THRESHOLD
+from serve.gateway.upstream import Upstream
+from serve.students.registry import THRESHOLD, LifecycleStore
 
 logger = logging.getLogger("llmserve.lifecycle")
 
 
-def apply(gw: Any, adapters: dict[str, dict[str, str]], overrides: dict[str, dict[str, str]]) -> None:
+class GatewayState(Protocol):
+    """What the lifecycle reads and changes of a gateway (serve/gateway/service.py Gateway), as a
+    protocol so this module need not import the class that calls it."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    @property
+    def keys(self) -> KeyStore: ...
+
+    @property
+    def backends(self) -> Backends: ...
+
+    @property
+    def upstream(self) -> Upstream: ...
+
+    @property
+    def lifecycle(self) -> LifecycleStore | None: ...
+
+
+def apply(gw: GatewayState, adapters: dict[str, dict[str, str]], overrides: dict[str, dict[str, str]]) -> None:
     """Register runtime adapters under their base model (or record their new weights), point
     overridden routes at their new model, and put routes whose override was rolled back as
     configured (the catalog swaps each route whole)."""
@@ -41,7 +69,7 @@ def apply(gw: Any, adapters: dict[str, dict[str, str]], overrides: dict[str, dic
         if catalog.adapter_path(name) != path or catalog.adapter_digest(name) != digest:
             catalog.add_adapter(name, meta.get("base", ""), path, digest)
     for route_name, change in overrides.items():
-        field = "student" if "student" in change else "target"
+        field: Literal["student", "target"] = "student" if "student" in change else "target"
         model = change.get(field, "")
         if catalog.spec(model) is None:
             logger.warning("route %s override names unknown model %s; ignored", route_name, model)
@@ -55,7 +83,7 @@ def apply(gw: Any, adapters: dict[str, dict[str, str]], overrides: dict[str, dic
             logger.info("route %s is back to its configuration", route.name)
 
 
-async def lifecycle_loop(gw: Any, store: Any, interval_s: float) -> None:
+async def lifecycle_loop(gw: GatewayState, store: LifecycleStore, interval_s: float) -> None:
     while True:
         try:
             apply(gw, await store.adapters(), await store.overrides())
@@ -81,7 +109,7 @@ def allowed_path(path: str, roots: list[str], configured: str | None) -> str:
     raise bad_request(f"`path` must lie under one of the adapter roots {roots}.", param="path")
 
 
-async def _known_digest(gw: Any, name: str) -> tuple[dict[str, str] | None, str | None]:
+async def _known_digest(gw: GatewayState, name: str) -> tuple[dict[str, str] | None, str | None]:
     """(runtime registration, digest of the weights `name` is served from) or (None, None) when
     nothing says. The lifecycle store is the truth shared by every gateway; this gateway's catalog
     stands in without one."""
@@ -95,12 +123,12 @@ async def _known_digest(gw: Any, name: str) -> tuple[dict[str, str] | None, str 
     return None, gw.catalog.adapter_digest(name)
 
 
-async def _engine(gw: Any, url: str, path: str, body: dict[str, Any]) -> tuple[int, str]:
+async def _engine(gw: GatewayState, url: str, path: str, body: dict[str, Any]) -> tuple[int, str]:
     r = await gw.upstream.post(url, path, json.dumps(body).encode(), stream=False, timeout_s=120)
     return r.status, r.body.decode("utf-8", "replace")
 
 
-async def _load_on(gw: Any, url: str, name: str, path: str, same_weights: bool) -> bool:
+async def _load_on(gw: GatewayState, url: str, name: str, path: str, same_weights: bool) -> bool:
     """Load `name` from `path` on one replica; True if it had to unload other weights first.
     Raises RuntimeError with the engine's answer when the replica refuses."""
     load = {"lora_name": name, "lora_path": path}
@@ -119,7 +147,7 @@ async def _load_on(gw: Any, url: str, name: str, path: str, same_weights: bool) 
     raise RuntimeError(f"load: {status} {text}")
 
 
-async def load(gw: Any, name: str, base: str, path: str, digest: str | None) -> dict[str, Any]:
+async def load(gw: GatewayState, name: str, base: str, path: str, digest: str | None) -> dict[str, Any]:
     """Load adapter `name` on every replica of `base` from `path` (checked against the roots and,
     when given, `digest`), and serve it from this gateway at once. Raises APIError."""
     from serve.students.registry import AdapterError, adapter_digest
@@ -152,8 +180,9 @@ async def load(gw: Any, name: str, base: str, path: str, digest: str | None) -> 
             # Some replicas may now hold other weights than registered: forget the digest, so the
             # next load of this name reloads everywhere instead of trusting "already loaded".
             await gw.lifecycle.register_adapter(name, registered.get("base", base), registered.get("path", ""), "")
-        if gw.catalog.adapter_path(name) is not None:
-            gw.catalog.add_adapter(name, base, gw.catalog.adapter_path(name), None)
+        loaded_from = gw.catalog.adapter_path(name)
+        if loaded_from is not None:
+            gw.catalog.add_adapter(name, base, loaded_from, None)
         raise APIError(502, f"Loading {name} failed on {len(failed)} of {len(eps)} replicas: {failed}",
                        code="adapter_load_failed")
     gw.catalog.add_adapter(name, base, real, actual)
@@ -165,23 +194,21 @@ async def load(gw: Any, name: str, base: str, path: str, digest: str | None) -> 
     return {"name": name, "base": base, "path": real, "digest": actual, "replicas": len(eps), "reloaded": reloaded}
 
 
-async def load_adapter(gw: Any, request: Request) -> Response:
+async def load_adapter(gw: GatewayState, request: Request) -> Response:
     """POST /v1/llmserve/adapters {name, path, base, digest?}: load a LoRA adapter into every replica
-    of its base model through vLLM's runtime-LoRA endpoint, and serve it from this gateway at once."""
+    of its base model through vLLM's runtime-LoRA endpoint, and serve it from this gateway at once.
+    Raises APIError, which the app's one exception handler turns into the HTTP answer."""
+    key = gw.keys.authenticate(request.headers.get("authorization"))
+    if key is not None and not key.admin:
+        raise APIError(403, "This key may not load adapters.", code="not_admin")
     try:
-        key = gw.keys.authenticate(request.headers.get("authorization"))
-        if key is not None and not key.admin:
-            raise APIError(403, "This key may not load adapters.", code="not_admin")
-        try:
-            body = await request.json()
-        except ValueError as e:
-            raise bad_request(f"We could not parse the JSON body of your request: {e}") from e
-        name, path, base = (body.get(k) if isinstance(body, dict) else None for k in ("name", "path", "base"))
-        if not all(isinstance(v, str) and v for v in (name, path, base)):
-            raise bad_request("`name`, `path` and `base` are required strings.")
-        digest = body.get("digest")
-        if digest is not None and not isinstance(digest, str):
-            raise bad_request("`digest` must be a string.", param="digest")
-        return JSONResponse(await load(gw, str(name), str(base), str(path), digest))
-    except APIError as e:
-        return JSONResponse(e.body(), e.status, headers=e.headers)
+        body = await request.json()
+    except ValueError as e:
+        raise bad_request(f"We could not parse the JSON body of your request: {e}") from e
+    name, path, base = (body.get(k) if isinstance(body, dict) else None for k in ("name", "path", "base"))
+    if not all(isinstance(v, str) and v for v in (name, path, base)):
+        raise bad_request("`name`, `path` and `base` are required strings.")
+    digest = body.get("digest")
+    if digest is not None and not isinstance(digest, str):
+        raise bad_request("`digest` must be a string.", param="digest")
+    return JSONResponse(await load(gw, str(name), str(base), str(path), digest))
