@@ -242,3 +242,18 @@ def gauge(metrics: str, name: str, **labels: Any) -> float:
     found = samples(metrics, name, **labels)
     assert len(found) == 1, f"{name}{labels}: {len(found)} matching samples"
     return found[0]
+
+
+def dialect(path: str) -> Any:
+    """The gateway's dialect for an endpoint path, as the service looks it up."""
+    from serve.gateway.background import BackgroundQueue
+    from serve.gateway.dialects.table import endpoint_table
+    from serve.gateway.response_store import ResponseStore
+
+    store = ResponseStore(None, 60)
+    return endpoint_table(store, BackgroundQueue(store))[path]
+
+
+def validate(path: str, body: dict[str, Any], max_messages: int) -> None:
+    """The dialect's validation of `body` (a 400 APIError naming `param`), without its coercion."""
+    dialect(path).validate(body, max_messages)

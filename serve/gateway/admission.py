@@ -19,7 +19,7 @@ from serve.gateway.dialects.base import Dialect, View
 from serve.gateway.errors import APIError, bad_request, model_not_found
 from serve.gateway.metrics import Metrics
 from serve.gateway.ratelimit import RateLimiter
-from serve.gateway.validate import coerce, default_model
+from serve.gateway.validate import default_model
 from serve.policies.ratelimit import estimate_tokens
 
 ANONYMOUS = "anonymous"  # the key name when auth is off
@@ -69,7 +69,7 @@ class Admission:
         """`prepaid`: the request's budget was charged when it was submitted (a background
         response): checked again for access and shape, not charged twice."""
         # vLLM's type coercions, and its one served model when `model` is left out (gateway.default_model).
-        rewritten = coerce(dialect.path, payload) | default_model(self.config, payload)
+        rewritten = dialect.coerce(payload) | default_model(self.config, payload)
         route = self.resolve(payload)
         # Access first: a key learns nothing, not even a model's task, about models it may not use.
         if not KeyStore.allows(key, route.name):

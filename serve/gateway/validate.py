@@ -14,10 +14,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from serve.config import Config
-from serve.gateway.dialects.responses import RESPONSES, check_supported
-from serve.gateway.errors import APIError, bad_request
-
-TOKENIZER_PATHS = ("/tokenize", "/detokenize")
+from serve.gateway.errors import bad_request
 
 # Roles with OpenAI's rules for content; vLLM also takes any other string as a custom role
 # (its CustomChatCompletionMessageParam), which the chat template renders by name.
@@ -208,23 +205,3 @@ def validate_embeddings(p: dict[str, Any]) -> None:
     fmt = p.get("encoding_format")
     if fmt is not None and fmt not in ("float", "base64"):
         raise bad_request("`encoding_format` must be float or base64.", param="encoding_format")
-
-
-def validate(path: str, payload: dict[str, Any], max_messages: int) -> None:
-    """Raise APIError(400) naming the offending parameter."""
-    if path.endswith("/chat/completions"):
-        validate_chat(payload, max_messages)
-    elif path.endswith("/completions"):
-        validate_completion(payload)
-    elif path.endswith("/embeddings"):
-        validate_embeddings(payload)
-    elif path == RESPONSES:
-        _opt_num(payload, "temperature", 0, 2)
-        _opt_num(payload, "top_p", 0, 1)
-        check_supported(payload)
-    elif path in TOKENIZER_PATHS and not isinstance(
-            payload.get("prompt", payload.get("messages", payload.get("tokens"))), (str, list)):
-        raise bad_request("Send `prompt` (or `messages`) to tokenize, or `tokens` to detokenize.")
-
-
-__all__ = ["APIError", "coerce", "default_model", "validate"]

@@ -12,9 +12,9 @@ from serve.gateway.app import create_app, create_metrics_app
 from serve.gateway.auth import KeyStore, hash_key
 from serve.gateway.backends import Backends
 from serve.gateway.ratelimit import RateLimiter
-from serve.gateway.validate import validate
 from serve.policies.ratelimit import Bucket, take
 from tests.fakes import FakeUpstream
+from tests.support import validate
 
 
 def config(**auth):

@@ -12,7 +12,8 @@ import pytest
 
 from serve.config import Config
 from serve.gateway.errors import APIError
-from serve.gateway.validate import coerce, default_model, validate
+from serve.gateway.validate import coerce, default_model
+from tests.support import validate
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

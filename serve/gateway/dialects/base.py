@@ -85,6 +85,11 @@ class Dialect:
     deterministic: bool = False  # no sampling: every request may be cached (embeddings, scores)
 
     # ---- admission -------------------------------------------------------------------------------
+    def coerce(self, payload: dict[str, Any]) -> bool:
+        """Apply, in place, the type coercions vLLM's request model for this API applies (so the
+        gateway accepts what vLLM accepts); True if a value changed. Raises a 400 naming `param`."""
+        return False
+
     def validate(self, payload: dict[str, Any], max_messages: int) -> None:
         """Raise a 400 naming `param` for what the API does not accept."""
 

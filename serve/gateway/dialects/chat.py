@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from serve.gateway.dialects.choices import ChoicesDialect
-from serve.gateway.validate import validate
+from serve.gateway.validate import coerce, validate_chat
 
 
 class ChatCompletions(ChoicesDialect):
     path = "/v1/chat/completions"
     chat = True
 
+    def coerce(self, payload: dict[str, Any]) -> bool:
+        return coerce(self.path, payload)
+
     def validate(self, payload: dict[str, Any], max_messages: int) -> None:
-        validate(self.path, payload, max_messages)
+        validate_chat(payload, max_messages)

@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 from serve.gateway.dialects.base import Dialect
-from serve.gateway.validate import validate
+from serve.gateway.validate import validate_embeddings
 
 
 class Embeddings(Dialect):
@@ -16,7 +16,7 @@ class Embeddings(Dialect):
     deterministic = True  # an embedding does not sample: the same input always gives the same vector
 
     def validate(self, payload: dict[str, Any], max_messages: int) -> None:
-        validate(self.path, payload, max_messages)
+        validate_embeddings(payload)
 
     def refresh(self, body: dict[str, Any]) -> None:
         body["id"] = f"cache-{uuid.uuid4().hex[:24]}"

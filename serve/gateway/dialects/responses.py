@@ -16,6 +16,7 @@ from serve.gateway.dialects.base import Charge, Conversation, Dialect, Keep, Vie
 from serve.gateway.dialects.responses_events import ResponsesAssembler, replay
 from serve.gateway.errors import APIError, bad_request
 from serve.gateway.response_store import ResponseStore, expand, output_as_input, output_text
+from serve.gateway.validate import coerce
 from serve.sse_events import Event, EventParser, encode
 
 logger = logging.getLogger("llmserve.responses")
@@ -162,6 +163,9 @@ class Responses(Dialect):
     def __init__(self, store: ResponseStore, background: BackgroundQueue) -> None:
         self.store = store
         self.background = background
+
+    def coerce(self, payload: dict[str, Any]) -> bool:
+        return coerce(self.path, payload)
 
     def validate(self, payload: dict[str, Any], max_messages: int) -> None:
         check_supported(payload)
