@@ -36,7 +36,7 @@ from bench.run import ROOT, free_port
 
 READY_TARGET_S = {"first": 120.0, "warm": 60.0}
 STOP_TARGET_S = 10.0
-# `llmserve run`'s phase lines (serve/cli.py Phases): "llmserve: <what> (<seconds since start>s)".
+# `llmserve run`'s phase lines (serve/cli/run.py Phases): "llmserve: <what> (<seconds since start>s)".
 PHASE = re.compile(r"^llmserve: (?P<what>.+) \((?P<s>\d+(?:\.\d+)?)s\)$")
 READY = re.compile(r"^llmserve: ready after \d+s")
 ERRORS = ("Traceback", "Failed to connect to GCS", " ERROR ")

@@ -14,10 +14,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from serve.config import Config
 from serve.policies.cache_key import Normalization, cache_key, endpoint_for
 
 TOPICS = ["order", "refund", "password", "delivery", "invoice", "warranty", "address", "payment", "login",
           "account", "shipping", "return", "subscription", "coupon", "store hours"]
+
+
+def route_normalization(config: Config, route: str) -> Normalization:
+    """How `route` normalises requests before keying them, as the gateway does online (none: the
+    route has no cache)."""
+    r = config.route(route)
+    if r is None or r.cache is None:
+        return Normalization()
+    return Normalization(whitespace=r.cache.normalize_whitespace, case=r.cache.normalize_case)
 
 
 @dataclass(frozen=True)

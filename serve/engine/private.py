@@ -118,7 +118,7 @@ ENGINE_CORE_MP_CONTEXT = Private(
     "vllm.v1.engine.utils", "get_mp_context",
     "the multiprocessing context vLLM's launcher starts engine cores with: the fork server's on CPU")
 
-# ---- the CLI (serve/cli_tools.py) ---------------------------------------------------------------
+# ---- the CLI (serve/cli/batch.py) ----------------------------------------------------------------
 VLLM_RUN_BATCH = Private(
     "vllm.entrypoints.openai.run_batch", "",
     "vLLM's offline batch runner, run as `python -m` (deprecated in vLLM 0.32 for `vllm run_batch`)")

@@ -414,7 +414,7 @@ async def test_route_names_cannot_reach_each_others_entries(redis_url):
 def test_cli_invalidate_moves_the_generation_and_fails_without_redis(redis_url, capsys):
     import redis
 
-    from serve.cli_tools import cmd_cache_invalidate
+    from serve.cli.cache import cmd_cache_invalidate
 
     r = redis.Redis.from_url(redis_url)
     r.set(HeadCache.full_key("cli", 0, "k"), entry().dumps())

@@ -247,7 +247,7 @@ def test_a_failed_build_is_an_engine_start_error_with_serves_message(polls):
 def test_bench_start_reads_the_phases_llmserve_run_prints(capsys):
     """The lines cmd_run prints are the ones `make bench-start` times (bench/start.py)."""
     from bench.start import durations, parse_phase, timeline
-    from serve.cli import Phases
+    from serve.cli.run import Phases
 
     phases = Phases()
     print("llmserve: starting Ray and the engines (the first start builds the tiny model)...")

@@ -222,7 +222,7 @@ def test_replay_reads_tier_cost_and_answer_of_every_request():
 # ---- what the demo teaches its tiny teacher (serve/demo.py), on which the report's figures rest --
 def test_demo_faq_answers_every_topic_of_the_log_within_the_token_budget():
     from serve.cache.pipeline import TOPICS, synth_log
-    from serve.demo import FAQ, MAX_TOKENS, faq_labels
+    from serve.cli.demo import FAQ, MAX_TOKENS, faq_labels
     from serve.model.tiny import train_tokenizer
 
     assert set(FAQ) == set(TOPICS)  # a log topic without an answer would leave the teacher guessing

@@ -20,10 +20,9 @@ import pytest
 from ray._common.utils import load_class  # how Ray's worker loads its setup hook
 from ray._private.ray_constants import WORKER_PROCESS_SETUP_HOOK_ENV_VAR
 from ray._private.workers import default_worker
-from serve.engine import private
 
 from serve.config import ModelSpec
-from serve.engine import forkserver, lifeline
+from serve.engine import forkserver, lifeline, private
 from serve.engine.deployments import llm_config_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,7 +129,7 @@ def test_ray_runs_the_hook_named_in_a_workers_environment():
     source = inspect.getsource(default_worker)
     assert "os.getenv(\n        ray_constants.WORKER_PROCESS_SETUP_HOOK_ENV_VAR" in source
     assert "load_and_execute_setup_hook(worker_process_setup_hook_key)" in source
-    assert forkserver.SERVE_REPLICA_PREFIX == private.SERVE_REPLICA_PREFIX.load()
+    assert private.SERVE_REPLICA_PREFIX.load() == forkserver.SERVE_REPLICA_PREFIX
 
 
 @pytest.mark.parametrize("accelerator,own_env,expected", [

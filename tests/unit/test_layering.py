@@ -167,9 +167,8 @@ def test_policies_stay_pure():
     assert not bad, bad
 
 
-# The process kinds' composition roots sit on top: only the CLI (and the demo, one of its commands)
-# starts them.
-LAUNCHERS = ("serve.launch", "serve.cli", "serve.demo")
+# The process kinds' composition roots sit on top: only the CLI (the demo included) starts them.
+LAUNCHERS = ("serve.launch", "serve.cli")
 
 
 def test_only_the_cli_imports_the_launch_package():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 
-from serve import cli_tools
+from serve.cli import batch
 from serve.config import Config
 from serve.engine import deployments, models, private
 
@@ -16,7 +16,7 @@ def test_offline_batch_runs_vllm_with_the_projects_cpu_environment(monkeypatch, 
     monkeypatch.setattr(models, "resolve_source", lambda spec: "/models/tiny")
     config = Config.model_validate({"models": [{"name": "tiny", "source": "builtin://tiny", "accelerator": "cpu",
                                                 "env": {"EXTRA": "1"}}]})
-    assert cli_tools.offline_batch(config, "tiny", "in.jsonl", "out.jsonl") == 0
+    assert batch.offline_batch(config, "tiny", "in.jsonl", "out.jsonl") == 0
     cmd, env = calls[0]
     assert cmd[1:3] == ["-m", private.VLLM_RUN_BATCH.module]
     assert cmd[cmd.index("--model") + 1] == "/models/tiny"

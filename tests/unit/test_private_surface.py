@@ -30,7 +30,7 @@ def test_the_list_is_complete_and_holds_the_copies_made_from_it():
     assert len(private.NAMES) >= 20
     assert private.VLLM_ENGINE in private.NAMES and private.ENGINE_CORE_RUN in private.NAMES
     # forkserver keeps its own copy (it may not import Ray Serve on the setup hook's thread).
-    assert forkserver.SERVE_REPLICA_PREFIX == private.SERVE_REPLICA_PREFIX.load()
+    assert private.SERVE_REPLICA_PREFIX.load() == forkserver.SERVE_REPLICA_PREFIX
 
 
 def test_check_fails_on_a_name_that_is_gone():

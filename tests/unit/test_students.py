@@ -136,7 +136,7 @@ def test_label_can_leave_out_the_head_the_cache_serves(tmp_path, monkeypatch, ca
     --top N --route R` caches are counted with R's normalisation (here case-folded) and left out."""
     import types
 
-    import serve.students.cli as students_cli
+    import serve.cli.students as students_cli
 
     def q(text):
         return {"model": "teacher", "messages": [{"role": "user", "content": text}], "max_tokens": 8}

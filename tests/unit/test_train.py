@@ -7,9 +7,10 @@ import json
 import pytest
 
 from serve.cache.pipeline import TOPICS
+from serve.cli.train import add_train_command
 from serve.students.data import Example, LabelError, file_sha256, held_out, read_batch, read_labels, split
 from serve.students.registry import adapter_digest
-from serve.students.train import ATTENTION, MLP, add_train_command, encode
+from serve.students.train import ATTENTION, MLP, encode
 
 # A teacher whose answer is a simple function of the question, so 16 labels are enough to learn it.
 QUESTIONS = [(f"q{i}", f"How do I change my {TOPICS[i % len(TOPICS)]} (case {i})?") for i in range(20)]

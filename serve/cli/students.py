@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from serve.cli.common import wait_for_batch
 from serve.config import Config, GateSpec, load_config
 
 
@@ -46,11 +47,9 @@ async def _store(args: argparse.Namespace) -> AsyncIterator[Any]:
 
 def _run_batch(client: Any, lines: list[str], timeout_s: float) -> tuple[str, dict[str, dict[str, Any]]]:
     """Run lines through the gateway's Batch API; returns (batch id, custom_id -> response body)."""
-    from serve.cli_tools import _wait
-
     f = client.files.create(file=("in.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
     b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-    b = _wait(client, b.id, timeout_s)
+    b = wait_for_batch(client, b.id, timeout_s)
     out: dict[str, dict[str, Any]] = {}
     if b.output_file_id:
         for raw in client.files.content(b.output_file_id).text.splitlines():
@@ -79,11 +78,10 @@ def _without_head(log: list[dict[str, Any]], route: str, top: int, config: Confi
     """The log less its `top` most frequent queries, counted as `cache build --route --top` counts
     them (the route's normalisation): the head cache answers those, so labelling them teaches the
     student traffic it will not see."""
-    from serve.cache.pipeline import select_head
-    from serve.cli_tools import _norm
+    from serve.cache.pipeline import route_normalization, select_head
     from serve.policies.cache_key import cache_key, endpoint_for
 
-    norm = _norm(config, route)
+    norm = route_normalization(config, route)
     head = {q.key for q in select_head(log, route, top, norm)[0]}
     return [r for r in log if cache_key(route, endpoint_for(r), r, norm) not in head]
 
@@ -311,7 +309,7 @@ def add_commands(sub: Any) -> None:
 
     st = sub.add_parser("students", help="student lifecycle: label, eval, calibrate, promote, rollback")
     ss = st.add_subparsers(dest="students_command", required=True)
-    from serve.students.train import add_train_command
+    from serve.cli.train import add_train_command
 
     add_train_command(ss)
     p = ss.add_parser("label", help="teacher answers for a sample of logged queries (Batch API)")

@@ -1,4 +1,5 @@
-"""`llmserve`: run the stack, build the tiny model, check a configuration."""
+"""`llmserve run` (engines, batch worker and gateway in one process tree) and `llmserve gateway` (the
+gateway alone, joining engines in a Ray cluster)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
+from typing import Any
 
-from serve.config import Config, ConfigError, load_config
+from serve.config import Config, load_config
 
 SNIPPET = """\
 from openai import OpenAI
@@ -168,32 +169,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_hash_key(args: argparse.Namespace) -> int:
-    from serve.gateway.auth import hash_key
-
-    key = args.key if args.key else sys.stdin.readline().strip()
-    print(hash_key(key))
-    return 0
-
-
-def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from serve.model.tiny import build_tiny_model
-
-    out = build_tiny_model(Path(args.dir), seed=args.seed)
-    print(f"tiny model written to {out}")
-    return 0
-
-
-def cmd_check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    print(f"{args.config}: ok ({len(config.models)} models)")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmserve", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
+def add_commands(sub: Any) -> None:
     run = sub.add_parser("run", help="start engines and the OpenAI-compatible gateway")
     run.add_argument("--config", help="YAML configuration (default: the tiny model on CPU)")
     run.add_argument("--host", help="override gateway.host")
@@ -204,42 +180,3 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--config", help="YAML configuration (ray.address names the cluster)")
     gw.add_argument("--port", type=int, help="override gateway.port")
     gw.set_defaults(func=cmd_gateway)
-
-    hk = sub.add_parser("hash-key", help="print the SHA-256 to put in auth.keys for an API key")
-    hk.add_argument("key", nargs="?", help="the key (read from stdin when omitted)")
-    hk.set_defaults(func=cmd_hash_key)
-
-    tiny = sub.add_parser("tiny-model", help="write the tiny random Llama model to DIR")
-    tiny.add_argument("dir")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.set_defaults(func=cmd_tiny_model)
-
-    from serve.cli_tools import add_commands
-    from serve.demo import add_command as add_demo_command
-    from serve.students.cli import add_commands as add_student_commands
-    from serve.students.report import add_commands as add_report_commands
-
-    add_commands(sub)
-    add_student_commands(sub)
-    add_report_commands(sub)
-    add_demo_command(sub)
-
-    check = sub.add_parser("check-config", help="validate a configuration file")
-    check.add_argument("config")
-    check.set_defaults(func=cmd_check_config)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as e:
-        print(f"llmserve: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

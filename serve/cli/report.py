@@ -1,0 +1,72 @@
+"""`llmserve report economics`: replay a query log through a route and report share, cost and
+agreement per tier (serve/students/report.py, serve/students/economics.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from serve.config import load_config
+from serve.students.economics import plot, table
+from serve.students.report import BATCH_PRICE_FACTOR, economics
+
+
+def cmd_economics(args: argparse.Namespace) -> int:
+    from serve.cache.pipeline import read_log, synth_log
+
+    config = load_config(args.config)
+    if args.log:
+        with open(args.log, "rb") as f:
+            log = read_log(f)
+    else:
+        log = synth_log(args.requests, args.distinct, args.s, args.seed, args.max_tokens, args.route)
+    if not log:
+        raise SystemExit("llmserve: the log holds no chat requests")
+    report, records = asyncio.run(economics(args, config, log))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "replay.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
+    (out / "economics.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = table(report)
+    (out / "economics.txt").write_text(text + "\n")
+    plot(report, str(out / "economics.png"))
+    print(text)
+    print(f"\nwrote {out / 'economics.json'}, {out / 'economics.txt'}, {out / 'economics.png'}")
+    return 0 if report["tiers"]["error"]["requests"] < len(log) else 1
+
+
+def add_commands(sub: Any) -> None:
+    rep = sub.add_parser("report", help="reports on a running gateway: economics")
+    rs = rep.add_subparsers(dest="report_command", required=True)
+    p = rs.add_parser("economics", help="replay a query log through a route: share, cost per 1,000 requests and "
+                                        "agreement with the teacher per tier (cache, student, teacher)")
+    p.add_argument("--route", required=True)
+    p.add_argument("--config")
+    p.add_argument("--redis-url", help="the route's cache and lifecycle store (default: the config's)")
+    p.add_argument("--url", default=os.environ.get("LLMSERVE_URL", "http://127.0.0.1:8000/v1"))
+    p.add_argument("--api-key", help="default: $LLMSERVE_API_KEY")
+    p.add_argument("--timeout", type=float, default=300, help="seconds one request may take")
+    p.add_argument("--log", help="query log (JSONL request bodies); default: a synthesised Zipf log")
+    p.add_argument("--requests", type=int, default=10_000, help="synthesised log: requests")
+    p.add_argument("--distinct", type=int, default=1000, help="synthesised log: distinct queries")
+    p.add_argument("--s", type=float, default=1.1, help="synthesised log: Zipf exponent")
+    p.add_argument("--max-tokens", type=int, default=16, help="synthesised log: max_tokens of each request")
+    p.add_argument("--seed", type=int, default=0, help="seeds the synthesised log and the samples")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    p.add_argument("--sample", type=int, default=200,
+                   help="log requests the teacher and the student answer directly (cost and agreement of each "
+                        "alone), and answers per tier scored against the teacher")
+    p.add_argument("--batch-price-factor", type=float, default=BATCH_PRICE_FACTOR,
+                   help="the cache build's batch price as a share of the teacher's online price")
+    p.add_argument("--labels", help="held-out teacher labels (`students label` format): the route's student "
+                                    "and --base are scored on them")
+    p.add_argument("--base", help="the untrained student base model, scored on --labels beside the student")
+    p.add_argument("--manifest", help="`students train` manifest: its before/after agreement goes in the report")
+    p.add_argument("--note", action="append", help="a line for the closing note (repeatable)")
+    p.add_argument("--out", default="economics", help="directory for economics.json, .txt and .png")
+    p.set_defaults(func=cmd_economics)
