@@ -94,8 +94,8 @@ class Admission:
             # No wait would ever admit it (a bucket holds at most a minute's tokens): say so, rather
             # than a 429 that a client (or a batch line) would retry forever.
             raise APIError(400, f"This request needs about {tokens} tokens, more than key `{key.name}` may "
-                                f"use in a minute ({tpm}). Lower max_tokens or the prompt.",
-                           param="max_tokens", code="request_exceeds_token_limit")
+                                f"use in a minute ({tpm}). Lower {view.max_tokens_field} or the prompt.",
+                           param=view.max_tokens_field, code="request_exceeds_token_limit")
         verdict = await self.limiter.check(key.name, rpm, tpm, tokens)
         if not verdict.allowed:
             self.metrics.rate_limited.labels(key.name, verdict.limit_name).inc()

@@ -181,12 +181,31 @@ class Edge:
         return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def health(self, request: Request) -> Response:
-        # The pod's readiness probe: 200 once any model can be served, so one model's outage does
-        # not take every gateway out of the Service (and the others' traffic with it); the body
-        # says which models have no replica ("degraded").
+        """The pod's readiness probe: 200 once any model can be served, so one model's outage does
+        not take every gateway out of the Service (and the others' traffic with it). Which models
+        have no replica is shown to admin keys only (a caller without a key must not learn the
+        model names); the metrics listener's /health always shows it, to the operator."""
+        status, ready = self.readiness()
+        body: dict[str, Any] = {"status": status}
+        if not self.gw.keys.enabled or getattr(self.key_or_none(request), "admin", False):
+            body["replicas"] = ready
+        return JSONResponse(body, 503 if status == "starting" else 200)
+
+    async def health_detail(self, request: Request) -> Response:
+        status, ready = self.readiness()
+        return JSONResponse({"status": status, "replicas": ready}, 503 if status == "starting" else 200)
+
+    def readiness(self) -> tuple[str, dict[str, int]]:
         ready = {m.name: self.gw.backends.ready_count(m.name) for m in self.gw.config.models}
         status = "ok" if all(ready.values()) else "degraded" if any(ready.values()) else "starting"
-        return JSONResponse({"status": status, "replicas": ready}, 503 if status == "starting" else 200)
+        return status, ready
+
+    def key_or_none(self, request: Request) -> Any:
+        """The caller's key if it sent a valid one; None otherwise (a probe sends none)."""
+        try:
+            return self.key(request)
+        except APIError:
+            return None
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
@@ -251,6 +270,9 @@ def app_for(gw: Gateway, *, batch_store: BatchStore | None = None, lifespan: Any
 
 
 def create_metrics_app(gw: Gateway) -> Starlette:
-    """`/metrics` for Prometheus, on the metrics listener (gateway.metrics_port)."""
-    return Starlette(routes=[Route("/metrics", Edge(gw).metrics, methods=["GET"])],
+    """`/metrics` for Prometheus, and `/health` with every model's replica count, on the metrics
+    listener (gateway.metrics_port), which only the operator's network reaches."""
+    edge = Edge(gw)
+    return Starlette(routes=[Route("/metrics", edge.metrics, methods=["GET"]),
+                             Route("/health", edge.health_detail, methods=["GET"])],
                      exception_handlers=_error_handlers())

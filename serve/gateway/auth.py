@@ -31,6 +31,13 @@ def load_keys(spec: AuthSpec) -> list[ApiKey]:
             keys += [ApiKey.model_validate(e) for e in entries]
         except ValueError as e:
             raise ConfigError(f"auth.keys_file {spec.keys_file}: {e}") from e
+    # A key's name owns its files, batches, responses, rate buckets and cost: two keys of one
+    # name would share all of them.
+    names = [k.name for k in keys]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"API key names must be unique (auth.keys and auth.keys_file together); "
+                          f"used more than once: {twice}")
     return keys
 
 

@@ -238,3 +238,36 @@ async def test_batch_line_is_admitted_with_its_owners_key():
     assert 'llmserve_cost_usd_total{key="bob",model="b",route="b"}' in text
     assert 'llmserve_cost_usd_total{key="alice",model="a",route="a"}' in text
     assert 'key="batch"' not in text
+
+
+def test_health_names_models_to_admins_and_the_metrics_port_only():
+    """A probe or any caller without an admin key learns the status, not which models exist."""
+    cfg = Config.model_validate({
+        "models": [{"name": "secret-model", "source": "x"}],
+        "auth": {"keys": [{"name": "ops", "sha256": hash_key("sk-ops"), "admin": True},
+                          {"name": "user", "sha256": hash_key("sk-user")}]},
+    })
+    backends = Backends()
+    backends.update({"secret-model": [("s#1", "http://s")]})
+    app = create_app(cfg, backends, FakeUpstream())
+    client = TestClient(app)
+    for headers in ({}, {"Authorization": "Bearer sk-user"}, {"Authorization": "Bearer sk-wrong"}):
+        r = client.get("/health", headers=headers)
+        assert r.status_code == 200 and r.json() == {"status": "ok"} and "secret-model" not in r.text, headers
+    r = client.get("/health", headers={"Authorization": "Bearer sk-ops"})
+    assert r.json() == {"status": "ok", "replicas": {"secret-model": 1}}
+    detail = TestClient(create_metrics_app(app.state.gateway)).get("/health")
+    assert detail.json() == {"status": "ok", "replicas": {"secret-model": 1}}
+
+
+def test_two_keys_of_one_name_are_refused_at_start(tmp_path):
+    """Ownership goes by key name: two keys of one name would share files, batches, responses
+    and rate buckets. Refused whether both are inline or one comes from the keys file."""
+    dup = tmp_path / "keys.yaml"
+    dup.write_text(f"- {{name: alice, sha256: {hash_key('sk-other')}}}\n")
+    alice = {"name": "alice", "sha256": hash_key("sk-1")}
+    for auth in ({"keys": [alice, {"name": "alice", "sha256": hash_key("sk-2")}]},
+                 {"keys": [alice], "keys_file": str(dup)}):
+        cfg = Config.model_validate({"models": [{"name": "a", "source": "x"}], "auth": auth})
+        with pytest.raises(ConfigError, match="unique"):
+            KeyStore(cfg.auth)
