@@ -219,7 +219,7 @@ def test_replay_reads_tier_cost_and_answer_of_every_request():
     assert all(r.latency_s > 0 for r in records)
 
 
-# ---- what the demo teaches its tiny teacher (serve/demo.py), on which the report's figures rest --
+# ---- what the demo teaches its tiny teacher (serve/cli/demo.py), on which the report's figures rest --
 def test_demo_faq_answers_every_topic_of_the_log_within_the_token_budget():
     from serve.cache.pipeline import TOPICS, synth_log
     from serve.cli.demo import FAQ, MAX_TOKENS, faq_labels
