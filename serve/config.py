@@ -28,6 +28,10 @@ from serve.model.spec import (  # noqa: F401 (the configuration's model entries,
 from serve.model.tiny import BUILTIN_TINY
 
 ENV_PREFIX = "LLMSERVE__"
+# The Redis URL (with its password) reaches every process from its environment, never from the
+# configuration Serve is given or a runtime_env (Serve logs both and its dashboard shows them): the
+# chart sets it from a Secret, `llmserve run` exports it before it starts Ray (serve/engine/cluster.py).
+REDIS_URL_ENV = f"{ENV_PREFIX}CACHE__REDIS_URL"
 
 
 class ConfigError(ValueError):
@@ -105,6 +109,10 @@ class CacheSpec(StrictModel):
     store_online: bool = Field(
         True, description="Store deterministic online answers too (not only batch-filled ones)."
     )
+    scope: Literal["route", "key"] = Field(
+        "route", description="Who shares an entry: `route`, every key of the route; `key`, only the API key "
+                             "that made it (a tenant's cached answers stay its own).",
+    )
 
 
 class CascadeSpec(StrictModel):
@@ -167,6 +175,11 @@ class CacheStoreSpec(StrictModel):
         None, description="Redis holding the shared head cache (redis://host:6379/0); none: in-process only."
     )
     lru_size: int = Field(10_000, ge=0, description="Entries kept in each gateway's in-process LRU.")
+    lru_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=0,
+        description="Bytes of answers (as stored) each gateway's in-process LRU holds at most; the least "
+                    "recently used go first.",
+    )
     op_timeout_s: float = Field(0.2, gt=0, description="Longest a Redis call may take before it counts as down.")
 
 
@@ -181,7 +194,22 @@ class ApiKey(StrictModel):
     )
     requests_per_minute: int | None = Field(None, gt=0, description="Request rate limit; none: the default.")
     tokens_per_minute: int | None = Field(None, gt=0, description="Token rate limit; none: the default.")
+    max_concurrent_requests: int | None = Field(
+        None, gt=0, description="Requests (streams included) the key may have in flight at once, across "
+                                "gateways; none: the default.")
+    max_stream_s: float | None = Field(
+        None, gt=0, description="Longest a stream of this key may run before the gateway ends it; none: the default.")
     admin: bool = Field(False, description="May load adapters at runtime (student promotion).")
+    cache_salt: str | None = Field(
+        None, min_length=1, max_length=128, pattern=r"^[^@/\\\x00]+$",
+        description="Sent to vLLM as each generate request's `cache_salt` (replacing the client's), so its "
+                    "prefix cache shares no blocks, and no timing, with other keys; also keeps the key's "
+                    "head-cache entries apart. vLLM's rule: at most 128 characters, no `@`, `/`, `\\` or NUL.",
+    )
+    storage_bytes: int | None = Field(
+        None, gt=0, description="Bytes of batch files and batch results the key may hold at once; none: "
+                                "batch.storage_bytes_per_key.",
+    )
 
 
 class AuthSpec(StrictModel):
@@ -196,6 +224,17 @@ class AuthSpec(StrictModel):
     default_tokens_per_minute: int | None = Field(
         None, gt=0, description="Token limit for keys without their own; none: unlimited."
     )
+    default_max_concurrent_requests: int | None = Field(
+        None, gt=0, description="Requests in flight at once for keys without their own limit; none: unlimited."
+    )
+    default_max_stream_s: float | None = Field(
+        None, gt=0, description="Longest stream for keys without their own limit; none: only "
+                                "gateway.request_timeout_s between chunks applies."
+    )
+    assumed_context_tokens: int = Field(
+        8192, gt=0, description="A model's context when its engine.max_model_len is not set: a request "
+                                "without a max tokens field reserves the rest of it against the key's "
+                                "token budget (the most vLLM would generate).")
 
 
 class BatchSpec(StrictModel):
@@ -221,6 +260,20 @@ class BatchSpec(StrictModel):
         200 * 1024 * 1024, gt=0,
         description="Largest POST /v1/files request body (the file plus a few hundred bytes of form); "
                     "larger gets 413 as the bytes arrive and nothing is stored.",
+    )
+    storage_bytes_per_key: int = Field(
+        10 * 1024**3, gt=0,
+        description="Bytes of files (uploads, outputs) and unfinished batch results one key may hold; an "
+                    "upload past it gets 400 storage_quota_exceeded, a batch 400 while the key is over it. "
+                    "A key's own storage_bytes overrides it.",
+    )
+    retention_s: int = Field(
+        30 * 86400, gt=0,
+        description="Files and finished batches older than this are deleted by the batch worker (rows and "
+                    "bytes), the input of a running batch only once it has finished.",
+    )
+    max_lines: int = Field(
+        50_000, gt=0, description="Most requests in one batch input file (OpenAI's limit); more fails the batch.",
     )
 
 

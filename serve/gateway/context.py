@@ -29,12 +29,14 @@ class RequestContext:
     payload: dict[str, Any]  # as the dialect will send it (Responses: the whole conversation)
     view: View  # the typed view the dialect parsed once
     key: str = "anonymous"  # the API key's name, for per-key cost
+    admin: bool = False  # the key is an admin's (sees how a cached answer was made)
     raw: bytes | None = None  # the client's own bytes, forwarded when the request is unchanged
     affinity: str | None = None  # the prompt prefix replicas are chosen by (their prefix cache)
     served_by: str = ""
     replica: str = ""  # the engine replica that answered (prefix affinity is visible here)
     cache: str = "bypass"  # hit | miss | bypass
     cost_usd: float = 0.0
+    tokens: int = 0  # prompt and output tokens billed so far, every model's (settles the key's budget)
     escalated: str | None = None
     models: list[str] = field(default_factory=list)
     store: Store | None = None  # set by the cache stage on a miss the route may fill

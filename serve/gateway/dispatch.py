@@ -107,6 +107,7 @@ class Dispatcher:
         cost = cost_usd(prompt, completion, self.catalog.price(model))
         self.metrics.cost.labels(ctx.route.name, model, ctx.key).inc(cost)
         ctx.cost_usd += cost
+        ctx.tokens += prompt + completion
         return ctx.cost_usd
 
     @staticmethod
@@ -121,4 +122,5 @@ class Dispatcher:
             if rest := tap.end():
                 yield rest
         finally:
+            tap.close()  # a stream that ended before its usage (the client left) is billed as far as it went
             await resp.aclose()

@@ -12,8 +12,9 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from serve.policies.ratelimit import LUA_TAKE, Bucket, Verdict, take
+from serve.policies.ratelimit import LUA_ACQUIRE, LUA_SETTLE, LUA_TAKE, Bucket, Verdict, settle, take
 
 logger = logging.getLogger("llmserve.ratelimit")
 
@@ -31,8 +32,11 @@ class RateLimiter:
                  clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._local: dict[str, Bucket] = {}
+        self._slots: dict[str, dict[str, float]] = {}  # per key: slot id -> expiry (without Redis)
         self._redis = None
-        self._script = None
+        self._script: Any = None
+        self._settle: Any = None
+        self._acquire: Any = None
         self._down_until = 0.0
         self._retry_after_s = retry_after_s
         if redis_url:
@@ -41,10 +45,20 @@ class RateLimiter:
             self._redis = aioredis.from_url(redis_url, socket_timeout=op_timeout_s,
                                             socket_connect_timeout=op_timeout_s)
             self._script = self._redis.register_script(LUA_TAKE)
+            self._settle = self._redis.register_script(LUA_SETTLE)
+            self._acquire = self._redis.register_script(LUA_ACQUIRE)
+
+    def _redis_up(self, now: float) -> bool:
+        return self._redis is not None and now >= self._down_until
+
+    def _redis_failed(self, now: float, e: Exception) -> None:
+        self._down_until = now + self._retry_after_s
+        logger.warning("redis rate limiting failed (%s); limiting per gateway replica for %.0fs",
+                       e, self._retry_after_s)
 
     async def _take(self, bucket_key: str, capacity: float, per_minute: float, cost: float) -> Verdict:
         now = self._clock()
-        if self._script is not None and now >= self._down_until:
+        if self._redis_up(now):
             try:
                 allowed, tokens = await self._script(keys=[bucket_key], args=[capacity, per_minute, cost, now])
                 tokens = float(tokens)
@@ -52,9 +66,7 @@ class RateLimiter:
                 need = 0.0 if allowed else min(cost, capacity) - tokens
                 return Verdict(bool(allowed), tokens, need / rate, (capacity - tokens) / rate)
             except Exception as e:
-                self._down_until = now + self._retry_after_s
-                logger.warning("redis rate limiting failed (%s); limiting per gateway replica for %.0fs",
-                               e, self._retry_after_s)
+                self._redis_failed(now, e)
         verdict, self._local[bucket_key] = take(self._local.get(bucket_key), capacity, per_minute, cost, now)
         return verdict
 
@@ -72,6 +84,51 @@ class RateLimiter:
                 headers["Retry-After"] = str(retry)
                 return LimitResult(False, name, v.retry_after_s, headers)
         return LimitResult(True, "", 0.0, headers)
+
+    async def settle(self, key_name: str, tpm: int, delta: float) -> None:
+        """Give `delta` tokens back to the key's token bucket (a reservation larger than the usage
+        the engine reported); a negative delta charges more."""
+        if not delta:
+            return
+        bucket_key = f"llmserve:rl:tokens:{key_name}"
+        now = self._clock()
+        if self._redis_up(now):
+            try:
+                await self._settle(keys=[bucket_key], args=[tpm, tpm, delta, now])
+                return
+            except Exception as e:
+                self._redis_failed(now, e)
+        bucket = settle(self._local.get(bucket_key), tpm, tpm, delta, now)
+        if bucket is not None:
+            self._local[bucket_key] = bucket
+
+    async def acquire(self, key_name: str, limit: int, slot: str, hold_s: float) -> bool:
+        """Take one of the key's `limit` concurrency slots for at most `hold_s` (a slot whose
+        gateway died is free again then); False when all are taken."""
+        slots_key = f"llmserve:conc:{key_name}"
+        now = self._clock()
+        if self._redis_up(now):
+            try:
+                return bool(await self._acquire(keys=[slots_key], args=[limit, slot, now + hold_s, now]))
+            except Exception as e:
+                self._redis_failed(now, e)
+        held = {s: t for s, t in self._slots.get(slots_key, {}).items() if t > now}
+        if len(held) >= limit:
+            self._slots[slots_key] = held
+            return False
+        held[slot] = now + hold_s
+        self._slots[slots_key] = held
+        return True
+
+    async def release(self, key_name: str, slot: str) -> None:
+        slots_key = f"llmserve:conc:{key_name}"
+        self._slots.get(slots_key, {}).pop(slot, None)
+        now = self._clock()
+        if self._redis_up(now):
+            try:
+                await self._redis.zrem(slots_key, slot)  # type: ignore[union-attr]
+            except Exception as e:
+                self._redis_failed(now, e)
 
     async def close(self) -> None:
         if self._redis is not None:

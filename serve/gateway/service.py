@@ -26,7 +26,7 @@ from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends
 from serve.gateway.background import BackgroundQueue, BackgroundRunner
 from serve.gateway.catalog import Catalog
-from serve.gateway.context import RequestContext
+from serve.gateway.context import Background, RequestContext
 from serve.gateway.dialects.base import Dialect
 from serve.gateway.dialects.table import endpoint_table
 from serve.gateway.dispatch import Dispatcher
@@ -59,10 +59,11 @@ class Gateway:
         self.catalog = Catalog(config)
         self.admission = Admission(config, self.catalog, limiter or RateLimiter(None), self.metrics)
         self.dispatch = Dispatcher(config, self.catalog, backends, upstream, self.metrics)
-        self.runner = RouteRunner(self.dispatch, self.metrics, cache)
+        self.background = Background()  # work started off the request path, held until done
+        self.runner = RouteRunner(self.dispatch, self.metrics, cache, self.background)
         self.response_store = ResponseStore(config.cache.redis_url, config.gateway.responses_ttl_s)
-        self.background = BackgroundQueue(self.response_store)
-        self.endpoints: dict[str, Dialect] = endpoint_table(self.response_store, self.background)
+        self.queue = BackgroundQueue(self.response_store)
+        self.endpoints: dict[str, Dialect] = endpoint_table(self.response_store, self.queue)
 
     async def handle(self, key: ApiKey | None, path: str, payload: dict[str, Any],
                      raw: bytes | None = None, prepaid: bool = False) -> Answer:
@@ -73,22 +74,42 @@ class Gateway:
         try:
             if dialect is None:
                 raise APIError(404, f"Unknown route POST {path}.", code="unknown_route")
-            body_bytes = len(raw) if raw is not None else len(json.dumps(payload))
-            ticket = await self.admission.admit(key, dialect, payload, body_bytes, prepaid)
-            later = await dialect.deferred(payload, ticket.key_name)
-            if later is not None:
-                later.headers.update(ticket.headers)
-                return later
+            ticket = await self.admission.admit(key, dialect, payload, prepaid)
             sent, conversation = await dialect.before(payload, ticket.key_name)
+            # The reservation counts the prompt as it will be sent (a Responses conversation whole).
+            size = len(raw) if raw is not None and sent is payload else len(json.dumps(sent))
+            lease = await self.admission.reserve(key, ticket, size, prepaid)
         except APIError as e:
             self.metrics.requests.labels("-", "-", str(e.status)).inc()
             return Answer.error(e)
+        try:
+            later = await dialect.deferred(payload, ticket.key_name)
+        except APIError as e:
+            await lease.end(0)  # nothing was queued
+            return Answer.error(e, ticket.headers)
+        if later is not None:
+            # A background response keeps its reservation (its runner is not charged again) and
+            # frees the slot: the submit is done.
+            await lease.end(None)
+            later.headers.update(ticket.headers)
+            return later
         ctx = RequestContext(route=ticket.route, dialect=dialect, payload=sent, view=ticket.view,
                              key=ticket.key_name, raw=raw if sent is payload and not ticket.rewritten else None,
-                             affinity=prefix_key(sent), conversation=conversation)
-        answer = await self.runner.run(ctx)
-        answer = await dialect.after(conversation, ticket.key_name, answer)
+                             affinity=prefix_key(sent), conversation=conversation,
+                             admin=key is not None and key.admin)
+        try:
+            answer = await self.runner.run(ctx)
+            answer = await dialect.after(conversation, ticket.key_name, answer)
+        except BaseException:
+            # Cancelled (the client of a non-streamed request left) or failed: what the engine
+            # generated is unknown, so the key's reservation stays spent.
+            self.background.spawn(lease.end(None))
+            raise
         answer.headers.update(ticket.headers)
+        if answer.chunks is None:
+            await lease.end(ctx.tokens)
+        else:
+            answer.chunks = lease.guard(answer.chunks, lambda: ctx.tokens, self.background.spawn)
         return answer
 
     async def call_as(self, owner: str, path: str, body: dict[str, Any],
@@ -111,10 +132,10 @@ class Gateway:
         return answer.status, answer.body
 
     def background_runner(self, concurrency: int) -> BackgroundRunner:
-        return BackgroundRunner(self.background, self.call_as, concurrency=concurrency)
+        return BackgroundRunner(self.queue, self.call_as, concurrency=concurrency)
 
     async def cancel_response(self, key: ApiKey | None, rid: str) -> dict[str, Any]:
-        return await self.background.cancel(rid, self.owner(key))
+        return await self.queue.cancel(rid, self.owner(key))
 
     @staticmethod
     def owner(key: ApiKey | None) -> str:

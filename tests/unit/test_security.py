@@ -63,7 +63,7 @@ def metrics_text(client) -> str:
 
 def test_key_limited_to_models():
     client, _ = make()
-    assert post(client, chat("b"), "sk-bob").status_code == 200
+    assert post(client, chat("b", max_tokens=16), "sk-bob").status_code == 200
     r = post(client, chat("a"), "sk-bob")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
@@ -79,14 +79,24 @@ def test_requests_per_minute_gives_429_with_headers():
     assert 'llmserve_rate_limited_total{key="alice",limit="requests"}' in metrics_text(client)
 
 
-def test_tokens_per_minute_counts_max_tokens():
+def test_tokens_per_minute_reserve_the_worst_case_and_settle_on_real_usage():
+    """bob may use 300 tokens a minute. A request reserves its prompt plus every choice's
+    max_tokens (the rest of the context without one) and is settled on the usage the engine
+    reports (the fake engine: 3 prompt + 2 completion tokens)."""
     client, _ = make()
+    # 200 reserved, 5 used: the rest goes back, so the next one fits at once.
     assert post(client, chat("b", max_tokens=200), "sk-bob").status_code == 200
-    r = post(client, chat("b", max_tokens=200), "sk-bob")
-    assert r.status_code == 429 and "tokens" in r.json()["error"]["message"]
+    assert post(client, chat("b", max_tokens=200), "sk-bob").status_code == 200
     # More than a minute's budget can never be admitted: a clear 400, not a 429 retried forever.
-    r = post(client, chat("b", max_tokens=1000), "sk-bob")
-    assert r.status_code == 400 and r.json()["error"]["code"] == "request_exceeds_token_limit"
+    for body in (chat("b", max_tokens=1000),
+                 chat("b", max_tokens=100, n=3),  # every choice counts
+                 chat("b")):  # no max_tokens: the rest of the context (auth.assumed_context_tokens)
+        r = post(client, body, "sk-bob")
+        assert r.status_code == 400 and r.json()["error"]["code"] == "request_exceeds_token_limit", body
+        assert r.json()["error"]["param"] == "max_tokens"
+    r = client.post("/v1/completions", json={"model": "b", "prompt": ["x", "y", "z"], "max_tokens": 100},
+                    headers={"Authorization": "Bearer sk-bob"})
+    assert r.status_code == 400, "a list of prompts is one completion each"
 
 
 def test_auth_on_without_keys_fails_at_start(tmp_path):
@@ -225,7 +235,7 @@ async def test_batch_line_is_admitted_with_its_owners_key():
     # bob may use only model b: a line for model a is refused as an unknown model, never sent.
     status, body = await call("bob", "/v1/chat/completions", chat("a"))
     assert status == 404 and body["error"]["code"] == "model_not_found" and up.calls == []
-    status, body = await call("bob", "/v1/chat/completions", chat("b"))
+    status, body = await call("bob", "/v1/chat/completions", chat("b", max_tokens=16))
     assert status == 200 and body["choices"][0]["message"]["content"]
     # alice's limit is 3 requests a minute, shared with her online requests.
     assert post(client, chat()).status_code == 200

@@ -12,8 +12,9 @@ The defaults here are those of an endpoint that answers whole JSON bodies with a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 from serve.gateway.answer import Answer
@@ -32,6 +33,7 @@ class View:
     stream: bool = False
     include_usage: bool = False  # streams: the client asked for the usage chunk
     n: int = 1
+    choices: int = 0  # sequences the engine generates (n for each prompt); 0: it generates none
     max_output_tokens: int | None = None  # whichever field the API names it by
     max_tokens_field: str = "max_tokens"  # that field's name, for a request the gateway rewrites
 
@@ -55,6 +57,11 @@ class StreamTap(Protocol):
         """Bytes held back when the stream ends (an event cut off by the engine)."""
         ...
 
+    def close(self) -> None:
+        """The stream is over: if it ended before its usage (the client left, the engine broke),
+        bill what it went through: the prompt and an output token an event, an estimate."""
+        ...
+
 
 class PassThrough:
     """A stream the gateway has nothing to read in."""
@@ -64,6 +71,27 @@ class PassThrough:
 
     def end(self) -> bytes:
         return b""
+
+    def close(self) -> None:
+        pass
+
+
+class Estimate:
+    """What a tap bills when a stream stops before its usage: the prompt (as the gateway
+    estimated it) and one output token for each event relayed (vLLM sends one a decode step)."""
+
+    def __init__(self, charge: Charge, prompt_tokens: int) -> None:
+        self.charge, self.prompt_tokens = charge, prompt_tokens
+        self.events = 0
+        self.billed = False
+
+    def bill(self, usage: Any) -> float:
+        self.billed = True
+        return self.charge(usage)
+
+    def close(self) -> None:
+        if not self.billed:
+            self.bill({"prompt_tokens": self.prompt_tokens, "completion_tokens": self.events})
 
 
 def with_cost(body: dict[str, Any], cost: float) -> dict[str, Any]:
@@ -124,6 +152,22 @@ class Dialect:
     def refresh(self, body: dict[str, Any]) -> None:
         """A replayed answer is a new answer: a fresh id and creation time."""
 
+    # An answer's fields that belong to the request that made it, not to the answer: echoed from
+    # it (field -> its value when a request leaves it out), or made for that one run. The head
+    # cache keeps them empty, and a hit gets the replaying request's own: no tenant reads another's.
+    echoed: Mapping[str, Any] = MappingProxyType({})
+    run_fields: tuple[str, ...] = ()
+
+    def for_cache(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The answer as the head cache keeps it (a copy): the request's own fields emptied."""
+        return {k: None if k in self.echoed or k in self.run_fields else v for k, v in body.items()}
+
+    def for_request(self, body: dict[str, Any], payload: dict[str, Any], conversation: Conversation | None) -> None:
+        """A cached answer made this request's own (in place): its echoed fields are this request's."""
+        for name, default in self.echoed.items():
+            if name in body:
+                body[name] = payload.get(name, default)
+
     def replay(self, body: dict[str, Any], view: View) -> Iterable[bytes]:
         raise NotImplementedError(f"{self.path} is not streamed")
 
@@ -155,5 +199,5 @@ class Dialect:
         """(the request to send, whether the usage the gateway added must be stripped again)."""
         return payload, False
 
-    def tap(self, charge: Charge, keep: Keep | None, strip_usage: bool) -> StreamTap:
+    def tap(self, charge: Charge, keep: Keep | None, strip_usage: bool, prompt_tokens: int) -> StreamTap:
         return PassThrough()

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from serve.gateway.dialects.base import Charge, Dialect, Keep, View, with_cost
+from serve.gateway.dialects.base import Charge, Conversation, Dialect, Estimate, Keep, View, with_cost
 from serve.gateway.sse import COMPLETE_FINISH, StreamAssembler, replay
 from serve.sse_events import Event, EventParser
 
@@ -26,19 +26,24 @@ class ChoicesTap:
     puts the cost into it, and rebuilds the whole answer for the cache. Reads whole events
     (serve/sse_events.py), so a usage chunk split across two reads is still billed."""
 
-    def __init__(self, charge: Charge, keep: Keep | None, strip_usage: bool) -> None:
-        self.charge, self.keep, self.strip = charge, keep, strip_usage
+    def __init__(self, charge: Charge, keep: Keep | None, strip_usage: bool, prompt_tokens: int) -> None:
+        self.usage = Estimate(charge, prompt_tokens)
+        self.keep, self.strip = keep, strip_usage
         self.parser = EventParser(keep_empty=True)
         self.assembler = StreamAssembler() if keep is not None else None
 
     def feed(self, chunk: bytes) -> bytes:
         events = self.parser.feed(chunk)
+        self.usage.events += len(events)
         if len(events) == 1 and self.assembler is None and not events[0].has_usage:
             return events[0].raw  # the common chunk: one event, relayed untouched
         return b"".join(self._event(ev) for ev in events)
 
     def end(self) -> bytes:
         return self.parser.pending
+
+    def close(self) -> None:
+        self.usage.close()
 
     def _event(self, ev: Event) -> bytes:
         if self.assembler is not None:
@@ -59,7 +64,7 @@ class ChoicesTap:
             return ev.raw
         if obj is None or not isinstance(obj.get("usage"), dict):
             return ev.raw
-        cost = self.charge(obj["usage"])
+        cost = self.usage.bill(obj["usage"])
         if self.strip and not obj.get("choices"):
             return b""  # the usage-only chunk the client did not ask for
         if self.strip:
@@ -81,9 +86,14 @@ class ChoicesDialect(Dialect):
         field = "max_completion_tokens" if self.chat and "max_completion_tokens" in payload else "max_tokens"
         limit = payload.get(field)
         n = payload.get("n")
+        n = n if isinstance(n, int) else 1
+        prompt = payload.get("prompt")
+        # A list of prompts (strings, or lists of token ids) is one completion each.
+        prompts = len(prompt) if not self.chat and isinstance(prompt, list) and prompt and \
+            isinstance(prompt[0], (str, list)) else 1
         return View(stream=bool(payload.get("stream")),
                     include_usage=bool((payload.get("stream_options") or {}).get("include_usage")),
-                    n=n if isinstance(n, int) else 1,
+                    n=n, choices=n * prompts,
                     max_output_tokens=limit if isinstance(limit, int) else None, max_tokens_field=field)
 
     def cacheable(self, body: dict[str, Any]) -> bool:
@@ -92,6 +102,15 @@ class ChoicesDialect(Dialect):
     def refresh(self, body: dict[str, Any]) -> None:
         body["id"] = f"cache-{uuid.uuid4().hex[:24]}"
         body["created"] = int(time.time())
+
+    run_fields = ("kv_transfer_params", "ec_transfer_params")  # vLLM's, for the run that made it
+
+    def for_request(self, body: dict[str, Any], payload: dict[str, Any], conversation: Conversation | None) -> None:
+        super().for_request(body, payload, conversation)
+        for choice in body.get("choices") or []:  # a tool call's id is made per request, like the answer's
+            for call in ((choice.get("message") or {}).get("tool_calls") or []) if isinstance(choice, dict) else []:
+                if isinstance(call, dict) and isinstance(call.get("id"), str):
+                    call["id"] = f"{call['id'].rsplit('-', 1)[0]}-{uuid.uuid4().hex[:24]}"
 
     def replay(self, body: dict[str, Any], view: View) -> Iterable[bytes]:
         return replay(body, view.include_usage)
@@ -121,5 +140,5 @@ class ChoicesDialect(Dialect):
             return payload, False
         return {**payload, "stream_options": {**(payload.get("stream_options") or {}), "include_usage": True}}, True
 
-    def tap(self, charge: Charge, keep: Keep | None, strip_usage: bool) -> ChoicesTap:
-        return ChoicesTap(charge, keep, strip_usage)
+    def tap(self, charge: Charge, keep: Keep | None, strip_usage: bool, prompt_tokens: int) -> ChoicesTap:
+        return ChoicesTap(charge, keep, strip_usage, prompt_tokens)

@@ -8,11 +8,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from types import MappingProxyType
 from typing import Any
 
 from serve.gateway.answer import Answer
 from serve.gateway.background import BackgroundQueue
-from serve.gateway.dialects.base import Charge, Conversation, Dialect, Keep, View, with_cost
+from serve.gateway.dialects.base import Charge, Conversation, Dialect, Estimate, Keep, View, with_cost
 from serve.gateway.dialects.responses_events import ResponsesAssembler, replay
 from serve.gateway.errors import APIError, bad_request
 from serve.gateway.response_store import ResponseStore, expand, output_as_input, output_text
@@ -111,16 +112,22 @@ class ResponsesTap:
     """Bills a Responses stream from its final event (which carries the whole response), puts the
     cost into that event, and keeps the whole response for the cache."""
 
-    def __init__(self, charge: Charge, keep: Keep | None) -> None:
-        self.charge, self.keep = charge, keep
+    def __init__(self, charge: Charge, keep: Keep | None, prompt_tokens: int) -> None:
+        self.usage = Estimate(charge, prompt_tokens)
+        self.keep = keep
         self.parser = EventParser(keep_empty=True)
         self.assembler: ResponsesAssembler | None = ResponsesAssembler()
 
     def feed(self, chunk: bytes) -> bytes:
-        return b"".join(self._event(ev) for ev in self.parser.feed(chunk))
+        events = self.parser.feed(chunk)
+        self.usage.events += sum(ev.event == "response.output_text.delta" for ev in events)
+        return b"".join(self._event(ev) for ev in events)
 
     def end(self) -> bytes:
         return self.parser.pending
+
+    def close(self) -> None:
+        self.usage.close()
 
     def _event(self, ev: Event) -> bytes:
         if self.assembler is None:
@@ -129,7 +136,7 @@ class ResponsesTap:
         if not self.assembler.done:
             return ev.raw
         assembler, self.assembler = self.assembler, None
-        cost = self.charge((assembler.final or {}).get("usage"))
+        cost = self.usage.bill((assembler.final or {}).get("usage"))
         whole = assembler.response()
         if whole is not None and self.keep is not None and cacheable(whole):
             self.keep(whole)  # before the last bytes go out (a client may hang up right after)
@@ -173,7 +180,7 @@ class Responses(Dialect):
     def view(self, payload: dict[str, Any]) -> View:
         limit = payload.get("max_output_tokens")
         # A Responses stream always ends with its usage (in response.completed).
-        return View(stream=bool(payload.get("stream")), include_usage=True,
+        return View(stream=bool(payload.get("stream")), include_usage=True, choices=1,
                     max_output_tokens=limit if isinstance(limit, int) else None,
                     max_tokens_field="max_output_tokens")
 
@@ -248,6 +255,20 @@ class Responses(Dialect):
     def refresh(self, body: dict[str, Any]) -> None:
         body["id"], body["created_at"] = fresh_id(), int(time.time())
 
+    # What vLLM's ResponsesResponse echoes of the request (`user` is not in the cache key) or made
+    # for that run; `previous_response_id` and `store` are the gateway's (`for_request`).
+    echoed = MappingProxyType({"user": None, "metadata": None, "safety_identifier": None, "prompt_cache_key": None,
+                               "service_tier": "auto", "previous_response_id": None, "store": True})
+    run_fields = ("metrics", "kv_transfer_params", "ec_transfer_params")
+
+    def for_request(self, body: dict[str, Any], payload: dict[str, Any], conversation: Conversation | None) -> None:
+        super().for_request(body, payload, conversation)
+        if conversation is not None:  # the route ran on the expanded conversation, without these
+            body["previous_response_id"], body["store"] = conversation.previous_response_id, conversation.store
+        for item in body.get("output") or []:  # output item ids are made per response
+            if isinstance(item, dict) and isinstance(item.get("id"), str):
+                item["id"] = f"{item['id'].split('_', 1)[0]}_{uuid.uuid4().hex}"
+
     def replay(self, body: dict[str, Any], view: View) -> Iterable[bytes]:
         return replay(body)
 
@@ -270,5 +291,5 @@ class Responses(Dialect):
                 if isinstance(part, dict) and "logprobs" in part:
                     part["logprobs"] = []
 
-    def tap(self, charge: Charge, keep: Keep | None, strip_usage: bool) -> ResponsesTap:
-        return ResponsesTap(charge, keep)
+    def tap(self, charge: Charge, keep: Keep | None, strip_usage: bool, prompt_tokens: int) -> ResponsesTap:
+        return ResponsesTap(charge, keep, prompt_tokens)

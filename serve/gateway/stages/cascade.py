@@ -16,15 +16,18 @@ from serve.gateway.dialects.base import with_cost
 from serve.gateway.dispatch import Dispatcher
 from serve.gateway.errors import APIError
 from serve.gateway.metrics import Metrics
+from serve.gateway.schema_check import SchemaChecker
 from serve.gateway.stages.prefix import stream_student
 from serve.gateway.stages.student import policy_of, student_failed
-from serve.policies.cascade import CascadePolicy, decide, prefix_decidable
+from serve.policies.cascade import CascadePolicy, decide, prefix_decidable, schema_checks
 
 
 class CascadeStage:
     def __init__(self, dispatch: Dispatcher, metrics: Metrics) -> None:
         self.dispatch = dispatch
         self.metrics = metrics
+        # A tenant's JSON Schema is checked in worker processes, never on this event loop.
+        self.schemas = SchemaChecker()
 
     def on_a_prefix(self, ctx: RequestContext, policy: CascadePolicy) -> bool:
         """Decided on k tokens, then streamed: a route with decide_after_tokens, a dialect whose
@@ -53,7 +56,9 @@ class CascadeStage:
         body = json.loads(resp.body)
         self.dispatch.charge(ctx, cs.student, ctx.dialect.usage(body))
         ctx.models.append(cs.student)
-        decision = decide(policy, *ctx.dialect.judged(ctx.payload, body))
+        judged_req, judged = ctx.dialect.judged(ctx.payload, body)
+        checks = schema_checks(policy, judged_req, judged)  # empty unless a schema was asked for
+        decision = decide(policy, judged_req, judged, await self.schemas.check(checks) if checks else None)
         self.metrics.cascade.labels(ctx.route.name, "escalate" if decision.escalate else "accept",
                                     decision.reason).inc()
         if decision.escalate:

@@ -63,7 +63,8 @@ class ChainStage:
                 if failure is None:
                     # Only the primary's answer is the route's own: a fallback's answer is served
                     # but never cached, or it would stand in for the primary for the whole TTL.
-                    return self._answer(ctx, model, resp, primary=model == chain[0], strip_usage=strip_usage)
+                    return self._answer(ctx, model, resp, primary=model == chain[0], strip_usage=strip_usage,
+                                        prompt_tokens=len(body) // 4)
                 last = Answer.engine_error(resp.status, normalize(resp.status, resp.body), ctx.headers())
                 self.metrics.requests.labels(route.name, model, str(resp.status)).inc()
             failures += 1
@@ -78,7 +79,7 @@ class ChainStage:
         return last
 
     def _answer(self, ctx: RequestContext, model: str, resp: UpstreamResponse, *, primary: bool,
-                strip_usage: bool) -> Answer:
+                strip_usage: bool, prompt_tokens: int) -> Answer:
         ctx.served_by = model
         ctx.models.append(model)
         self.metrics.requests.labels(ctx.route.name, model, str(resp.status)).inc()
@@ -97,7 +98,7 @@ class ChainStage:
             store(whole, model)
 
         tap = ctx.dialect.tap(lambda usage: self.dispatch.charge(ctx, model, usage),
-                              keep if store is not None else None, strip_usage)
+                              keep if store is not None else None, strip_usage, prompt_tokens)
         return Answer(resp.status, chunks=self.dispatch.relay(resp, tap), headers=ctx.headers())
 
     def _maybe_shadow(self, ctx: RequestContext, answer: dict[str, Any]) -> None:

@@ -16,9 +16,9 @@ from serve.gateway.stages.direct import DirectStage
 
 
 class RouteRunner:
-    def __init__(self, dispatch: Dispatcher, metrics: Metrics, cache: HeadCache | None) -> None:
-        background = Background()
-        self.cache = CacheStage(cache, metrics, background)
+    def __init__(self, dispatch: Dispatcher, metrics: Metrics, cache: HeadCache | None,
+                 background: Background) -> None:
+        self.cache = CacheStage(cache, metrics, background, dispatch.catalog.adapter_digest)
         self.cascade = CascadeStage(dispatch, metrics)
         self.chain = ChainStage(dispatch, metrics, background)
         self.direct = DirectStage(dispatch)
