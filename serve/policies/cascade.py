@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,8 @@ class CascadePolicy:
 @dataclass(frozen=True)
 class Decision:
     escalate: bool
-    reason: str  # "accepted", "low_confidence", "length", "schema", "refusal", "malformed"
+    # "accepted", "low_confidence", "length", "schema", "schema_unchecked", "refusal", "malformed"
+    reason: str
     mean_logprob: float | None = None
 
 
@@ -68,36 +70,66 @@ def requested_schema(request: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _schema_ok(text: str, schema: dict[str, Any]) -> bool:
+def schema_verdict(text: str, schema: dict[str, Any]) -> bool | None:
+    """Whether `text` is JSON that satisfies `schema`: True, False, or None when the schema cannot
+    be checked safely (it refers outside itself, recurses without end, or is not a valid schema).
+    No reference is ever fetched: the registry holds only the JSON Schema specifications, so a
+    remote `$ref` is unresolvable here. Pure, but unbounded in time on a hostile schema (a
+    catastrophic `pattern`): the gateway runs it in a worker process it can kill
+    (serve/gateway/schema_check.py), never on its event loop."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     try:
         import jsonschema
+        from referencing import Registry
     except ImportError:  # without the validator, parsing is the check
         return True
     try:
-        jsonschema.validate(value, schema)
-    except jsonschema.ValidationError:
-        return False
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        return cls(schema, registry=Registry()).is_valid(value)
     except jsonschema.SchemaError:
-        return True  # a broken schema is the client's problem, not the student's
-    return True
+        return None  # not a schema: the teacher's engine answers for it (vLLM refuses what it cannot compile)
+    except (RecursionError, MemoryError):
+        return None  # a `$ref` cycle that consumes no input, or nesting past the interpreter's limit
+    except Exception:  # an unresolvable `$ref` (remote or missing), a pattern `re` cannot compile, ...
+        return None
 
 
-def decide(policy: CascadePolicy, request: dict[str, Any], response: Any) -> Decision:
-    """Accept or escalate, from the student's full (non-streamed) response. Every choice must pass."""
+def schema_checks(policy: CascadePolicy, request: dict[str, Any], response: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The (text, schema) pairs `decide` needs a verdict on, one per choice, in choice order: empty
+    when no schema was requested (or schema failures do not escalate), so the common path pays
+    nothing."""
+    schema = requested_schema(request)
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if schema is None or not policy.escalate_on_schema_failure or not isinstance(choices, list):
+        return []
+    return [(choice_text(c), schema) for c in choices if isinstance(c, dict)]
+
+
+def decide(policy: CascadePolicy, request: dict[str, Any], response: Any,
+           schema_ok: Sequence[bool | None] | None = None) -> Decision:
+    """Accept or escalate, from the student's full (non-streamed) response. Every choice must pass.
+    `schema_ok` holds the verdicts on `schema_checks(policy, request, response)`, computed by the
+    caller (the gateway, in a worker process); without them the schema is checked here, in-process
+    (offline tools and tests). A verdict of None (could not be checked) escalates as "schema_unchecked"."""
     choices = response.get("choices") if isinstance(response, dict) else None
     if not isinstance(choices, list) or not choices or not all(isinstance(c, dict) for c in choices):
         return Decision(True, "malformed")
-    schema = requested_schema(request)
+    checks = schema_checks(policy, request, response)
+    verdicts = list(schema_ok) if schema_ok is not None else [schema_verdict(t, s) for t, s in checks]
+    if len(verdicts) != len(checks):
+        return Decision(True, "schema_unchecked")
     worst: float | None = None
-    for c in choices:
+    for i, c in enumerate(choices):
         if policy.escalate_on_length and c.get("finish_reason") == "length":
             return Decision(True, "length")
         text = choice_text(c)
-        if schema is not None and policy.escalate_on_schema_failure and not _schema_ok(text, schema):
+        if checks and verdicts[i] is None:
+            return Decision(True, "schema_unchecked")
+        if checks and verdicts[i] is False:
             return Decision(True, "schema")
         if any(p.search(text) for p in policy._compiled):
             return Decision(True, "refusal")
@@ -126,4 +158,7 @@ def decide_prefix(policy: CascadePolicy, request: dict[str, Any], text: str, log
     choice = {"text": text, "logprobs": {"token_logprobs": list(logprobs)}, "finish_reason": finish_reason}
     if finish_reason is None:  # unfinished text is not yet JSON: only prefix_decidable requests get here
         request = {k: v for k, v in request.items() if k != "response_format"}
-    return decide(policy, request, {"choices": [choice]})
+    response = {"choices": [choice]}
+    # A schema is never checked here (on the gateway's event loop): prefix_decidable keeps such
+    # requests buffered, and one that got here anyway escalates unchecked.
+    return decide(policy, request, response, [None] * len(schema_checks(policy, request, response)))
