@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -22,9 +23,36 @@ class FileTooLarge(ValueError):
         self.limit = limit
 
 
+class QuotaExceeded(ValueError):
+    """The owner's files and results would pass its storage quota (batch.storage_bytes_per_key)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"The owner's storage would pass its quota of {limit} bytes.")
+        self.limit = limit
+
+
 class EmptyFile(ValueError):
     def __init__(self) -> None:
         super().__init__("The file is empty.")
+
+
+class ChunkReader:
+    """A read()-able view of an iterator of byte chunks, so a file made as it is written (a batch's
+    output, page by page) goes through FileBytes.put without being joined in memory."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buf) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buf += chunk
+        cut = len(self._buf) if size < 0 else size
+        out, self._buf = self._buf[:cut], self._buf[cut:]
+        return out
 
 
 class FileBytes(Protocol):

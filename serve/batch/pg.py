@@ -42,6 +42,8 @@ SCHEMA = [
 class PostgresStore(SqlStore):
     _for_update = " FOR UPDATE"
     _now = "extract(epoch from clock_timestamp())::float8"
+    # Two uploads of one owner check its quota one after the other (a sum cannot be locked FOR UPDATE).
+    _owner_lock = "SELECT pg_advisory_xact_lock(hashtext(?))"
 
     def __init__(self, url: str, files: str | Path | FileBytes, *, max_connections: int = 4,
                  connect_timeout_s: float = 30.0) -> None:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from serve.batch.files import FileBytes, LocalFiles
+from serve.batch.files import FileBytes, FileTooLarge, LocalFiles, QuotaExceeded
 from serve.batch.store import ACTIVE, ANONYMOUS, BatchStore, allowed, merge, new_id
 
 
@@ -40,6 +40,7 @@ class SqlStore(BatchStore):
     files: FileBytes
     _for_update = ""  # appended to the SELECT of a read-modify-write
     _now = ""  # the database's clock in epoch seconds: one clock for leases taken on any pod
+    _owner_lock = ""  # a statement taking a lock on one owner until the transaction ends ("?": owner)
 
     @abstractmethod
     def _tx(self, write: bool = True) -> Any:
@@ -55,17 +56,66 @@ class SqlStore(BatchStore):
 
     # ---- files ---------------------------------------------------------------------------------
     def put_file_stream(self, fileobj: BinaryIO, filename: str, purpose: str, *, owner: str,
-                        max_bytes: int | None = None, file_id: str | None = None) -> dict[str, Any]:
+                        max_bytes: int | None = None, file_id: str | None = None,
+                        quota: int | None = None) -> dict[str, Any]:
         fid = file_id or new_id("file")
-        size = self.files.put(fid, fileobj, max_bytes=max_bytes)
+        cap = max_bytes
+        if quota is not None:  # stop writing at the quota, not after the whole upload
+            room = quota - self.usage(owner)
+            if room <= 0:
+                raise QuotaExceeded(quota)
+            cap = room if max_bytes is None else min(max_bytes, room)
+        try:
+            size = self.files.put(fid, fileobj, max_bytes=cap)
+        except FileTooLarge as e:
+            if cap is not None and cap != max_bytes:
+                raise QuotaExceeded(quota or 0) from e
+            raise
         try:  # the row last: no pod is told of a file whose bytes are not all there
-            self._count("INSERT INTO files (id, purpose, filename, bytes, created_at, path, deleted, owner) "
-                        "VALUES (?,?,?,?,?,?,0,?)", (fid, purpose, filename, size, int(time.time()), fid, owner))
+            with self._tx() as run:
+                if quota is not None:  # again under the owner's lock: two uploads racing the quota
+                    if self._owner_lock:
+                        run(self._owner_lock, (owner,))
+                    if self._usage(run, owner) + size > quota:
+                        raise QuotaExceeded(quota)
+                run("INSERT INTO files (id, purpose, filename, bytes, created_at, path, deleted, owner) "
+                    "VALUES (?,?,?,?,?,?,0,?)", (fid, purpose, filename, size, int(time.time()), fid, owner))
         except BaseException:
             if file_id is None:  # an id of our own: nobody else's bytes can be under it
                 self.files.delete(fid)
             raise
         return self.get_file(fid, owner=owner) or {}
+
+    @staticmethod
+    def _usage(run: Run, owner: str) -> int:
+        rows = run("SELECT COALESCE((SELECT SUM(bytes) FROM files WHERE owner=? AND deleted=0), 0) + "
+                   "COALESCE((SELECT SUM(LENGTH(r.body)) FROM results r JOIN batches b ON b.id = r.batch_id "
+                   "WHERE b.owner=?), 0)", (owner, owner)).fetchall()
+        return int(rows[0][0])
+
+    def usage(self, owner: str) -> int:
+        with self._tx(write=False) as run:
+            return self._usage(run, owner)
+
+    def purge(self, before: int, limit: int = 1000) -> tuple[int, int]:
+        marks = ",".join("?" * len(ACTIVE))
+        with self._tx() as run:
+            run(f"DELETE FROM results WHERE batch_id IN (SELECT id FROM batches WHERE status NOT IN ({marks}))",
+                ACTIVE)
+            batches = run(f"DELETE FROM batches WHERE status NOT IN ({marks}) AND created_at < ?",
+                          (*ACTIVE, before)).rowcount
+        inputs = {b["input_file_id"] for b in self.active_batches()}
+        rows = self._rows("SELECT id FROM files WHERE created_at < ? OR deleted=1 ORDER BY created_at LIMIT ?",
+                          (before, limit + len(inputs)))
+        files = 0
+        for (fid,) in rows:
+            if fid in inputs:  # a running batch still reads it; it goes once the batch has finished
+                continue
+            # Marked first, as delete_file does: a reader that finds the row finds the bytes.
+            self._count("UPDATE files SET deleted=1 WHERE id=?", (fid,))
+            self.files.delete(fid)
+            files += self._count("DELETE FROM files WHERE id=? AND deleted=1", (fid,))
+        return files, batches
 
     def get_file(self, file_id: str, *, owner: str | None) -> dict[str, Any] | None:
         cond, who = _mine(owner)
@@ -183,9 +233,15 @@ class SqlStore(BatchStore):
         by = dict(self._rows("SELECT ok, COUNT(*) FROM results WHERE batch_id=? GROUP BY ok", (batch_id,)))
         return int(by.get(1, 0)), int(by.get(0, 0))
 
-    def results(self, batch_id: str, ok: bool) -> list[dict[str, Any]]:
-        rows = self._rows("SELECT body FROM results WHERE batch_id=? AND ok=? ORDER BY line_no", (batch_id, int(ok)))
-        return [json.loads(r[0]) for r in rows]
+    def result_page(self, batch_id: str, ok: bool, after: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        rows = self._rows("SELECT line_no, body FROM results WHERE batch_id=? AND ok=? AND line_no > ? "
+                          "ORDER BY line_no LIMIT ?", (batch_id, int(ok), after, limit))
+        return [(int(r[0]), json.loads(r[1])) for r in rows]
+
+    def drop_results(self, batch_id: str) -> None:
+        marks = ",".join("?" * len(ACTIVE))
+        self._count(f"DELETE FROM results WHERE batch_id=? AND NOT EXISTS (SELECT 1 FROM batches WHERE id=? "
+                    f"AND status IN ({marks}))", (batch_id, batch_id, *ACTIVE))
 
 
 SQLITE_SCHEMA = [
@@ -207,7 +263,8 @@ SQLITE_INDEXES = ["CREATE INDEX IF NOT EXISTS files_owner ON files(owner, create
 
 class SqliteStore(SqlStore):
     """One SQLite file: safe for threads and for processes on one machine (SQLite's own locks),
-    not for pods sharing a network volume."""
+    not for pods sharing a network volume. A write transaction holds the whole database (BEGIN
+    IMMEDIATE), so it needs no owner lock."""
 
     _now = "((julianday('now') - 2440587.5) * 86400.0)"
 

@@ -24,12 +24,14 @@ from __future__ import annotations
 import io
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from serve.batch.files import CHUNK as CHUNK  # re-exported: callers import the upload errors from here
 from serve.batch.files import EmptyFile as EmptyFile
 from serve.batch.files import FileTooLarge as FileTooLarge
+from serve.batch.files import QuotaExceeded as QuotaExceeded
 
 ANONYMOUS = "anonymous"  # the owner of everything made while auth is off
 
@@ -74,10 +76,21 @@ class BatchStore(ABC):
     # ---- files ---------------------------------------------------------------------------------
     @abstractmethod
     def put_file_stream(self, fileobj: BinaryIO, filename: str, purpose: str, *, owner: str,
-                        max_bytes: int | None = None, file_id: str | None = None) -> dict[str, Any]:
+                        max_bytes: int | None = None, file_id: str | None = None,
+                        quota: int | None = None) -> dict[str, Any]:
         """Copy `fileobj` into the store a chunk at a time, never whole in memory. Raises
-        FileTooLarge past `max_bytes` and EmptyFile for no bytes; then, as on any failure,
-        nothing is stored."""
+        FileTooLarge past `max_bytes`, QuotaExceeded where the owner's usage (`usage`) would pass
+        `quota`, and EmptyFile for no bytes; then, as on any failure, nothing is stored."""
+
+    @abstractmethod
+    def usage(self, owner: str) -> int:
+        """Bytes `owner` holds: its files (uploads and batch outputs) and its batches' results."""
+
+    @abstractmethod
+    def purge(self, before: int, limit: int = 1000) -> tuple[int, int]:
+        """Delete, rows and bytes, the finished batches and the files created before `before`
+        (epoch s), except the input of an active batch, and the results of every finished batch;
+        at most `limit` files a call. Returns (files, batches) deleted."""
 
     def put_file(self, content: bytes, filename: str, purpose: str, *, owner: str,
                  file_id: str | None = None) -> dict[str, Any]:
@@ -98,6 +111,7 @@ class BatchStore(ABC):
     def open_file(self, file_id: str, *, owner: str | None) -> BinaryIO | None: ...
 
     def file_content(self, file_id: str, *, owner: str | None) -> bytes | None:
+        """The whole file in memory: for tests and small files; the worker streams (open_file)."""
         f = self.open_file(file_id, owner=owner)
         if f is None:
             return None
@@ -154,7 +168,22 @@ class BatchStore(ABC):
     def result_counts(self, batch_id: str) -> tuple[int, int]: ...
 
     @abstractmethod
-    def results(self, batch_id: str, ok: bool) -> list[dict[str, Any]]: ...
+    def result_page(self, batch_id: str, ok: bool, after: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """Up to `limit` (line, record) of the batch's ok or failed lines after line `after`, in order."""
+
+    def iter_results(self, batch_id: str, ok: bool, page: int = 500) -> Iterator[dict[str, Any]]:
+        """Every ok or failed record of a batch, in line order, a page at a time."""
+        after = -1
+        while rows := self.result_page(batch_id, ok, after, page):
+            yield from (body for _, body in rows)
+            after = rows[-1][0]
+
+    def results(self, batch_id: str, ok: bool) -> list[dict[str, Any]]:
+        return list(self.iter_results(batch_id, ok))
+
+    @abstractmethod
+    def drop_results(self, batch_id: str) -> None:
+        """Forget a finished batch's results (its output and error files hold them now)."""
 
     @abstractmethod
     def close(self) -> None: ...

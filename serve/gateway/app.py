@@ -257,7 +257,10 @@ def app_for(gw: Gateway, *, batch_store: BatchStore | None = None, lifespan: Any
         Route("/v1/llmserve/adapters", edge.load_adapter, methods=["POST"]),
     ]
     if batch_store is not None:
-        routes += BatchAPI(batch_store, edge.key, max_upload_bytes=gw.config.batch.max_upload_bytes).routes()
+        # Files and batches spend the key's requests per minute, from the bucket admission uses.
+        routes += BatchAPI(batch_store, edge.key, batch=gw.config.batch, auth=gw.config.auth,
+                           limiter=gw.admission.limiter,
+                           on_limited=lambda name: gw.metrics.rate_limited.labels(name, "requests").inc()).routes()
     config = gw.config
 
     def limit_for(path: str) -> int:

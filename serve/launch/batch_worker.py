@@ -42,7 +42,9 @@ async def run_batch_worker(cfg: Config) -> None:
 
     parts = GatewayParts(cfg, ray_snapshot_source(get_registry(cfg.ray.namespace)), runs_background=True)
     async with parts.running() as gateway:
-        runner = BatchRunner(open_store(cfg), owner_call(gateway), concurrency=cfg.batch.concurrency)
+        runner = BatchRunner(open_store(cfg), owner_call(gateway), concurrency=cfg.batch.concurrency,
+                             max_lines=cfg.batch.max_lines, max_line_bytes=cfg.gateway.max_body_bytes,
+                             retention_s=cfg.batch.retention_s)
         await runner.run_forever()
 
 

@@ -18,7 +18,7 @@ from serve.batch.lines import BadLine, Line, parse
 from serve.batch.sql import SqliteStore
 from serve.batch.store import CHUNK, EmptyFile, FileTooLarge
 from serve.batch.worker import BatchRunner, new_batch
-from serve.config import ApiKey, AuthSpec, Config
+from serve.config import ApiKey, AuthSpec, BatchSpec, Config
 from serve.gateway.app import create_app
 from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends
@@ -279,7 +279,9 @@ def test_a_line_waiting_for_budget_stops_at_cancel_and_at_expiry(tmp_path):
     asyncio.run(asyncio.wait_for(runner.run_once(), 5))
     b = store.get_batch("batch-x", owner=None)
     assert b["status"] == "expired" and b["request_counts"] == {"total": 3, "completed": 1, "failed": 0}
-    assert store.done_lines("batch-x") == {0} and "c" not in calls  # "b" was not failed, "c" never sent
+    assert b["error_file_id"] is None and "c" not in calls  # "b" was not failed, "c" never sent
+    assert [json.loads(x)["custom_id"] for x in store.file_content(b["output_file_id"], owner="ann").splitlines()] \
+        == ["a"]
 
     store2 = SqliteStore(tmp_path / "b2.db", tmp_path / "f2")
 
@@ -290,7 +292,7 @@ def test_a_line_waiting_for_budget_stops_at_cancel_and_at_expiry(tmp_path):
     runner = run_batch(store2, [line("a")], cancelled_while_waiting, concurrency=1, retry_s=0.001)
     asyncio.run(asyncio.wait_for(runner.run_once(), 5))
     b = store2.get_batch("batch-x", owner=None)
-    assert b["status"] == "cancelled" and store2.done_lines("batch-x") == set()
+    assert b["status"] == "cancelled" and b["output_file_id"] is None and b["error_file_id"] is None
 
 
 def test_a_throttled_batch_does_not_hold_up_another_owners(tmp_path):
@@ -428,7 +430,8 @@ def test_admin_sees_all_only_when_asking(tmp_path):
 
 def test_upload_over_the_cap_gets_413_and_stores_nothing(tmp_path):
     store = SqliteStore(tmp_path / "b.db", tmp_path / "f")
-    c = TestClient(tenant_app(store, max_upload_bytes=100))  # the store's own check, behind the middleware
+    # the store's own check, behind the middleware
+    c = TestClient(tenant_app(store, batch=BatchSpec(max_upload_bytes=100)))
     r = c.post("/v1/files", files={"file": ("in.jsonl", b"x" * 101)}, data={"purpose": "batch"}, headers=as_("ann"))
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert c.post("/v1/files", files={"file": ("in.jsonl", b"x" * 100)}, data={"purpose": "batch"},
