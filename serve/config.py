@@ -63,8 +63,19 @@ class GatewaySpec(StrictModel):
     responses_ttl_s: float = Field(
         30 * 86_400, gt=0,
         description="How long a stored Responses API response (`store: true`) can be retrieved or continued "
-                    "with `previous_response_id` (kept in Redis, or in-process without one).",
+                    "with `previous_response_id` (kept in Redis, or in-process without one); a key's "
+                    "`responses_ttl_s` may shorten it.",
     )
+    responses_max_bytes: int = Field(
+        1 << 20, gt=0,
+        description="Largest stored Responses conversation (its input items and answer, as JSON): a turn "
+                    "that would store more is answered but not stored (`store: false` in its body), and a "
+                    "turn continuing more is refused (400).",
+    )
+    responses_max_turns: int = Field(
+        64, gt=0, description="Most turns one `previous_response_id` chain may have; a longer one is refused (400).")
+    responses_max_local: int = Field(
+        10_000, gt=0, description="Without Redis: most responses this gateway keeps (oldest dropped first).")
     request_timeout_s: float = Field(
         300, gt=0, description="Longest a request may wait for an engine before it gets a 504."
     )
@@ -199,6 +210,8 @@ class ApiKey(StrictModel):
                                 "gateways; none: the default.")
     max_stream_s: float | None = Field(
         None, gt=0, description="Longest a stream of this key may run before the gateway ends it; none: the default.")
+    responses_ttl_s: float | None = Field(
+        None, gt=0, description="How long this key's stored responses are kept, at most gateway.responses_ttl_s.")
     admin: bool = Field(False, description="May load adapters at runtime (student promotion).")
     cache_salt: str | None = Field(
         None, min_length=1, max_length=128, pattern=r"^[^@/\\\x00]+$",

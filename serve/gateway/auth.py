@@ -61,6 +61,9 @@ class KeyStore:
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         return key
 
+    def all(self) -> list[ApiKey]:
+        return list(self._by_hash.values())
+
     def by_name(self, name: str) -> ApiKey | None:
         """The key a stored object (a batch) names as its owner; None if it no longer exists."""
         return next((k for k in self._by_hash.values() if k.name == name), None)

@@ -37,7 +37,9 @@ class BackgroundQueue:
         self._local: asyncio.Queue[str] = asyncio.Queue()  # without Redis: this process's queue
 
     async def submit(self, rid: str, owner: str, request: dict[str, Any], shell: dict[str, Any]) -> None:
-        await self.store.put(rid, owner, shell, [], request=request)
+        if not await self.store.put(rid, owner, shell, [], request=request):
+            raise APIError(400, f"The request is larger than the {self.store.max_bytes} bytes a background "
+                                f"response may keep.", param="input")
         if self.store.redis is None:
             self._local.put_nowait(rid)
         else:

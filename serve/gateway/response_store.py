@@ -12,6 +12,8 @@ the whole conversation. Another key's response id is a 404, exactly like an unkn
 from __future__ import annotations
 
 import json
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -65,12 +67,18 @@ Record = dict[str, Any]  # {owner, response, items[, request]}
 
 
 class ResponseStore:
-    """Stored responses: {owner, response, items} per id, in Redis (or in this process without one).
-    A background response's record also holds the request it runs (`request`)."""
+    """Stored responses: {owner, response, items, turns} per id, in Redis (or in this process without
+    one, bounded and expiring alike). A background response's record also holds the request it runs
+    (`request`). A key's records expire after its own TTL when it has one, never after the gateway's."""
 
-    def __init__(self, redis_url: str | None, ttl_s: float, timeout_s: float = 2.0) -> None:
+    def __init__(self, redis_url: str | None, ttl_s: float, timeout_s: float = 2.0, *, max_bytes: int = 1 << 20,
+                 max_turns: int = 64, max_local: int = 10_000, ttl_by_key: dict[str, float] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = ttl_s
-        self._local: dict[str, str] = {}
+        self.max_bytes, self.max_turns, self.max_local = max_bytes, max_turns, max_local
+        self.ttl_by_key = ttl_by_key or {}
+        self._clock = clock
+        self._local: OrderedDict[str, tuple[float, str]] = OrderedDict()  # id -> (expires at, record)
         self._r: Any = None
         if redis_url:
             import redis.asyncio as aioredis
@@ -82,25 +90,44 @@ class ResponseStore:
         """The Redis client every gateway shares, or None (state in this process only)."""
         return self._r
 
+    def ttl(self, owner: str) -> float:
+        return min(self.ttl_s, self.ttl_by_key.get(owner, self.ttl_s))
+
     async def put(self, rid: str, owner: str, response: dict[str, Any], items: list[Any],
-                  request: dict[str, Any] | None = None) -> None:
-        record: Record = {"owner": owner, "response": response, "items": items}
+                  request: dict[str, Any] | None = None, turns: int = 1) -> bool:
+        """Store a record; False (nothing stored) when it is larger than `max_bytes`."""
+        record: Record = {"owner": owner, "response": response, "items": items, "turns": turns}
         if request is not None:
             record["request"] = request
-        await self._write(rid, record)
-
-    async def _write(self, rid: str, record: Record, keep_ttl: bool = False) -> None:
         raw = json.dumps(record, separators=(",", ":"))
+        if len(raw) > self.max_bytes:
+            return False
+        await self._write(rid, raw, self.ttl(owner))
+        return True
+
+    async def _write(self, rid: str, raw: str, ttl_s: float | None) -> None:
+        """`ttl_s` None: keep the record's expiry as it is."""
         if self._r is None:
-            self._local[rid] = raw
-        elif keep_ttl:
+            expires = self._local[rid][0] if ttl_s is None and rid in self._local else self._clock() + (ttl_s or 0)
+            self._local[rid] = (expires, raw)
+            self._local.move_to_end(rid)
+            while len(self._local) > self.max_local:
+                self._local.popitem(last=False)
+        elif ttl_s is None:
             await self._r.set(PREFIX + rid, raw, keepttl=True)
         else:
-            await self._r.set(PREFIX + rid, raw, ex=max(1, int(self.ttl_s)))
+            await self._r.set(PREFIX + rid, raw, ex=max(1, int(ttl_s)))
 
     async def record(self, rid: str) -> Record | None:
         """Any owner's record (for the background runner, which runs it as its owner)."""
-        raw = self._local.get(rid) if self._r is None else await self._r.get(PREFIX + rid)
+        if self._r is None:
+            held = self._local.get(rid)
+            if held is not None and held[0] <= self._clock():
+                del self._local[rid]
+                held = None
+            raw = held[1] if held is not None else None
+        else:
+            raw = await self._r.get(PREFIX + rid)
         return None if raw is None else dict(json.loads(raw))
 
     async def get(self, rid: str, owner: str) -> Record:
@@ -117,7 +144,7 @@ class ResponseStore:
             current = await self.record(rid)
             new = change(current) if current is not None else None
             if new is not None:
-                await self._write(rid, new, keep_ttl=True)
+                await self._write(rid, json.dumps(new, separators=(",", ":")), None)
             return new
         from redis.exceptions import WatchError
 

@@ -61,7 +61,11 @@ class Gateway:
         self.dispatch = Dispatcher(config, self.catalog, backends, upstream, self.metrics)
         self.background = Background()  # work started off the request path, held until done
         self.runner = RouteRunner(self.dispatch, self.metrics, cache, self.background)
-        self.response_store = ResponseStore(config.cache.redis_url, config.gateway.responses_ttl_s)
+        gwc = config.gateway
+        self.response_store = ResponseStore(
+            config.cache.redis_url, gwc.responses_ttl_s, max_bytes=gwc.responses_max_bytes,
+            max_turns=gwc.responses_max_turns, max_local=gwc.responses_max_local,
+            ttl_by_key={k.name: k.responses_ttl_s for k in self.keys.all() if k.responses_ttl_s})
         self.queue = BackgroundQueue(self.response_store)
         self.endpoints: dict[str, Dialect] = endpoint_table(self.response_store, self.queue)
 

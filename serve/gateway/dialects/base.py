@@ -45,6 +45,7 @@ class Conversation:
     previous_response_id: str | None
     items: list[Any]  # the whole conversation as input items, this turn's included
     store: bool  # keep the answer for a follow-up turn
+    turns: int = 1  # this turn's place in the chain
 
 
 class StreamTap(Protocol):

@@ -148,7 +148,7 @@ class ResponsesTap:
         return encode(json.dumps(obj, separators=(",", ":")), ev.event)
 
 
-async def _tap_final(chunks: AsyncIterator[bytes], on_final: Callable[[dict[str, Any]], Awaitable[None]]
+async def _tap_final(chunks: AsyncIterator[bytes], on_final: Callable[[dict[str, Any]], Awaitable[Any]]
                      ) -> AsyncIterator[bytes]:
     """Pass a stream through; call `on_final(response)` once response.completed has been seen,
     before the event goes out (a client that hangs up right after still leaves it stored)."""
@@ -201,6 +201,8 @@ class Responses(Dialect):
         request = {k: v for k, v in payload.items() if k != "request_id"}
         try:
             await self.background.submit(rid, key, request, shell)
+        except APIError:
+            raise
         except Exception as e:  # Redis unreachable: nothing was queued
             logger.warning("background queue unreachable: %s", e)
             raise APIError(503, "The response store is unavailable; retry shortly.",
@@ -223,7 +225,15 @@ class Responses(Dialect):
         # vLLM names a response after the client's request_id: the gateway's stored ids must be
         # the engine's random ones, never a name a client chose (another key's id, say).
         sent.pop("request_id", None)
-        return sent, Conversation(prev, items, payload.get("store", True) is not False)
+        turns = int(record.get("turns", 1)) + 1 if record else 1
+        # Bounded state: a chain a key may grow without end would fill the store for every tenant.
+        if turns > self.store.max_turns:
+            raise bad_request(f"This conversation has reached {self.store.max_turns} turns, the most one "
+                              f"previous_response_id chain may have; start a new one.", param="previous_response_id")
+        if record is not None and len(json.dumps(items)) > self.store.max_bytes:
+            raise bad_request(f"The conversation of `{prev}` is larger than the {self.store.max_bytes} bytes this "
+                              f"gateway keeps for one; start a new one.", param="previous_response_id")
+        return sent, Conversation(prev, items, payload.get("store", True) is not False, turns)
 
     async def after(self, conversation: Conversation | None, key: str, answer: Answer) -> Answer:
         """Keep the answer when `store` is true (the default)."""
@@ -231,17 +241,19 @@ class Responses(Dialect):
             return answer
         keep, items = conversation.store, conversation.items
 
-        async def save(body: dict[str, Any]) -> None:
+        async def save(body: dict[str, Any]) -> bool:
             try:
-                await self.store.put(str(body.get("id")), key, body, [*items, *output_as_input(body)])
+                return await self.store.put(str(body.get("id")), key, body, [*items, *output_as_input(body)],
+                                            turns=conversation.turns)
             except Exception as e:  # the answer still goes out; only the follow-up turn would fail
                 logger.warning("could not store response %s: %s", body.get("id"), e)
+                return False
 
         if answer.body is not None:
             answer.body["previous_response_id"] = conversation.previous_response_id
             answer.body["store"] = keep
-            if keep:
-                await save(answer.body)
+            if keep and not await save(answer.body):
+                answer.body["store"] = False  # too large to keep (or the store is away): say so
         elif keep and answer.chunks is not None:
             answer.chunks = _tap_final(answer.chunks, save)
         return answer
