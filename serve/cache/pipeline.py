@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from serve.cache.store import CacheEntry
 from serve.config import Config
 from serve.policies.cache_key import Normalization, cache_key, endpoint_for
 
@@ -81,6 +82,28 @@ def batch_lines(head: list[HeadQuery], teacher: str) -> list[str]:
         body["model"] = teacher
         lines.append(json.dumps({"custom_id": q.key, "method": "POST", "url": endpoint_for(q.request), "body": body}))
     return lines
+
+
+# Fields of a batch line's answer that belong to the line's run, not to the answer (as the chat
+# dialect's `for_cache` empties them online); provenance is the entry's own, never the body's.
+RUN_FIELDS = ("kv_transfer_params", "ec_transfer_params")
+
+
+def batch_entries(output: Iterable[str], route: str, model: str, digest: str | None, batch_id: str,
+                  now: float) -> list[tuple[str, CacheEntry]]:
+    """(key, entry) for every answered line of a batch output file (custom_id is the key): each
+    entry records the model and the weights digest that produced it, so a gateway stops serving
+    it once the route is no longer served by them, exactly as an entry stored online."""
+    items = []
+    for raw in output:
+        rec = json.loads(raw)
+        resp = rec.get("response") or {}
+        if resp.get("status_code") != 200:
+            continue
+        body = {k: None if k in RUN_FIELDS else v for k, v in resp["body"].items() if k != "llmserve_provenance"}
+        items.append((rec["custom_id"], CacheEntry(response=body, model=model, created_at=now, batch_id=batch_id,
+                                                   route=route, digest=digest)))
+    return items
 
 
 def synth_log(requests: int, distinct: int, s: float = 1.1, seed: int = 0, max_tokens: int = 16,

@@ -32,11 +32,14 @@ GEN_PREFIX = "llmserve:cachegen"
 
 @dataclass
 class CacheEntry:
-    response: dict[str, Any]  # the OpenAI response body (chat.completion or text_completion)
-    model: str  # the model that produced it (provenance)
+    response: dict[str, Any]  # the answer body, without what belonged to the request that made it
+    model: str  # the model that produced it: a hit is valid only while the route still serves it
     created_at: float
     batch_id: str | None = None
     route: str = ""
+    # The content digest of the weights that produced it (runtime adapters; None for weights the
+    # catalog never hashed): a hit is valid only while the model is served from the same weights.
+    digest: str | None = None
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -47,32 +50,51 @@ class CacheEntry:
 
 
 class LRU:
-    def __init__(self, size: int, clock: Callable[[], float] = time.time) -> None:
+    """Bounded in entries and in bytes (an entry's size is its stored JSON, measured once when it is
+    put): one tenant's long answers cannot grow a gateway's memory past `max_bytes`."""
+
+    def __init__(self, size: int, clock: Callable[[], float] = time.time, max_bytes: int | None = None) -> None:
         self._size = size
+        self._max_bytes = max_bytes
         self._clock = clock
-        self._data: OrderedDict[str, tuple[float, CacheEntry]] = OrderedDict()
+        self._data: OrderedDict[str, tuple[float, CacheEntry, int]] = OrderedDict()
+        self._bytes = 0
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
 
     def get(self, key: str) -> CacheEntry | None:
         item = self._data.get(key)
         if item is None:
             return None
-        expires, entry = item
+        expires, entry, _ = item
         if expires <= self._clock():
-            del self._data[key]
+            self._drop(key)
             return None
         self._data.move_to_end(key)
         return entry
 
     def put(self, key: str, entry: CacheEntry, ttl_s: float) -> None:
-        self._data[key] = (self._clock() + ttl_s, entry)
-        self._data.move_to_end(key)
-        while len(self._data) > self._size:
-            self._data.popitem(last=False)
+        self._drop(key)
+        nbytes = len(entry.dumps().encode())
+        if self._max_bytes is not None and nbytes > self._max_bytes:
+            return  # larger than the whole budget: Redis may keep it, this process does not
+        self._data[key] = (self._clock() + ttl_s, entry, nbytes)
+        self._bytes += nbytes
+        while len(self._data) > self._size or (self._max_bytes is not None and self._bytes > self._max_bytes):
+            _, (_, _, n) = self._data.popitem(last=False)
+            self._bytes -= n
+
+    def _drop(self, key: str) -> None:
+        item = self._data.pop(key, None)
+        if item is not None:
+            self._bytes -= item[2]
 
     def drop_prefix(self, prefix: str) -> int:
         keys = [k for k in self._data if k.startswith(prefix)]
         for k in keys:
-            del self._data[k]
+            self._drop(k)
         return len(keys)
 
     def __len__(self) -> int:
@@ -94,12 +116,13 @@ class HeadCache:
         self,
         redis_url: str | None,
         lru_size: int = 10_000,
+        lru_max_bytes: int | None = None,
         default_ttl_s: float = 86_400,
         op_timeout_s: float = 0.2,
         retry_after_s: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._lru = LRU(lru_size, clock)
+        self._lru = LRU(lru_size, clock, lru_max_bytes)
         self._ttl = default_ttl_s
         self._clock = clock
         self._retry_after_s = retry_after_s

@@ -27,9 +27,23 @@ def _cache(config: Config, redis_url: str | None) -> Any:
     return HeadCache(url, op_timeout_s=5)
 
 
+async def _served_digest(redis_url: str | None, model: str) -> str | None:
+    """The digest of the weights the gateways serve `model` from, as they know it: a runtime
+    adapter's registration in the lifecycle store (None for configured, unhashed weights)."""
+    from serve.students.registry import LifecycleStore
+
+    if not redis_url:
+        return None
+    store = LifecycleStore(redis_url)
+    try:
+        registered = await store.adapter(model)
+    finally:
+        await store.close()
+    return (registered or {}).get("digest") or None
+
+
 def cmd_cache_build(args: argparse.Namespace) -> int:
-    from serve.cache.pipeline import batch_lines, read_log, select_head
-    from serve.cache.store import CacheEntry
+    from serve.cache.pipeline import batch_entries, batch_lines, read_log, select_head
 
     config = load_config(args.config)
     with open(args.log, "rb") as f:
@@ -52,20 +66,15 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
             batch_id = f"offline-{int(time.time())}"
             if offline_batch(config, args.model, str(inp), str(out)) != 0:
                 return 1
-        now = time.time()
+        output = out.read_text().splitlines()
         route = config.route(args.route)
         ttl = route.cache.ttl_s if route is not None and route.cache is not None else None
-        items = []
-        for raw in out.read_text().splitlines():
-            rec = json.loads(raw)
-            resp = rec.get("response") or {}
-            if resp.get("status_code") == 200:
-                items.append((rec["custom_id"], CacheEntry(response=resp["body"], model=args.model, created_at=now,
-                                                           batch_id=batch_id, route=args.route)))
 
     async def load() -> int:
         cache = _cache(config, args.redis_url)
         try:
+            digest = await _served_digest(args.redis_url or config.cache.redis_url, args.model)
+            items = batch_entries(output, args.route, args.model, digest, batch_id, time.time())
             return await cache.put_many(args.route, items, ttl)
         finally:
             await cache.close()

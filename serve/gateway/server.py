@@ -72,6 +72,7 @@ class GatewayParts:
         self.upstream = upstream or HttpUpstream(connect_timeout_s=config.gateway.connect_timeout_s,
                                                  secret=engine_secret())
         self.cache = HeadCache(config.cache.redis_url, lru_size=config.cache.lru_size,
+                               lru_max_bytes=config.cache.lru_max_bytes,
                                op_timeout_s=config.cache.op_timeout_s)
         self.limiter = RateLimiter(config.cache.redis_url, op_timeout_s=config.cache.op_timeout_s)
         self.gateway = Gateway(config, self.backends, self.upstream, cache=self.cache,

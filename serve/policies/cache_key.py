@@ -34,7 +34,9 @@ NON_OUTPUT_FIELDS = frozenset({
 # (not known to be inert in every engine version), and every sampling or decoding parameter.
 
 _WS = re.compile(r"\s+")
-_KEY_VERSION = 2  # bump when the key material changes, so old entries can never match
+# Bump when the key material or what an entry holds changes, so old entries can never match
+# (3: entries made before per-request fields were stripped still hold another tenant's `user`).
+_KEY_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,17 @@ def is_deterministic(payload: dict[str, Any], route_cacheable: bool = False, pat
     return isinstance(t, (int, float)) and not isinstance(t, bool) and t == 0
 
 
-def cache_key(route: str, path: str, payload: dict[str, Any], norm: Normalization = Normalization()) -> str:
+def cache_key(route: str, path: str, payload: dict[str, Any], norm: Normalization = Normalization(),
+              owner: str | None = None) -> str:
     """sha256 over route, endpoint, the normalised query and every other field but
-    NON_OUTPUT_FIELDS. A field set to null is the same as an absent one (vLLM's default)."""
+    NON_OUTPUT_FIELDS (a key's `cache_salt` among them). A field set to null is the same as an
+    absent one (vLLM's default). `owner`: the API key whose entry this is, on a route whose cache
+    is scoped per key (None: shared by the route's keys)."""
     query_field = "messages" if "messages" in payload else "prompt" if "prompt" in payload else None
     material = {
         "v": _KEY_VERSION,
         "route": route,
+        "owner": owner,
         "path": path,
         "query": normalized_query(payload, norm),
         "params": {k: v for k, v in payload.items()
@@ -115,3 +121,13 @@ def cache_key(route: str, path: str, payload: dict[str, Any], norm: Normalizatio
     }
     blob = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def apply_cache_salt(payload: dict[str, Any], salt: str | None) -> bool:
+    """Put an API key's `cache_salt` into its request (in place), replacing whatever the client
+    sent: vLLM then shares prefix-cache blocks only between requests of the same salt, and the
+    head-cache key, which hashes the field, keeps the key's entries apart too. True if changed."""
+    if salt is None or payload.get("cache_salt") == salt:
+        return False
+    payload["cache_salt"] = salt
+    return True

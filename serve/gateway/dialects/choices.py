@@ -21,6 +21,17 @@ def complete(body: dict[str, Any]) -> bool:
     return all(c.get("finish_reason") in COMPLETE_FINISH for c in body.get("choices") or [])
 
 
+def _fresh_tool_call_ids(choice: Any) -> Any:
+    """A choice whose tool calls have new ids (a copy: a cached entry's choices are shared by every hit)."""
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict) or not isinstance(message.get("tool_calls"), list):
+        return choice
+    calls = message["tool_calls"]
+    fresh = [{**c, "id": f"{c['id'].rsplit('-', 1)[0]}-{uuid.uuid4().hex[:24]}"}
+             if isinstance(c, dict) and isinstance(c.get("id"), str) else c for c in calls]
+    return {**choice, "message": {**message, "tool_calls": fresh}}
+
+
 class ChoicesTap:
     """Bills the usage chunk (asked for by the gateway if not by the client, then dropped again),
     puts the cost into it, and rebuilds the whole answer for the cache. Reads whole events
@@ -107,10 +118,8 @@ class ChoicesDialect(Dialect):
 
     def for_request(self, body: dict[str, Any], payload: dict[str, Any], conversation: Conversation | None) -> None:
         super().for_request(body, payload, conversation)
-        for choice in body.get("choices") or []:  # a tool call's id is made per request, like the answer's
-            for call in ((choice.get("message") or {}).get("tool_calls") or []) if isinstance(choice, dict) else []:
-                if isinstance(call, dict) and isinstance(call.get("id"), str):
-                    call["id"] = f"{call['id'].rsplit('-', 1)[0]}-{uuid.uuid4().hex[:24]}"
+        if isinstance(body.get("choices"), list):  # tool call ids are made per request, like the answer's
+            body["choices"] = [_fresh_tool_call_ids(c) for c in body["choices"]]
 
     def replay(self, body: dict[str, Any], view: View) -> Iterable[bytes]:
         return replay(body, view.include_usage)

@@ -277,9 +277,10 @@ class Responses(Dialect):
         super().for_request(body, payload, conversation)
         if conversation is not None:  # the route ran on the expanded conversation, without these
             body["previous_response_id"], body["store"] = conversation.previous_response_id, conversation.store
-        for item in body.get("output") or []:  # output item ids are made per response
-            if isinstance(item, dict) and isinstance(item.get("id"), str):
-                item["id"] = f"{item['id'].split('_', 1)[0]}_{uuid.uuid4().hex}"
+        if isinstance(body.get("output"), list):  # output item ids are made per response (copied: the
+            body["output"] = [  # entry's own items are shared by every hit)
+                {**item, "id": f"{item['id'].split('_', 1)[0]}_{uuid.uuid4().hex}"}
+                if isinstance(item, dict) and isinstance(item.get("id"), str) else item for item in body["output"]]
 
     def replay(self, body: dict[str, Any], view: View) -> Iterable[bytes]:
         return replay(body)
