@@ -32,6 +32,10 @@ ENV_PREFIX = "LLMSERVE__"
 # configuration Serve is given or a runtime_env (Serve logs both and its dashboard shows them): the
 # chart sets it from a Secret, `llmserve run` exports it before it starts Ray (serve/engine/cluster.py).
 REDIS_URL_ENV = f"{ENV_PREFIX}CACHE__REDIS_URL"
+# The Redis URL (with its password) reaches every process from its environment, never from the
+# configuration Serve is given or a runtime_env (Serve logs both and its dashboard shows them): the
+# chart sets it from a Secret, `llmserve run` exports it before it starts Ray (serve/engine/cluster.py).
+REDIS_URL_ENV = f"{ENV_PREFIX}CACHE__REDIS_URL"
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from serve.config import Config
+from serve.config import REDIS_URL_ENV, Config
 from serve.contract.registry import get_registry
 from serve.contract.secret import ensure_engine_secret
 from serve.engine import private
@@ -63,8 +63,6 @@ def serve_deploy_config(config: Config) -> dict[str, Any]:
     for spec in config.models:
         args: dict[str, Any] = {"model": spec.model_dump(mode="json"), "namespace": ns,
                                 "adapter_roots": [str(r) for r in config.gateway.adapter_roots]}
-        if config.cache.redis_url:
-            args["redis_url"] = config.cache.redis_url
         # route_prefix None: no engine is reached through a Serve proxy (our gateway is the entry).
         apps.append({"name": spec.name, "import_path": ENGINE_APP, "route_prefix": None, "args": args})
     # Our gateway is the only HTTP entry; Serve's own proxy would only add a hop and take a port.
@@ -73,8 +71,12 @@ def serve_deploy_config(config: Config) -> dict[str, Any]:
 
 def start_ray(config: Config) -> None:
     """Start (or join) Ray with the engine secret in this process's environment first: a cluster
-    started here hands it to every worker it starts (engines, the batch worker)."""
+    started here hands it to every worker it starts (engines, the batch worker). The Redis URL
+    travels the same way, never in Serve's args or a runtime_env (Serve logs both, the dashboard
+    shows them); a joined cluster's nodes need it in their own environment, as the chart's pods."""
     ensure_engine_secret()
+    if config.cache.redis_url:
+        os.environ[REDIS_URL_ENV] = config.cache.redis_url
     connect_ray(config)
 
 

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from serve.config import ModelSpec
+from serve.config import REDIS_URL_ENV, ModelSpec
 from serve.contract import paths, secret
 from serve.engine import forkserver
 from serve.engine.models import resolve_source
@@ -27,8 +27,7 @@ CPU_ENV = {
 }
 
 
-def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None,
-                   adapter_roots: Sequence[str] = ()) -> Any:  # -> LLMConfig
+def llm_config_for(spec: ModelSpec, namespace: str, adapter_roots: Sequence[str] = ()) -> Any:  # -> LLMConfig
     from ray.serve.llm import LLMConfig
 
     source = resolve_source(spec)
@@ -61,9 +60,6 @@ def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None
     # model's env may turn it off (LLMSERVE_ENGINE_FORKSERVER: "0").
     cpu_env = {**CPU_ENV, **forkserver.worker_environment()} if spec.accelerator == "cpu" else {}
     env = {**cpu_env, **spec.env, "LLMSERVE_NAMESPACE": namespace}
-    if redis_url:
-        # Adapters promoted at runtime are registered there; a new replica loads them too.
-        env["LLMSERVE_REDIS_URL"] = redis_url
     if spec.adapters or spec.engine.enable_lora:
         # Adapters are loaded through vLLM's own /v1/load_lora_adapter once the engine is up, the
         # same call a later promotion uses to swap adapters without a restart.
@@ -71,13 +67,15 @@ def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None
     if adapter_roots:
         # Where adapters registered at runtime may be loaded from by a new replica (direct.py).
         env[paths.ADAPTER_ROOTS_ENV] = os.pathsep.join(adapter_roots)
-    # The engine secret never goes into runtime_env: Serve logs a deployment's options (env vars
-    # included) and the dashboard shows them. Ray 2.60 starts a worker with the raylet's
+    # The engine secret and the Redis URL (its password) never go into runtime_env: Serve logs a
+    # deployment's options (env vars included) and the dashboard shows them. Ray 2.60 starts a worker with the raylet's
     # environment (ray._private.runtime_env.context.RuntimeEnvContext.exec_worker), which has it:
     # `llmserve run` exports it before it starts Ray, the chart's pods get it from a Secret, and a
     # cluster joined with `ray.address` needs it in its nodes' environment. Nor may a model's env
-    # replace it (engines and gateways would then disagree).
+    # replace it (engines and gateways would then disagree). The replica reads the Redis URL of
+    # runtime-promoted adapters from that environment too (direct.py).
     env.pop(secret.ENV, None)
+    env.pop(REDIS_URL_ENV, None)
     kwargs: dict[str, Any] = {
         "model_loading_config": {"model_id": spec.name, "model_source": source},
         "engine_kwargs": engine_kwargs,
@@ -95,14 +93,13 @@ def llm_config_for(spec: ModelSpec, namespace: str, redis_url: str | None = None
     return LLMConfig(**kwargs)
 
 
-def build_engine_app(spec: ModelSpec, namespace: str, redis_url: str | None = None,
-                     adapter_roots: Sequence[str] = ()) -> Any:  # -> Application
+def build_engine_app(spec: ModelSpec, namespace: str, adapter_roots: Sequence[str] = ()) -> Any:  # -> Application
     from ray.serve.llm import build_llm_deployment
 
     from serve.engine.direct import DirectLLMServer
 
     return build_llm_deployment(
-        llm_config_for(spec, namespace, redis_url, adapter_roots),
+        llm_config_for(spec, namespace, adapter_roots),
         name_prefix="engine:",
         deployment_cls=DirectLLMServer,
         bind_kwargs={"adapters": [a.model_dump(include={"name", "path"}) for a in spec.adapters]},

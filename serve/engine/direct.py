@@ -40,6 +40,7 @@ from typing import Any
 from ray.serve.llm import LLMServer
 
 from serve.asgi import bind_socket, start_in_loop
+from serve.config import REDIS_URL_ENV
 from serve.contract.paths import adapter_roots, runtime_adapters_for
 from serve.contract.registry import get_registry
 from serve.contract.secret import ENV as SECRET_ENV
@@ -302,7 +303,7 @@ class DirectLLMServer(LLMServer):
         """Adapters promoted while the service ran (registered in Redis for this base model), if
         their path lies under the configured adapter roots: whoever can write to Redis must not be
         able to make a new replica load files from anywhere. No roots: none are loaded."""
-        url = os.environ.get("LLMSERVE_REDIS_URL")
+        url = os.environ.get(REDIS_URL_ENV)  # the raylet's environment (never runtime_env: deployments.py)
         if not url or not os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING"):
             return []
         import redis

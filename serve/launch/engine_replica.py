@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from serve.config import ModelSpec
@@ -23,11 +22,9 @@ IMPORT_PATH = f"{__name__}:build"
 
 def build(args: dict[str, Any]) -> Any:  # -> ray.serve.Application
     spec = ModelSpec.model_validate(args["model"])
-    # The Redis URL (runtime-promoted adapters) comes with the args or the pod's environment: the
-    # chart sets LLMSERVE__CACHE__REDIS_URL from a Secret (the same override the gateway reads).
-    redis_url = (args.get("redis_url") or os.environ.get("LLMSERVE__CACHE__REDIS_URL")
-                 or os.environ.get("LLMSERVE_REDIS_URL"))
+    # No Redis URL here: the replica reads it from its own environment (serve/engine/direct.py),
+    # never from these args or its runtime_env, which Serve logs and its dashboard shows.
     # Runtime adapters load only from these directories (the gateway's adapter_roots; the chart
     # passes them): without them an engine refuses every promotion.
-    return build_engine_app(spec, str(args.get("namespace", "llmserve")), redis_url,
+    return build_engine_app(spec, str(args.get("namespace", "llmserve")),
                             [str(r) for r in args.get("adapter_roots") or ()])

@@ -30,6 +30,41 @@ KUBERAY_CRDS = {"RayService": "ray.io_rayservices.yaml", "RayJob": "ray.io_rayjo
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion is >=1.26); validate against a current one.
 KUBERNETES_VERSION = "1.31.0"
 
+# The chart's values files and the renders every test of the chart covers.
+CPU_DEV = str(CHART / "values-cpu-dev.yaml")
+PRODUCTION = str(CHART / "values-production.yaml")
+EVERYTHING = ("ingress.enabled=true,metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,"
+              "metrics.prometheusRule.enabled=true,batchJob.enabled=true,modelCache.type=pvc")
+CASES = {
+    "default": (),
+    "cpu-dev": ("-f", CPU_DEV),
+    "production": ("-f", PRODUCTION),
+    "cpu-dev-everything": ("-f", CPU_DEV, "--set", EVERYTHING),
+    "production-batch": ("-f", PRODUCTION, "--set", "batchJob.enabled=true"),
+}
+VALUES_FILES = {"default": None, "cpu-dev": CPU_DEV, "production": PRODUCTION}
+
+
+def merge_values(base: dict, over: dict) -> dict:
+    """Helm's values merge: mappings merge, anything else replaces, null deletes."""
+    out = dict(base)
+    for k, v in over.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_values(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def values_of(case: str) -> dict:
+    """The values a case renders with (without its --set overrides)."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    file = VALUES_FILES[case.split("-everything")[0].split("-batch")[0]]
+    return merge_values(values, yaml.safe_load(open(file))) if file else values
+
+
 _INSTALL_HINT = {
     "helm": "run `make k8s-tools` (installs helm into .tools/bin)",
     "promtool": "run `make k8s-tools` (installs Debian's prometheus package)",

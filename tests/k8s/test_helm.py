@@ -12,7 +12,10 @@ import pytest
 import yaml
 
 from tests.k8s.support import (
+    CASES,
     CHART,
+    CPU_DEV,
+    VALUES_FILES,
     by_kind,
     check_gateway_wiring,
     check_pod_references,
@@ -22,40 +25,8 @@ from tests.k8s.support import (
     pod_templates,
     tool,
     validate,
+    values_of,
 )
-
-CPU_DEV = str(CHART / "values-cpu-dev.yaml")
-PRODUCTION = str(CHART / "values-production.yaml")
-EVERYTHING = ("ingress.enabled=true,metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,"
-              "metrics.prometheusRule.enabled=true,batchJob.enabled=true,modelCache.type=pvc")
-CASES = {
-    "default": (),
-    "cpu-dev": ("-f", CPU_DEV),
-    "production": ("-f", PRODUCTION),
-    "cpu-dev-everything": ("-f", CPU_DEV, "--set", EVERYTHING),
-    "production-batch": ("-f", PRODUCTION, "--set", "batchJob.enabled=true"),
-}
-VALUES_FILES = {"default": None, "cpu-dev": CPU_DEV, "production": PRODUCTION}
-
-
-def _merge(base: dict, over: dict) -> dict:
-    """Helm's values merge: mappings merge, anything else replaces, null deletes."""
-    out = dict(base)
-    for k, v in over.items():
-        if v is None:
-            out.pop(k, None)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _values(case: str) -> dict:
-    """The values a case renders with (without its --set overrides)."""
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-    file = VALUES_FILES[case.split("-everything")[0].split("-batch")[0]]
-    return _merge(values, yaml.safe_load(open(file))) if file else values
 
 
 @pytest.mark.parametrize("case", list(VALUES_FILES))
@@ -89,7 +60,7 @@ def test_serve_config_v2_is_what_serve_and_llmserve_accept(case: str) -> None:
 
     objs = helm_template(*CASES[case])
     raw, config = check_serve_config_v2(one(objs, "RayService")["spec"]["serveConfigV2"])
-    values = _values(case)
+    values = values_of(case)
     # The gateway gets the whole `serve:` values, unchanged.
     assert config == Config.model_validate(values["serve"])
     gateway = next(a for a in raw["applications"] if a["name"] == "gateway")
@@ -103,7 +74,7 @@ def test_serve_config_v2_is_what_serve_and_llmserve_accept(case: str) -> None:
 @pytest.mark.parametrize("case", list(CASES))
 def test_pods_reference_rendered_or_declared_objects(case: str) -> None:
     objs = helm_template(*CASES[case])
-    values = _values(case)
+    values = values_of(case)
     names = {k: {o["metadata"]["name"] for o in by_kind(objs, k)}
              for k in ("ConfigMap", "Secret", "PersistentVolumeClaim")}
     names["Secret"] |= {values.get("existingSecret") or "", values["hfToken"]["existingSecret"],
@@ -125,7 +96,7 @@ def test_production_gpu_cluster() -> None:
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
     _, config = check_serve_config_v2(service["spec"]["serveConfigV2"])
-    assert config == Config.model_validate(_values("production")["serve"])
+    assert config == Config.model_validate(values_of("production")["serve"])
     gpu_groups = []
     for group, tpl in pod_templates(cluster):
         spec = tpl["spec"]
@@ -195,7 +166,7 @@ def _ray_containers(objs: tuple[dict, ...]) -> list[dict]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_engines_are_closed_and_bound_to_the_pod_ip(case: str) -> None:
     objs = helm_template(*CASES[case])
-    values = _values(case)
+    values = values_of(case)
     name = values["engineSecret"]["existingSecret"] or "llm-llmserve-engine"
     containers = _ray_containers(objs)
     assert len(containers) >= 2

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.k8s.support import helm_template, one
-from tests.k8s.test_helm import CPU_DEV
+from tests.k8s.support import CPU_DEV, helm_template, one
 
 # curl as the script uses it: flags, -H header, the URL last. Logs "URL|auth header" per call.
 FAKE_CURL = r"""#!/bin/sh

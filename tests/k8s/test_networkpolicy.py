@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.k8s.support import by_kind, helm_template, pod_templates, validate
-from tests.k8s.test_helm import CPU_DEV, PRODUCTION
+from tests.k8s.support import CPU_DEV, PRODUCTION, by_kind, helm_template, pod_templates, validate
 
 NS = "llm"
 ENGINE_PORT = 34567  # an engine replica's port: random, on the pod IP

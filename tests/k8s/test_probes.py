@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.k8s.support import by_kind, helm_template, pod_templates
-from tests.k8s.test_helm import CASES, CPU_DEV, PRODUCTION, _values
+from tests.k8s.support import CASES, CPU_DEV, PRODUCTION, by_kind, helm_template, pod_templates, values_of
 
 AGENT_PORT = 52365
 
@@ -45,7 +44,7 @@ def _http(probe: dict[str, Any]) -> tuple[str, int]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_ray_container_has_its_own_probes(case: str) -> None:
     objs = helm_template(*CASES[case])
-    values = _values(case)
+    values = values_of(case)
     gateway_port = values["serve"]["gateway"]["port"]
     pods = _ray_pods(objs)
     assert len(pods) >= 2
@@ -76,7 +75,7 @@ def test_every_ray_container_has_its_own_probes(case: str) -> None:
 @pytest.mark.parametrize("case", ["default", "cpu-dev", "production"])
 def test_head_declares_the_ports_kuberay_looks_up_by_name(case: str) -> None:
     objs = helm_template(*CASES[case])
-    gateway_port = _values(case)["serve"]["gateway"]["port"]
+    gateway_port = values_of(case)["serve"]["gateway"]["port"]
     [head] = [c for node_type, _, c, kind in _ray_pods(objs) if node_type == "head" and kind == "RayService"]
     ports = {p["name"]: p["containerPort"] for p in head["ports"]}
     assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "metrics": 8080, "serve": gateway_port}

@@ -12,8 +12,18 @@ import pytest
 import yaml
 
 from tests.cluster.kuberay import expand
-from tests.k8s.support import CHART, by_kind, helm_template, one, pod_templates, tool, validate
-from tests.k8s.test_helm import CASES, CPU_DEV, PRODUCTION
+from tests.k8s.support import (
+    CASES,
+    CHART,
+    CPU_DEV,
+    PRODUCTION,
+    by_kind,
+    helm_template,
+    one,
+    pod_templates,
+    tool,
+    validate,
+)
 
 REDIS_URL = "LLMSERVE__CACHE__REDIS_URL"
 DATABASE_URL = "LLMSERVE__BATCH__DATABASE_URL"

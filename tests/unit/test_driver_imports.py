@@ -156,8 +156,7 @@ def test_the_deploy_config_is_valid_and_builds_the_same_apps(config, monkeypatch
         args = json.loads(json.dumps(app["args"]))  # what reaches the build task
         built = getattr(importlib.import_module(module), attr)(copy.deepcopy(args))
         assert isinstance(built, serve.Application)
-        expected = deployments.build_engine_app(spec, config.ray.namespace, config.cache.redis_url,
-                                                config.gateway.adapter_roots)
+        expected = deployments.build_engine_app(spec, config.ray.namespace, config.gateway.adapter_roots)
         assert isinstance(expected, serve.Application)
         (got_cfg, got_kw), (want_cfg, want_kw) = calls[-2:]
         assert got_cfg.model_dump() == want_cfg.model_dump()
