@@ -31,7 +31,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     hp = Hyper(epochs=args.epochs, lr=args.lr, rank=args.rank, alpha=args.alpha or 2 * args.rank,
                batch_size=args.batch_size, max_length=args.max_length,
                targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), holdout=args.holdout,
-               seed=args.seed, max_new_tokens=args.max_new_tokens, eval_limit=args.eval_limit)
+               seed=args.seed, max_new_tokens=args.max_new_tokens, eval_limit=args.eval_limit,
+               grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing,
+               group_by_length=args.group_by_length, patience=args.patience, checkpoint_steps=args.checkpoint_steps)
     import torch
 
     if args.threads or pick_device(args.device).type == "cpu":
@@ -39,16 +41,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         # machine shared with CPU engines OpenMP threads spin against them (here, with the load at
         # 8 on 2 cores: 15 s of training with 1 thread, 246 s with 2).
         torch.set_num_threads(args.threads or 1)
-    result = train(examples, sources, args.base, args.output, hp, args.device, args.dtype, skipped)
+    result = train(examples, sources, args.base, args.output, hp, args.device, args.dtype, skipped,
+                   resume=args.resume, memory_budget_gb=args.memory_budget_gb)
     m = result.manifest
     held = m["agreement"]["held_out"]
-    print(f"adapter {m['adapter']} (digest {m['digest'][:12]}), trained in {m['train_seconds']:.0f}s on {m['device']}")
+    ep = m["epochs"]
+    print(f"adapter {m['adapter']} (digest {m['digest'][:12]}), trained in {m['train_seconds']:.0f}s on {m['device']}; "
+          f"kept epoch {ep['kept']} of {ep['run']}{' (stopped early)' if ep['stopped_early'] else ''}, "
+          f"memory estimate {m['memory_estimate']['total_gib']:.2f} GiB")
     print(f"held-out agreement with the teacher ({len(m['split']['held_out'])} labels): "
           f"before {_fmt(held['before'])} -> after {_fmt(held['after'])}")
     print(json.dumps({"adapter": m["adapter"], "digest": m["digest"], "manifest": str(result.manifest_path),
                       "train": len(m["split"]["train"]), "held_out": len(m["split"]["held_out"]),
                       "agreement": m["agreement"], "loss": {k: m["loss"][k] for k in ("train", "held_out")},
-                      "train_seconds": m["train_seconds"]}))
+                      "train_seconds": m["train_seconds"], "epochs": m["epochs"],
+                      "effective_batch": m["effective_batch"], "memory_estimate": m["memory_estimate"]}))
     return 0
 
 
@@ -68,7 +75,20 @@ def add_train_command(students_subparsers: Any) -> None:
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank; at most the engine's max_lora_rank")
     p.add_argument("--alpha", type=int, help="LoRA alpha (default: 2 x rank)")
     p.add_argument("--targets", default=",".join(d.targets), help="modules the adapter wraps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per micro-batch (one forward pass)")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="micro-batches per optimizer step; the effective batch is --batch-size x --grad-accum")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=d.gradient_checkpointing,
+                   help="recompute each layer's activations in the backward pass instead of keeping them")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=d.group_by_length,
+                   help="batch rows of similar length together (less padding)")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="stop after this many epochs without a lower held-out loss (0: never); the best epoch is kept")
+    p.add_argument("--checkpoint-steps", type=int, default=d.checkpoint_steps,
+                   help="checkpoint every N optimizer steps as well as at each epoch's end (<output>.checkpoint.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from <output>.checkpoint.pt if one is there")
+    p.add_argument("--memory-budget-gb", type=float,
+                   help="memory training may use (default: the GPU's free memory, or the host's available memory)")
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (prompt + answer)")
     p.add_argument("--holdout", type=float, default=d.holdout, help="share of labels held out (by a hash of id)")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the split, the adapter's init and the order")
@@ -84,6 +104,8 @@ def add_train_command(students_subparsers: Any) -> None:
             p.error("--batch-output needs --batch-input (the prompts)")
         if not 0 <= args.holdout < 1:
             p.error("--holdout must be in [0, 1)")
+        if args.batch_size < 1 or args.grad_accum < 1 or args.patience < 0 or args.checkpoint_steps < 0:
+            p.error("--batch-size and --grad-accum must be at least 1, --patience and --checkpoint-steps at least 0")
         if args.base.startswith("builtin://"):
             from serve.model.tiny import parse_tiny_source
 

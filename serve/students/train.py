@@ -14,17 +14,19 @@ labels. The manifest lives outside the directory so it does not change the diges
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
-import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from serve.students import memory
 from serve.students.data import Example, split
+from serve.students.fit import Progress, Row, collate, fit
 from serve.students.generate import agreement, load, pick_device, prompt_text, resolve_base
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -45,6 +47,11 @@ class Hyper:
     warmup: float = 0.05  # share of the steps the learning rate ramps up over
     max_new_tokens: int = 64  # answer budget when scoring a label whose request set none
     eval_limit: int = 200  # examples scored per split: generation, not training, dominates on big models
+    grad_accum: int = 1  # micro-batches per optimizer step: the effective batch is batch_size x grad_accum
+    gradient_checkpointing: bool = True  # keep each layer's input only, recompute the rest in backward
+    group_by_length: bool = True  # batch rows of similar length together: less padding
+    patience: int = 2  # epochs without a lower held-out loss before stopping (0: run every epoch)
+    checkpoint_steps: int = 0  # also checkpoint every N optimizer steps (0: at each epoch's end only)
 
 
 @dataclass(frozen=True)
@@ -71,18 +78,7 @@ def encode(tok: Any, ex: Example, max_length: int) -> tuple[list[int], list[int]
     return ids, ([-100] * len(p) + a)[:max_length]
 
 
-def collate(rows: list[tuple[list[int], list[int]]], pad_id: int, device: Any) -> dict[str, Any]:
-    import torch
-
-    width = max(len(ids) for ids, _ in rows)
-    ids = [r[0] + [pad_id] * (width - len(r[0])) for r in rows]
-    labels = [r[1] + [-100] * (width - len(r[1])) for r in rows]
-    mask = [[1] * len(r[0]) + [0] * (width - len(r[0])) for r in rows]
-    return {"input_ids": torch.tensor(ids, device=device), "labels": torch.tensor(labels, device=device),
-            "attention_mask": torch.tensor(mask, device=device)}
-
-
-def mean_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> float:
+def mean_loss(model: Any, rows: list[Row], pad_id: int, batch_size: int) -> float:
     """Mean cross-entropy per answer token over `rows` (no gradient)."""
     import torch
 
@@ -95,41 +91,6 @@ def mean_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, 
             total += float(model(**batch).loss) * n
             count += n
     return total / count if count else float("nan")
-
-
-def fit(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int, hp: Hyper) -> list[float]:
-    """AdamW on the adapter's parameters, linear warmup then linear decay; mean loss per epoch."""
-    import torch
-    from tqdm import tqdm
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=0.0)
-    per_epoch = math.ceil(len(rows) / hp.batch_size)
-    steps, warm = per_epoch * hp.epochs, max(1, int(per_epoch * hp.epochs * hp.warmup))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
-    rng = random.Random(hp.seed)
-    losses: list[float] = []
-    model.train()
-    with tqdm(total=steps, desc="train", unit="step", file=sys.stderr) as bar:
-        for epoch in range(hp.epochs):
-            order = list(range(len(rows)))
-            rng.shuffle(order)
-            seen = 0.0
-            for s in range(0, len(order), hp.batch_size):
-                batch = collate([rows[i] for i in order[s:s + hp.batch_size]], pad_id, model.device)
-                loss = model(**batch).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                seen += loss.item()
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-            losses.append(seen / per_epoch)
-    model.eval()
-    return losses
 
 
 def _prepare_output(output: Path) -> None:
@@ -156,9 +117,42 @@ def _write_adapter(peft_model: Any, output: Path) -> None:
     tmp.rename(output)
 
 
+def checkpoint_path(output: Path) -> Path:
+    """Beside the adapter, not in it: the adapter directory's digest covers what is in it."""
+    return output.with_name(output.name + ".checkpoint.pt")
+
+
+def fingerprint(base: str, hp: Hyper, sources: list[dict[str, str]], train_ids: list[str]) -> str:
+    """What a checkpoint must have been written for to be resumed: labels, base, the split and
+    every hyperparameter that changes the steps (not patience, checkpointing or scoring)."""
+    keep = {k: v for k, v in asdict(hp).items()
+            if k not in ("patience", "checkpoint_steps", "eval_limit", "max_new_tokens")}
+    blob = json.dumps({"base": base, "hp": keep, "labels": [s.get("sha256") for s in sources],
+                       "train": train_ids}, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_memory(model: Any, hp: Hyper, rows: list[Row], dev: Any, dt: Any, budget_gb: float | None) -> dict[str, Any]:
+    """The estimate for the longest micro-batch this run will see, refused (SystemExit) before any
+    step when it exceeds the memory there is."""
+    base = memory.shape_of(model)
+    shape = memory.Shape(base.params, memory.lora_trainable(model.config.to_dict(), hp.rank, hp.targets),
+                         base.hidden, base.intermediate, base.layers, base.vocab)
+    dtype_bytes = dt.itemsize
+    seq = max(len(ids) for ids, _ in rows)
+    est = memory.estimate(shape, dtype_bytes, min(hp.batch_size, len(rows)), seq, hp.gradient_checkpointing,
+                          memory.CUDA_OVERHEAD if dev.type == "cuda" else 0)
+    have, source = memory.available(dev, budget_gb)
+    memory.check(est, have, source, shape, dtype_bytes, hp.batch_size * hp.grad_accum)
+    return {**est.as_dict(), "available_gib": round(have / memory.GIB, 3), "available_from": source}
+
+
 def train(examples: list[Example], sources: list[dict[str, str]], base: str, output: str | Path,
-          hp: Hyper | None = None, device: str = "auto", dtype: str = "auto", skipped: int = 0) -> Result:
-    """Train, save, measure; returns the manifest (also written next to the adapter)."""
+          hp: Hyper | None = None, device: str = "auto", dtype: str = "auto", skipped: int = 0,
+          resume: bool = False, memory_budget_gb: float | None = None,
+          on_step: Callable[[Progress], None] | None = None) -> Result:
+    """Train, save, measure; returns the manifest (also written next to the adapter). `resume`
+    continues from `<output>.checkpoint.pt` when one was written for these labels and settings."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -179,6 +173,7 @@ def train(examples: list[Example], sources: list[dict[str, str]], base: str, out
         raise SystemExit(f"llmserve: every training prompt fills --max-length {hp.max_length}: nothing to learn")
     held_rows = [r for r in (encode(tok, ex, hp.max_length) for ex in held) if r is not None]
     eval_train, eval_held = train_set[: hp.eval_limit], held[: hp.eval_limit]
+    mem = check_memory(model, hp, rows, dev, dt, memory_budget_gb)
     print(f"{len(examples)} labels: {len(train_set)} to train on, {len(held)} held out; "
           f"{base} on {dev} ({str(dt).removeprefix('torch.')})", file=sys.stderr)
 
@@ -191,11 +186,22 @@ def train(examples: list[Example], sources: list[dict[str, str]], base: str, out
     before = measure(model, "before")
     peft_model = get_peft_model(model, LoraConfig(r=hp.rank, lora_alpha=hp.alpha, lora_dropout=0.0,
                                                   target_modules=list(hp.targets), task_type="CAUSAL_LM"))
+    if hp.gradient_checkpointing:
+        # Non-reentrant: gradients reach the LoRA weights without forcing the inputs to need them.
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt = checkpoint_path(out)
     started = time.monotonic()
-    epoch_losses = fit(peft_model, rows, tok.pad_token_id, hp)
+    outcome = fit(peft_model, rows, tok.pad_token_id, hp,
+                  evaluate=(lambda m: mean_loss(m, held_rows, tok.pad_token_id, hp.batch_size)) if held_rows else None,
+                  checkpoint=ckpt, resume=resume, fingerprint=fingerprint(base, hp, sources, [e.id for e in train_set]),
+                  on_step=on_step)
     train_s = time.monotonic() - started
+    if hp.gradient_checkpointing:
+        peft_model.gradient_checkpointing_disable()
+    prog = outcome.progress
     after = measure(peft_model, "after")
     _write_adapter(peft_model, out)
+    ckpt.unlink(missing_ok=True)  # the adapter is written: nothing left to resume
     import peft
     import transformers
 
@@ -210,7 +216,12 @@ def train(examples: list[Example], sources: list[dict[str, str]], base: str, out
                   "too_long": too_long, "scored": {"train": len(eval_train), "held_out": len(eval_held)}},
         "hyperparameters": {**asdict(hp), "targets": list(hp.targets)},
         "device": str(dev), "dtype": str(dt).removeprefix("torch."), "train_seconds": round(train_s, 2),
-        "loss": {"per_epoch": epoch_losses, "train": {"before": before["loss_train"], "after": after["loss_train"]},
+        "effective_batch": hp.batch_size * hp.grad_accum, "memory_estimate": mem,
+        "epochs": {"run": len(prog.train_losses), "kept": prog.best_epoch or len(prog.train_losses),
+                   "stopped_early": prog.stopped_early, "resumed_at_step": outcome.resumed_at_step,
+                   "steps": prog.step, "rule": "the epoch of the lowest held-out loss; the last when none is held out"},
+        "loss": {"per_epoch": prog.train_losses, "held_out_per_epoch": prog.held_losses,
+                 "train": {"before": before["loss_train"], "after": after["loss_train"]},
                  "held_out": {"before": before["loss_held_out"], "after": after["loss_held_out"]}},
         "agreement": {"method": "greedy answers in transformers, each with the teacher's max_tokens",
                       "held_out": {"before": before["held_out"], "after": after["held_out"]},
