@@ -214,7 +214,20 @@ def test_the_worker_reads_the_input_a_line_at_a_time_and_skips_an_overlong_line(
     assert err["error"]["message"] == "line 2 is longer than 1000 bytes" and err["error"]["line"] == 2
 
 
-def test_one_batch_per_owner_at_a_time_and_too_many_lines_fail_the_batch(tmp_path):
+async def until_done(runner: BatchRunner, store: BatchStore, mode: str) -> None:
+    if mode == "once":
+        await runner.run_once()
+        return
+    task = asyncio.create_task(runner.run_forever())
+    try:
+        while store.active_batches():
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+
+
+@pytest.mark.parametrize("mode", ["once", "forever"])
+def test_one_batch_per_owner_at_a_time_and_too_many_lines_fail_the_batch(tmp_path, mode):
     store = SqliteStore(tmp_path / "b.db", tmp_path / "f")
     for bid, lines in [("batch-1", ["1a", "1b", "1c"]), ("batch-2", ["2a", "2b", "2c"]),
                        ("batch-big", ["x", "y", "z", "w"])]:
@@ -227,7 +240,8 @@ def test_one_batch_per_owner_at_a_time_and_too_many_lines_fail_the_batch(tmp_pat
         sent.append(body["messages"][0]["content"])
         return 200, {"ok": 1}
 
-    asyncio.run(BatchRunner(store, call, concurrency=2, max_lines=3).run_once())
+    asyncio.run(asyncio.wait_for(until_done(BatchRunner(store, call, concurrency=2, max_lines=3, poll_s=0.01),
+                                            store, mode), 10))
     assert [s[0] for s in sent] == ["1"] * 3 + ["2"] * 3
     big = store.get_batch("batch-big", owner="ann")
     assert big["status"] == "failed" and big["errors"]["data"][0]["code"] == "too_many_requests"
