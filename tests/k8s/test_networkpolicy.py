@@ -5,12 +5,13 @@ label, or both) on the pods the chart renders, plus pods a cluster has around th
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from tests.k8s.support import CPU_DEV, PRODUCTION, by_kind, helm_template, pod_templates, validate
+from tests.k8s.support import CHART, CPU_DEV, PRODUCTION, by_kind, helm_template, pod_templates, tool, validate
 
 NS = "llm"
 ENGINE_PORT = 34567  # an engine replica's port: random, on the pod IP
@@ -82,7 +83,11 @@ def _cluster_pods(objs: tuple[dict[str, Any], ...]) -> dict[str, Pod]:
                                           "app.kubernetes.io/created-by": "kuberay-operator"})
     pods["neighbour"] = Pod("neighbour", {"app": "other", "app.kubernetes.io/instance": "other"})
     pods["elsewhere"] = Pod("elsewhere", {"app": "x"}, namespace="default")
-    pods["operator"] = Pod("operator", {"app.kubernetes.io/name": "kuberay-operator"}, namespace="ray-system")
+    pods["operator"] = Pod("operator", {"app.kubernetes.io/name": "kuberay-operator"}, namespace="kuberay-system")
+    # Anyone who may create a pod can wear the operator's label, in their own namespace.
+    pods["impostor"] = Pod("impostor", {"app.kubernetes.io/name": "kuberay-operator"}, namespace="tenant-a")
+    # Nor is another pod of the operator's namespace the operator.
+    pods["operator-neighbour"] = Pod("operator-neighbour", {"app": "webhook"}, namespace="kuberay-system")
     pods["prometheus"] = Pod("prometheus", {"app": "prometheus"}, namespace="monitoring",
                              ns_labels={"llmserve.io/monitoring": "true"})
     pods["unlabelled-prometheus"] = Pod("unlabelled-prometheus", {"app": "prometheus"}, namespace="metrics")
@@ -102,7 +107,7 @@ def _ray(pods: dict[str, Pod]) -> list[Pod]:
     return [p for n, p in pods.items() if n.startswith(("RayService/", "RayJob/"))]
 
 
-OUTSIDERS = ("helm-test", "submitter", "neighbour", "elsewhere", "operator", "prometheus", "ingress")
+OUTSIDERS = ("helm-test", "submitter", "neighbour", "elsewhere", "operator", "impostor", "prometheus", "ingress")
 
 
 @pytest.mark.parametrize("values", [CPU_DEV, PRODUCTION])
@@ -156,10 +161,28 @@ def test_dashboard_from_the_operator_and_the_job_submitter() -> None:
         assert allowed(policies, pods["operator"], head, 8265)
         assert allowed(policies, pods["submitter"], head, 8265)
         assert not allowed(policies, pods["operator"], head, 6379), "the operator needs the dashboard only"
-        for name in ("elsewhere", "neighbour", "helm-test"):
+        for name in ("elsewhere", "neighbour", "helm-test", "impostor", "operator-neighbour"):
             assert not allowed(policies, pods[name], head, 8265), name
     policies, pods = _setup("-f", CPU_DEV)
     assert not allowed(policies, pods["submitter"], pods["RayService/head"], 8265), "no RayJob, no submitter"
+
+
+def test_the_dashboard_admits_the_operator_by_namespace_name_and_label_in_one_peer() -> None:
+    """The operator's label alone admits a pod from any namespace (issue 26); its namespace alone,
+    any pod there. Both, in one peer (two peers would be either one)."""
+    policies, pods = _setup("-f", PRODUCTION, "--set", "networkPolicy.operator.namespace=ray-ops")
+    head = pods["RayService/head"]
+    assert not allowed(policies, pods["operator"], head, 8265), "the operator moved to ray-ops"
+    moved = Pod("operator", {"app.kubernetes.io/name": "kuberay-operator"}, namespace="ray-ops")
+    assert allowed(policies, moved, head, 8265)
+    assert not allowed(policies, pods["impostor"], head, 8265)
+    [ray] = [p for p in policies if p["metadata"]["name"] == "llm-llmserve-ray"]
+    [dashboard] = [r for r in ray["spec"]["ingress"] if r.get("ports") == [{"port": 8265, "protocol": "TCP"}]]
+    assert dashboard["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ray-ops"}},
+                                  "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+    out = subprocess.run([tool("helm"), "template", "llm", str(CHART), "--set", "networkPolicy.operator.namespace="],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "networkPolicy/operator/namespace" in out.stderr, out.stderr
 
 
 def test_redis_accepts_only_the_releases_ray_pods() -> None:
