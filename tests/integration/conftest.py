@@ -136,18 +136,26 @@ def make_lora_adapter(base_dir: str, out_dir: str, seed: int = 7, std: float = 0
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, redis_server):
+    from concurrent.futures import ThreadPoolExecutor
+
     from serve.config import ModelSpec
-    from serve.engine.cluster import wait_for_engines
+    from serve.engine.cluster import start_ray, wait_for_engines
     from serve.engine.models import resolve_source
     from serve.gateway.server import build_gateway, ray_snapshot_source
     from serve.launch.local import start_stack, stop_stack
 
     os.environ.setdefault("LLMSERVE_CACHE_DIR", str(tmp_path_factory.getbasetemp().parent / "llmserve-cache"))
     base = resolve_source(ModelSpec(name="x", source="builtin://tiny?seed=1"))
-    lora = make_lora_adapter(base, str(tmp_path_factory.mktemp("lora") / "tiny-a-lora"))
+    lora = str(tmp_path_factory.mktemp("lora") / "tiny-a-lora")
     config = stack_config(free_port(), redis_server.url, lora, str(tmp_path_factory.mktemp("batch")))
-    registry = start_stack(config)
     try:
+        # The adapter is written (torch and peft in this process, 5-13 s on 2 cores) while Ray's
+        # head starts; the engines that load it are deployed by start_stack, after both.
+        with ThreadPoolExecutor(1) as pool:
+            adapter = pool.submit(make_lora_adapter, base, lora)
+            start_ray(config)
+            adapter.result()
+        registry = start_stack(config)
         wait_for_engines(registry, [m.name for m in config.models], timeout_s=900)
         app = build_gateway(config, ray_snapshot_source(registry))
         with serving(app, config) as server:
