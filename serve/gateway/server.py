@@ -75,8 +75,10 @@ class GatewayParts:
                                lru_max_bytes=config.cache.lru_max_bytes,
                                op_timeout_s=config.cache.op_timeout_s)
         self.limiter = RateLimiter(config.cache.redis_url, op_timeout_s=config.cache.op_timeout_s)
+        # Runtime adapters and promoted routes, shared by every gateway through Redis.
+        self.lifecycle = LifecycleStore(config.cache.redis_url) if config.cache.redis_url else None
         self.gateway = Gateway(config, self.backends, self.upstream, cache=self.cache,
-                               keys=KeyStore(config.auth), limiter=self.limiter)
+                               keys=KeyStore(config.auth), limiter=self.limiter, lifecycle=self.lifecycle)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Gateway]:
@@ -90,8 +92,7 @@ class GatewayParts:
         tasks = [loop.create_task(discovery_loop(self.fetch, self.backends, interval)),
                  # `llmserve cache invalidate` on any host reaches this gateway's LRU within a second.
                  loop.create_task(self.cache.follow_invalidations())]
-        lifecycle = LifecycleStore(config.cache.redis_url) if config.cache.redis_url else None
-        gw.lifecycle = lifecycle
+        lifecycle = self.lifecycle
         if lifecycle is not None:
             tasks.append(loop.create_task(lifecycle_loop(gw, lifecycle, interval)))
         if self.runs_background:

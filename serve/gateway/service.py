@@ -37,6 +37,7 @@ from serve.gateway.response_store import ResponseStore
 from serve.gateway.stages.runner import RouteRunner
 from serve.gateway.upstream import Upstream
 from serve.policies.affinity import prefix_key
+from serve.students.registry import LifecycleStore
 
 
 class Gateway:
@@ -44,10 +45,11 @@ class Gateway:
 
     def __init__(self, config: Config, backends: Backends, upstream: Upstream,
                  cache: HeadCache | None = None, metrics: Metrics | None = None,
-                 keys: KeyStore | None = None, limiter: RateLimiter | None = None) -> None:
+                 keys: KeyStore | None = None, limiter: RateLimiter | None = None,
+                 lifecycle: LifecycleStore | None = None) -> None:
         self.config = config
         self.keys = keys or KeyStore(config.auth)
-        self.lifecycle: Any = None  # the student lifecycle store (Redis), when configured
+        self.lifecycle = lifecycle  # the student lifecycle store (Redis), when configured
         self.backends = backends
         self.upstream = upstream
         self.metrics = metrics or Metrics()
