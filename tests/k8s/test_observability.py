@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.k8s.support import OBSERVABILITY, run, tool
+from tests.k8s.support import OBSERVABILITY, by_kind, helm_template, run, tool
 
 ALERTS = OBSERVABILITY / "alerts.yaml"
 ALERTS_TEST = OBSERVABILITY / "alerts-test.yaml"
@@ -143,7 +143,34 @@ def test_every_metric_name_exists(source: str) -> None:
             assert not unknown, f"{source}: {name} has no label(s) {sorted(unknown)}"
     if source == "alerts":
         assert {"llmserve_requests_total", "llmserve_time_to_first_token_seconds_bucket",
-                "llmserve_ready_replicas", "ray_vllm_kv_cache_usage_perc"} <= {n for n, _ in used}
+                "llmserve_ready_replicas", "ray_vllm_kv_cache_usage_perc", "llmserve_cache_redis_up",
+                "llmserve_cache_redis_errors_total"} <= {n for n, _ in used}
+
+
+@pytest.mark.parametrize("release", ["llm", "llmserve"])
+def test_alerts_fire_for_an_absent_gateway_and_an_unreachable_redis(release: str) -> None:
+    """An absent gateway fails every request and an OOM-looping Redis takes every tenant's state:
+    each has an alert (issue 28), on the job the chart's ServiceMonitor scrapes (Prometheus
+    Operator names it after the Service), and the chart's PrometheusRule carries both."""
+    rules = {r["alert"]: r for r in _alert_rules()}
+    gateway, redis = rules["LLMServeGatewayDown"], rules["LLMServeRedisDown"]
+    assert gateway["labels"]["severity"] == redis["labels"]["severity"] == "critical"
+    objs = helm_template("--set", "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true",
+                         release=release)
+    [monitor] = by_kind(objs, "ServiceMonitor")
+    [service] = [s for s in by_kind(objs, "Service")
+                 if all(s["metadata"]["labels"].get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())]
+    # The job a target gets: the Service's name, unless a relabeling replaces it.
+    job = service["metadata"]["name"]
+    for relabel in monitor["spec"]["endpoints"][0].get("relabelings", []):
+        if relabel.get("targetLabel") == "job" and relabel.get("action", "replace") == "replace":
+            job = relabel["replacement"]
+    jobs = set(re.findall(r'up\{job="([^"]+)"\}', gateway["expr"]))
+    assert jobs == {job}, (jobs, job)
+    assert "llmserve_cache_redis_up" in redis["expr"] and "llmserve_cache_redis_errors_total" in redis["expr"]
+    [rule] = by_kind(objs, "PrometheusRule")
+    charted = {r.get("alert") for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {"LLMServeGatewayDown", "LLMServeRedisDown"} <= charted
 
 
 def test_metric_catalogues_are_real() -> None:

@@ -139,6 +139,35 @@ def _refused(*args: str) -> str:
     return proc.stderr
 
 
+QUANTITY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def _bytes(quantity: str) -> int:
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi)?", quantity)
+    assert m, quantity
+    return int(m.group(1)) * QUANTITY.get(m.group(2) or "", 1)
+
+
+@pytest.mark.parametrize("case", ["default", "cpu-dev", "production"])
+def test_redis_is_bounded_below_its_memory_limit(case: str) -> None:
+    """A Redis without maxmemory grows until the kubelet OOM-kills it, in a loop, and takes every
+    tenant's cache, rate buckets, responses and adapters with it (issue 26). Bounded at most 3/4 of
+    the limit (an AOF rewrite forks it), evicting only keys that have a TTL."""
+    [c] = one(helm_template(*CASES[case]), "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    args = c["args"]
+    maxmemory = int(args[args.index("--maxmemory") + 1])
+    assert 0 < maxmemory * 4 <= _bytes(c["resources"]["limits"]["memory"]) * 3
+    assert maxmemory >= 256 * 2**20, "room for the cache"
+    assert args[args.index("--maxmemory-policy") + 1].startswith("volatile-")
+
+
+def test_redis_bounds_that_cannot_hold_are_refused() -> None:
+    err = _refused("-f", CPU_DEV, "--set", "redis.maxmemory=900Mi")
+    assert "redis.maxmemory (900Mi) must be at most 75% of redis.resources.limits.memory (1Gi)" in err
+    assert "maxmemoryPolicy" in _refused("-f", CPU_DEV, "--set", "redis.maxmemoryPolicy=allkeys-lru")
+    assert "missing property 'limits'" in _refused("-f", CPU_DEV, "--set", "redis.resources.limits=null")
+
+
 def test_a_redis_url_in_values_is_refused() -> None:
     err = _refused("-f", CPU_DEV, "--set", "serve.cache.redis_url=redis://:secret@r:6379/0")
     assert "serve.cache.redis_url must stay null" in err and "redis.external.existingSecret" in err

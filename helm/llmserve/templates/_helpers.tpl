@@ -434,3 +434,13 @@ RayService (and its serveConfigV2) holds none.
       key: url
 {{- end }}
 {{- end }}
+
+
+{{/* Bytes of a Kubernetes memory quantity in Ki, Mi or Gi (or plain bytes), as a string. */}}
+{{- define "llmserve.bytes" -}}
+{{- $q := toString . }}
+{{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 }}
+{{- $unit := regexFind "(Ki|Mi|Gi)$" $q }}
+{{- $n := trimSuffix $unit $q | int64 }}
+{{- if $unit }}{{ mul $n (get $units $unit) }}{{ else }}{{ $n }}{{ end }}
+{{- end }}
