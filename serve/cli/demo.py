@@ -247,16 +247,22 @@ def _load_adapter(url: str, key: str, name: str, path: str, base: str) -> dict[s
 def run_loop(demo: Demo) -> int:
     from serve.engine.cluster import wait_for_engines
     from serve.launch.local import start_stack, stop_stack
+    from serve.students.data import time_split
 
     a = demo.args
     out = demo.out
     log, tail, labels, held = out / "log.jsonl", out / "tail.jsonl", out / "labels.jsonl", out / "heldout.jsonl"
+    earlier, later = out / "log-earlier.jsonl", out / "log-later.jsonl"
     adapter = out / "adapters" / a.adapter
     with demo.step(f"synthesise a query log: {a.requests} requests over {a.distinct} queries, Zipf s={a.s}"):
         demo.llmserve("cache", "synth-log", "-o", str(log), "--requests", str(a.requests), "--distinct",
                       str(a.distinct), "--s", str(a.s), "--max-tokens", str(MAX_TOKENS), "--model", ROUTE)
-        n_head, coverage = _tail_log(log, tail, a.top)
-        print(f"the {n_head} most frequent queries are {coverage:.1%} of the log; the rest (the tail) -> {tail}")
+        n_early, n_late = time_split(log, earlier, later, a.train_share)
+        print(f"time split: the first {n_early} requests ({earlier}) build the cache and give the labels; the "
+              f"{n_late} after them ({later}) are replayed for the report")
+        n_head, coverage = _tail_log(earlier, tail, a.top)
+        print(f"the {n_head} most frequent queries are {coverage:.1%} of the earlier log; the rest (the tail) "
+              f"-> {tail}")
 
     raw = yaml.safe_load(Path(a.config).read_text())
     taught = [(m["source"], ad["name"]) for m in raw["models"] for ad in m.get("adapters", [])]
@@ -288,7 +294,7 @@ def run_loop(demo: Demo) -> int:
         assert student_base is not None, f"the route's configured student {base!r} must be a base model"
 
         with demo.step(f"cache build: the teacher answers the {a.top} head queries through the Batch API"):
-            demo.llmserve("cache", "build", "--log", str(log), "--top", str(a.top), "--model", teacher,
+            demo.llmserve("cache", "build", "--log", str(earlier), "--top", str(a.top), "--model", teacher,
                           "--route", ROUTE, *remote)
         with demo.step(f"label a tail sample: the teacher answers {a.labels} tail queries (Batch API)"):
             demo.llmserve("students", "label", "--log", str(tail), "--teacher", teacher, "--sample",
@@ -306,7 +312,9 @@ def run_loop(demo: Demo) -> int:
             print(json.dumps(_load_adapter(url, demo.key, a.adapter, str(adapter), base)))
             _, stdout = demo.llmserve("students", "eval", "--adapter", a.adapter, "--labels", str(held),
                                       "--path", str(adapter), *remote)
-            score = demo.last_json(stdout)["scores"]["token_overlap"]
+            evaluated = demo.last_json(stdout)
+            (out / "eval.json").write_text(json.dumps(evaluated, indent=1) + "\n")
+            score = evaluated["scores"]["token_overlap"]
         with demo.step("calibrate the cascade threshold on the held-out labels"):
             target = a.target
             print(f"target: the answers the student keeps must agree with the teacher's at {target} token overlap "
@@ -333,10 +341,15 @@ def run_loop(demo: Demo) -> int:
             print(demo.notes[-1], flush=True)
             # The running gateway picks the promotion (student and threshold) up from Redis: no restart.
             time.sleep(2 * config.gateway.discovery_interval_s)
-        with demo.step(f"replay the {a.requests}-request log through route {ROUTE!r}: the economics report"):
+        with demo.step(f"replay the later {n_late} requests through route {ROUTE!r}: the economics report"):
             notes = [x for n in demo.notes for x in ("--note", n)]
-            code_r, _ = demo.llmserve("report", "economics", "--route", ROUTE, "--log", str(log), *remote,
+            calibration = out / "calibration" / "calibration.json"
+            horizon = ["--horizon", str(a.horizon)] if a.horizon else []
+            code_r, _ = demo.llmserve("report", "economics", "--route", ROUTE, "--log", str(later), *remote,
                                       "--labels", str(held), "--base", base, "--manifest", manifest_path,
+                                      "--train-labels", str(labels), "--eval-record", str(out / "eval.json"),
+                                      *(["--calibration-record", str(calibration)] if calibration.is_file() else []),
+                                      "--train-hour-usd", str(a.train_hour_usd), *horizon,
                                       "--out", str(out / "report"), "--concurrency", str(a.concurrency), *notes)
     return code_r
 
@@ -344,6 +357,9 @@ def run_loop(demo: Demo) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     if not Path(args.config).is_file():
         print(f"llmserve: no demo configuration at {args.config}: pass --config", file=sys.stderr)
+        return 2
+    if not 0 < args.train_share < 1:
+        print("llmserve: --train-share must be between 0 and 1", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     demo = Demo(args)
@@ -396,4 +412,10 @@ def add_command(sub: Any) -> None:
     p.add_argument("--target", type=float, default=0.75,
                    help="calibration target: the agreement with the teacher the student's kept answers must reach")
     p.add_argument("--concurrency", type=int, default=16, help="replay requests in flight")
+    p.add_argument("--train-share", type=float, default=0.5,
+                   help="the log's earlier share the cache and labels come from; the rest is replayed")
+    p.add_argument("--horizon", type=int,
+                   help="requests the one-off costs are amortised over (default: the replayed requests)")
+    p.add_argument("--train-hour-usd", type=float, default=0.5,
+                   help="price of an hour of the machine that trains (here: a CPU box)")
     p.set_defaults(func=cmd_demo)

@@ -67,6 +67,16 @@ def add_commands(sub: Any) -> None:
                                     "and --base are scored on them")
     p.add_argument("--base", help="the untrained student base model, scored on --labels beside the student")
     p.add_argument("--manifest", help="`students train` manifest: its before/after agreement goes in the report")
+    p.add_argument("--train-labels", help="the labels the student was trained on (`students label` output): "
+                                          "their cost is a one-off cost, and replayed prompts among them are left "
+                                          "out of the agreement figures")
+    p.add_argument("--eval-record", help="`students eval`'s JSON line, saved: its usage is a one-off cost")
+    p.add_argument("--calibration-record", help="`students calibrate`'s calibration.json: its usage is a one-off cost")
+    p.add_argument("--train-hour-usd", type=float, default=2.0,
+                   help="price of one hour of the training machine (the manifest's train_seconds)")
+    p.add_argument("--horizon", type=int,
+                   help="requests the one-off costs are amortised over (default: the replayed requests)")
+    p.add_argument("--target-saving", type=float, default=100.0, help="the goal against teacher-only")
     p.add_argument("--note", action="append", help="a line for the closing note (repeatable)")
     p.add_argument("--out", default="economics", help="directory for economics.json, .txt and .png")
     p.set_defaults(func=cmd_economics)

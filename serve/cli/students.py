@@ -18,6 +18,7 @@ import httpx
 
 from serve.cli.common import wait_for_batch
 from serve.config import Config, GateSpec, load_config
+from serve.policies.cost import usage_tokens
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -106,7 +107,8 @@ def cmd_label(args: argparse.Namespace) -> int:
                                                   args.teacher), args.timeout)
     # finish_reason: a student must not learn to stop where the teacher was only cut off.
     labels = [{"id": k, "request": r, "teacher": _text(answers[k]), "teacher_model": args.teacher,
-               "finish_reason": answers[k]["choices"][0].get("finish_reason"), "batch_id": batch_id}
+               "finish_reason": answers[k]["choices"][0].get("finish_reason"), "batch_id": batch_id,
+               "usage": answers[k].get("usage")}  # what the label cost: a one-off cost of the student
               for k, r in sample.items() if k in answers]
     data = "".join(json.dumps(x) + "\n" for x in labels)
     Path(args.output).write_text(data)
@@ -164,8 +166,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         (_text(answers[lab["id"]]), lab["teacher"], None) for lab in labels if lab["id"] in answers]
     pairs += [("", lab["teacher"], None) for lab in labels if lab["id"] not in answers]  # failures score 0
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    usage = [usage_tokens(a.get("usage")) for a in answers.values()]
     record = {"digest": digest, "path": args.path, "labels": args.labels, "n": len(pairs), "batch_id": batch_id,
-              "scores": score(pairs, metrics)}
+              "scores": score(pairs, metrics), "usage_model": args.adapter,
+              "usage": {"prompt_tokens": sum(p for p, _ in usage), "completion_tokens": sum(c for _, c in usage)}}
 
     async def save() -> str | None:
         async with _store(args) as store:
@@ -190,9 +194,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     client = _client(args)
     samples = []
+    spent = [0, 0]  # what calibrating cost: a one-off cost in the economics report
     for lab in _read_labels(args.labels):
         r = client.chat.completions.create(**{**lab["request"], "model": args.student, "logprobs": True})
         body = r.model_dump()
+        p_, c_ = usage_tokens(body.get("usage"))
+        spent[0], spent[1] = spent[0] + p_, spent[1] + c_
         lp = mean_logprob(body["choices"][0])
         samples.append((str(lab["id"]), lp if lp is not None else float("-inf"),
                         METRICS[args.metric](_text(body), lab["teacher"], None)))
@@ -204,13 +211,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     (out / "calibration.md").write_text(md + "\n")
     print(md)
     chosen, held = result.chosen, result.held
-    print(json.dumps({
+    summary = {
         "target": args.target, "metric": args.metric, "met": result.problem is None,
         "threshold": chosen.threshold if chosen else None,
         "sweep": {"n": result.n_sweep, "teacher_share": chosen.teacher_share if chosen else None,
                   "agreement": chosen.agreement if chosen else None},
         "held_out": {"n": result.n_held, "teacher_share": held.teacher_share if held else None,
-                     "agreement": held.agreement if held else None}}))
+                     "agreement": held.agreement if held else None},
+        "n": len(samples), "usage_model": args.student,
+        "usage": {"prompt_tokens": spent[0], "completion_tokens": spent[1]}}
+    (out / "calibration.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary))
     if result.problem:
         print(f"llmserve: no cascade threshold for {args.student}: {result.problem}", file=sys.stderr)
         return 1

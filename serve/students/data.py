@@ -130,3 +130,14 @@ def split(examples: list[Example], holdout: float, seed: int) -> tuple[list[Exam
     train = [ex for ex in examples if not held_out(ex.id, holdout, seed)]
     held = [ex for ex in examples if held_out(ex.id, holdout, seed)]
     return train, held
+
+
+def time_split(log: Path, earlier: Path, later: Path, share: float) -> tuple[int, int]:
+    """The log's first `share` of requests (what the cache and the labels are made from) to
+    `earlier`, the rest (what the report replays) to `later`: every figure of the report is measured
+    on traffic that came after what the route learnt from. (earlier, later) counts."""
+    lines = [x for x in log.read_text().splitlines() if x.strip()]
+    cut = int(len(lines) * share)
+    earlier.write_text("".join(x + "\n" for x in lines[:cut]))
+    later.write_text("".join(x + "\n" for x in lines[cut:]))
+    return cut, len(lines) - cut

@@ -38,6 +38,7 @@ class Served:
     cost_usd: float
     text: str | None = None  # the answer (None for errors)
     provenance: str | None = None  # cache hits: "batch" (filled offline) or "online" (stored by the route)
+    seen: bool = False  # its prompt is one the student was trained on: left out of agreement figures
 
 
 def classify(status: int, headers: Mapping[str, str], student: str | None, teacher: str | None) -> str:
@@ -92,13 +93,14 @@ def mean_agreement(pairs: list[tuple[str, str]]) -> float | None:
 
 def sample_by_tier(records: list[Served], k: int, seed: int = 0) -> dict[str, list[Served]]:
     """Up to k answered requests of each tier, drawn uniformly within the tier (so frequent queries
-    weigh as they do in the traffic), in log order."""
+    weigh as they do in the traffic), in log order; none whose prompt the student was trained on,
+    and none of the teacher's tier (the teacher scored against itself says nothing)."""
     rng = random.Random(seed)
     out: dict[str, list[Served]] = {}
     for t in TIERS:
-        if t == "error":
+        if t in ("error", "teacher"):
             continue
-        pool = [r for r in records if r.tier == t and r.text is not None]
+        pool = [r for r in records if r.tier == t and r.text is not None and not r.seen]
         out[t] = sorted(rng.sample(pool, min(k, len(pool))), key=lambda r: r.index)
     return out
 
@@ -125,6 +127,7 @@ def build(records: list[Served], *, tier_agreement: Mapping[str, list[tuple[str,
         lat = [r.latency_s * 1000 for r in mine]
         agree = tier_agreement.get(t) or []
         tiers[t] = {"requests": len(mine), "share": share[t], "cost_usd": sum(r.cost_usd for r in mine),
+                    "in_training": sum(1 for r in mine if r.seen),
                     "latency_ms": {"p50": percentile(lat, 50), "p95": percentile(lat, 95)},
                     "agreement": {"token_overlap": mean_agreement(list(agree)), "sample": len(agree)}}
     cached = [r for r in records if r.tier == "cache"]
@@ -164,7 +167,14 @@ def notes(report: Mapping[str, Any], min_cache: float = TARGET_CACHE_SHARE,
     saving = report["saving"]["vs_teacher_only"]
     out.append(f"cache served {cache:.1%} of requests ({'meets' if cache >= min_cache else 'below'} the "
                f"{min_cache:.0%} target)")
-    if saving is None:
+    att = report.get("attribution")
+    if att is not None:
+        sv = att["saving"]
+        out.append(f"with every one-off cost over {att['horizon_requests']:,} requests the route costs "
+                   f"{_fmt(sv['route_vs_teacher_only'], '.1f')}x less than teacher-only; the teacher behind the same "
+                   f"cache {_fmt(sv['cache_vs_teacher_only'], '.1f')}x; the student's own part "
+                   f"{_fmt(sv['student_vs_teacher_behind_cache'], '.2f')}x")
+    elif saving is None:
         out.append("no teacher-only cost was measured: the saving is unknown")
     else:
         verdict = ("meets" if saving >= min_saving
@@ -194,6 +204,12 @@ def table(report: Mapping[str, Any]) -> str:
         lines.append(f"{t:<9}{r['requests']:>9}{r['share']:>8.1%}{_fmt(a['token_overlap'], '.3f'):>11}"
                      f"{a['sample']:>9}{_fmt(lat['p50'], '.1f'):>9}{_fmt(lat['p95'], '.1f'):>9}")
     lines.append(f"{'route':<9}{report['requests']:>9}{1:>8.1%}{_fmt(report['agreement']['route'], '.3f'):>11}")
+    lines.append("(agreement: out-of-sample answers only, scored against the teacher asked directly; the teacher's "
+                 "own tier is not scored)")
+    if report.get("attribution"):
+        from serve.students.attribution import table as attribution_table
+
+        lines += ["", attribution_table(report["attribution"], report.get("terms") or {}, report.get("goals") or [])]
     c = report["cost_per_1k_usd"]
     s = report["saving"]
     lines += ["", "cost per 1,000 requests (USD):",

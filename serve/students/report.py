@@ -13,11 +13,13 @@ import random
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from serve.config import Config
-from serve.policies.cost import Price, usage_tokens
+from serve.policies.cost import Price, cost_usd, usage_tokens
+from serve.students.attribution import OneOff, Traffic, attribute, by_model, goals, holding_back, terms, tokens_cost
 from serve.students.economics import Served, build, classify, mean_agreement, notes, sample_by_tier
 
 CHAT = "/chat/completions"
@@ -137,23 +139,31 @@ def prices(config: Config, runtime_adapters: dict[str, dict[str, str]]) -> dict[
     return out
 
 
-async def build_usage(redis_url: str | None, route: str) -> tuple[int, int] | None:
-    """Tokens the teacher spent on the route's batch-filled cache entries (the offline build)."""
+async def cache_fills(redis_url: str | None, route: str) -> list[tuple[str, int, int]]:
+    """(model that made it, prompt, completion tokens) of each of the route's batch-filled cache
+    entries: the offline fills, billed at the batch price of the model that made each."""
     if not redis_url:
-        return None
+        return []
     from serve.cache.store import HeadCache
 
     cache = HeadCache(redis_url, op_timeout_s=5)
     try:
-        prompt = completion = 0
+        out = []
         for key in await cache.list_keys(route, limit=1_000_000):
             entry = await cache.get(route, key)
             if entry is not None and entry.batch_id:
                 p, c = usage_tokens(entry.response.get("usage"))
-                prompt, completion = prompt + p, completion + c
-        return prompt, completion
+                out.append((entry.model, p, c))
+        return out
     finally:
         await cache.close()
+
+
+def label_key(request: dict[str, Any]) -> str:
+    """A request's label id, as `students label` names it: the key its training labels carry."""
+    from serve.policies.cache_key import cache_key
+
+    return cache_key("labels", "/v1/chat/completions", request)
 
 
 def _read_jsonl(path: str) -> list[dict[str, Any]]:
@@ -161,14 +171,45 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 async def _pairs(caller: Caller, model: str, items: Iterable[tuple[str, dict[str, Any]]],
-                 desc: str) -> list[tuple[str, str]]:
-    """(answer, teacher's answer) for (answer, request) items, the teacher asked directly."""
+                 desc: str) -> tuple[list[tuple[str, str]], list[tuple[int, int]]]:
+    """(answer, teacher's answer) for (answer, request) items, the teacher asked directly, and the
+    teacher's (prompt, completion) tokens for each."""
     items = list(items)
     labels = await caller.each([r for _, r in items], lambda r: caller.answer(model, r), desc=desc)
-    return [(a, lab[0]) for (a, _), lab in zip(items, labels, strict=True) if lab is not None]
+    return ([(a, lab[0]) for (a, _), lab in zip(items, labels, strict=True) if lab is not None],
+            [lab[1] for lab in labels if lab is not None])
 
 
-async def economics(args: argparse.Namespace, config: Config, log: list[dict[str, Any]]
+def one_off_costs(args: argparse.Namespace, price: dict[str, Price], fills: list[tuple[str, int, int]],
+                  train_labels: list[dict[str, Any]], student: str | None) -> list[OneOff]:
+    """Every cost paid once for the route: cache fills and labels at the batch price of the model
+    that made them, the student's evaluation and calibration at its price (the Batch API's for the
+    evaluation), and training time at --train-hour-usd."""
+    f = args.batch_price_factor
+    out = [OneOff("cache fill", usd, model, f"{sum(1 for m, _, _ in fills if m == model)} entries, batch price",
+                  cache_fill=True) for model, usd in sorted(by_model(fills, price, f).items())]
+    labelled = [(lab.get("teacher_model") or "?", *usage_tokens(lab.get("usage"))) for lab in train_labels]
+    if any(p or c for _, p, c in labelled):
+        out += [OneOff("teacher labels", usd, model, f"{len(labelled)} labels, batch price")
+                for model, usd in sorted(by_model(labelled, price, f).items())]
+    elif train_labels:
+        out.append(OneOff("teacher labels", 0.0, None, f"{len(train_labels)} labels carry no usage: not counted"))
+    for name, path, factor in (("evaluation", args.eval_record, f), ("calibration", args.calibration_record, 1.0)):
+        if path:
+            rec = json.loads(Path(path).read_text())
+            model = rec.get("usage_model") or rec.get("adapter") or student or "?"
+            p_, c_ = usage_tokens(rec.get("usage"))
+            out.append(OneOff(name, cost_usd(p_, c_, price.get(model, Price())) * factor, model,
+                              f"{rec.get('n', '?')} labels{', batch price' if factor != 1.0 else ''}"))
+    if args.manifest:
+        m = json.loads(Path(args.manifest).read_text())
+        hours = float(m.get("train_seconds") or 0.0) / 3600
+        out.append(OneOff("training", hours * args.train_hour_usd, m.get("device"),
+                          f"{hours * 3600:.0f} s at ${args.train_hour_usd:g}/h"))
+    return out
+
+
+async def economics(args: argparse.Namespace, config: Config, log: list[dict[str, Any]], transport: Any = None
                     ) -> tuple[dict[str, Any], list[Served]]:
     route = config.route(args.route)
     if route is None:
@@ -178,23 +219,34 @@ async def economics(args: argparse.Namespace, config: Config, log: list[dict[str
     teacher = route.cascade.teacher if route.cascade else str(route.target)
     student = overrides.get(route.name, {}).get("student", route.cascade.student) if route.cascade else None
     price = prices(config, runtime)
-    built = await build_usage(redis_url, route.name)
+    fills = await cache_fills(redis_url, route.name)
+    train_labels = _read_jsonl(args.train_labels) if args.train_labels else []
+    trained_on = {str(lab["id"]) for lab in train_labels}
+    if args.manifest:  # only what the student was trained on, not what it held out
+        split = json.loads(Path(args.manifest).read_text()).get("split") or {}
+        trained_on &= set(split.get("train") or trained_on)
     caller = Caller(args.url, args.api_key or os.environ.get("LLMSERVE_API_KEY", "none"), args.concurrency,
-                    args.timeout)
+                    args.timeout, transport)
     try:
         started = time.monotonic()
         records = await replay(caller, log, route.name, student, teacher)
+        records = [replace(r, seen=label_key(log[r.index]) in trained_on) for r in records]
         wall = time.monotonic() - started
         rng = random.Random(args.seed)
         uniform = [log[i] for i in sorted(rng.sample(range(len(log)), min(args.sample, len(log))))]
-        per_tier = {t: await _pairs(caller, teacher, [(r.text or "", log[r.index]) for r in rs],
-                                    f"teacher labels, {t} tier")
-                    for t, rs in sample_by_tier(records, args.sample, args.seed).items()}
+        per_tier: dict[str, list[tuple[str, str]]] = {}
+        missed_usage: list[tuple[int, int]] = []
+        for t, rs in sample_by_tier(records, args.sample, args.seed).items():
+            per_tier[t], usage = await _pairs(caller, teacher, [(r.text or "", log[r.index]) for r in rs],
+                                              f"teacher labels, {t} tier")
+            if t != "cache":
+                missed_usage += usage
         t_ans = await caller.each(uniform, lambda r: caller.answer(teacher, r), desc="teacher on a log sample")
         s_ans = (await caller.each(uniform, lambda r: caller.answer(student, r), desc="student on a log sample")
                  if student else [])
         extra: dict[str, Any] = {"route": route.name, "log": args.log or "synthesised", "concurrency": args.concurrency,
-                                 "replay_seconds": round(wall, 1), "sample": len(uniform)}
+                                 "replay_seconds": round(wall, 1), "sample": len(uniform),
+                                 "teacher_prompt": "the request as logged (the route configures no per-tier prompt)"}
         both = [(s[0], t[0]) for s, t in zip(s_ans, t_ans, strict=False) if s is not None and t is not None]
         extra["student_only_agreement"] = mean_agreement(both)
         if args.labels:
@@ -205,10 +257,37 @@ async def economics(args: argparse.Namespace, config: Config, log: list[dict[str
                                  "after": held["after"].get("token_overlap"), "manifest": args.manifest}
     finally:
         await caller.close()
-    report = build(records, tier_agreement=per_tier, teacher_usage=[t[1] for t in t_ans if t is not None],
-                   student_usage=[s[1] for s in s_ans if s is not None], prices=price, teacher=teacher,
-                   student=student, build_usage=built, batch_factor=args.batch_price_factor, extra=extra)
-    report["notes"] = notes(report) + list(args.note or [])
+    teacher_usage = [t[1] for t in t_ans if t is not None]
+    student_usage = [s[1] for s in s_ans if s is not None]
+    report = build(records, tier_agreement=per_tier, teacher_usage=teacher_usage, student_usage=student_usage,
+                   prices=price, teacher=teacher, student=student, build_usage=None,
+                   batch_factor=args.batch_price_factor, extra=extra)
+    tp = price.get(teacher, Price())
+    n_t, n_s, n_m = len(teacher_usage), len(student_usage), len(missed_usage)
+    tiers = report["tiers"]
+    cascade_saw = tiers["student"]["requests"] + tiers["teacher"]["requests"]
+    traffic = Traffic(
+        requests=len(records), route_online_usd=sum(r.cost_usd for r in records),
+        tier_usd={t: tiers[t]["cost_usd"] for t in tiers}, cache_share=tiers["cache"]["share"],
+        escalation_rate=tiers["teacher"]["requests"] / cascade_saw if cascade_saw and student else None,
+        teacher_req=tokens_cost(teacher_usage, tp) / n_t if n_t else 0.0,
+        teacher_missed_req=(tokens_cost(missed_usage, tp) / n_m if n_m else
+                            tokens_cost(teacher_usage, tp) / n_t if n_t else 0.0),
+        student_req=tokens_cost(student_usage, price.get(student or "", Price())) / n_s if n_s else None,
+        student_at_teacher_price_req=tokens_cost(student_usage, tp) / n_s if n_s else None)
+    costs = one_off_costs(args, price, fills, train_labels, student)
+    horizon = args.horizon or len(records)
+    att = attribute(traffic, costs, horizon)
+    tm = terms(traffic, att["one_off_usd"], horizon, args.target_saving)
+    report["attribution"], report["terms"] = att, tm
+    report["goals"] = goals(att, traffic.cache_share, args.target_saving)
+    report["out_of_sample"] = {"method": "time split: the replayed log is later than the traffic the cache and "
+                                         "the labels came from; answers to prompts the student trained on are "
+                                         "left out of every agreement figure",
+                               "trained_on": len(trained_on),
+                               "replayed_in_training": sum(1 for r in records if r.seen)}
+    report["notes"] = (notes(report) + holding_back(tm, att["saving"]["route_vs_teacher_only"])
+                       + list(args.note or []))
     return report, records
 
 

@@ -126,12 +126,15 @@ def test_latency_percentiles_per_tier_in_ms():
     assert report["tiers"]["teacher"]["latency_ms"] == {"p50": None, "p95": None}
 
 
-def test_sample_by_tier_draws_within_each_tier_and_skips_failures():
-    records = [Served(i, "cache" if i % 10 else "student", 0.0, 0.0, "t") for i in range(1000)]
-    records += [Served(1000 + i, "teacher", 0.0, 0.0, None) for i in range(5)]  # no text: nothing to score
+def test_sample_by_tier_draws_within_each_tier_and_skips_failures_the_teacher_and_training_prompts():
+    records = [Served(i, "cache" if i % 10 else "student", 0.0, 0.0, "t", seen=i % 20 == 0) for i in range(1000)]
+    records += [Served(1000 + i, "fallback", 0.0, 0.0, None) for i in range(5)]  # no text: nothing to score
+    records += [Served(2000 + i, "teacher", 0.0, 0.0, "t") for i in range(5)]  # the teacher against itself
     picked = sample_by_tier(records, 20, seed=3)
     assert {len(v) for v in picked.values()} == {20, 0}
-    assert len(picked["teacher"]) == 0 and "error" not in picked
+    assert len(picked["fallback"]) == 0 and "error" not in picked and "teacher" not in picked
+    assert not any(r.seen for rs in picked.values() for r in rs)  # in-sample answers are never scored
+    assert len(sample_by_tier([r for r in records if r.tier == "student"], 1000)["student"]) == 50
     assert all(r.tier == "student" for r in picked["student"])
     assert [r.index for r in picked["cache"]] == sorted(r.index for r in picked["cache"])
     assert picked == sample_by_tier(records, 20, seed=3)
