@@ -158,8 +158,8 @@ def test_alerts_fire_for_an_absent_gateway_and_an_unreachable_redis(release: str
     objs = helm_template("--set", "metrics.serviceMonitor.enabled=true,metrics.prometheusRule.enabled=true",
                          release=release)
     [monitor] = by_kind(objs, "ServiceMonitor")
-    [service] = [s for s in by_kind(objs, "Service")
-                 if all(s["metadata"]["labels"].get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())]
+    wanted = monitor["spec"]["selector"]["matchLabels"].items()
+    [service] = [s for s in by_kind(objs, "Service") if all(s["metadata"]["labels"].get(k) == v for k, v in wanted)]
     # The job a target gets: the Service's name, unless a relabeling replaces it.
     job = service["metadata"]["name"]
     for relabel in monitor["spec"]["endpoints"][0].get("relabelings", []):

@@ -176,6 +176,11 @@ spec:
   securityContext:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- if not (and (eq .nodeType "head") $v.autoscaler.enabled) }}
+  # Nothing in a Ray pod calls the Kubernetes API, except the head's autoscaler sidecar (KubeRay
+  # gives the head a service account it may patch the RayCluster with).
+  automountServiceAccountToken: false
+  {{- end }}
   # Long enough for the gateway's drain (in-flight streams) after SIGTERM.
   terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
   containers:
@@ -289,10 +294,13 @@ spec:
         {{- toYaml $res | nindent 8 }}
       {{- end }}
       {{- if eq .nodeType "worker" }}
+      # First a pause while the pod leaves the Services' endpoints (kube-proxy, ingress controllers
+      # and gateways' connection pools follow the endpoint removal asynchronously): new requests
+      # still arriving are served; then `ray stop`, which drains the node's replicas.
       lifecycle:
         preStop:
           exec:
-            command: ["/bin/sh", "-c", "ray stop"]
+            command: ["/bin/sh", "-c", "sleep {{ int $v.preStopPauseSeconds }}; ray stop"]
       {{- end }}
       volumeMounts:
         - name: shm
@@ -338,6 +346,20 @@ spec:
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- if and .gateway $v.gatewayZoneSpread.enabled }}
+  # Gateways spread over zones: a zone's loss leaves gateways in the others. ScheduleAnyway by
+  # default (a cluster with one zone, or a pool scaled from zero in one zone, still schedules).
+  topologySpreadConstraints:
+    - maxSkew: 1
+      topologyKey: topology.kubernetes.io/zone
+      whenUnsatisfiable: {{ $v.gatewayZoneSpread.whenUnsatisfiable }}
+      labelSelector:
+        matchLabels:
+          {{- include "llmserve.gatewaySelectorLabels" $root | nindent 10 }}
+      # Only the pods of the same RayCluster: during a NewCluster upgrade the old cluster's
+      # gateways must not skew the new one's placement.
+      matchLabelKeys: [ray.io/cluster]
+  {{- end }}
   {{- with $g.priorityClassName }}
   priorityClassName: {{ . }}
   {{- end }}
@@ -358,6 +380,11 @@ autoscalerOptions:
   upscalingMode: {{ $v.autoscaler.upscalingMode }}
   idleTimeoutSeconds: {{ $v.autoscaler.idleTimeoutSeconds }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
+  {{- with $v.securityContext }}
+  # The sidecar KubeRay adds to the head: the Ray containers' restricted context.
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   {{- with $v.autoscaler.resources }}
   resources:
     {{- toYaml . | nindent 4 }}
