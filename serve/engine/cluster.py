@@ -25,6 +25,7 @@ from serve.config import REDIS_URL_ENV, Config
 from serve.contract.registry import get_registry
 from serve.contract.secret import ensure_engine_secret
 from serve.engine import private
+from serve.engine.head import start_head, stop_head
 
 logger = logging.getLogger("llmserve.cluster")
 
@@ -42,16 +43,19 @@ def connect_ray(config: Config) -> None:
     if config.ray.address:
         kwargs["address"] = config.ray.address
     else:
-        kwargs.update(
-            num_cpus=config.ray.num_cpus or max(8, os.cpu_count() or 1),
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-        )
+        head: dict[str, Any] = {
+            "num_cpus": config.ray.num_cpus or max(8, os.cpu_count() or 1),
+            "include_dashboard": False,
+            "_node_ip_address": "127.0.0.1",
+        }
         if not config.ray.observability:
             # Every Ray process records metrics and task events for readers a local run does not
             # have (Prometheus, the dashboard): the dashboard agent alone spent ~1 ms of CPU per
             # request at 64 streams on 2 cores, taken from the engine (issue 17, bench/README.md).
-            kwargs["_system_config"] = {"enable_metrics_collection": False, "task_events_report_interval_ms": 0}
+            head["_system_config"] = {"enable_metrics_collection": False, "task_events_report_interval_ms": 0}
+        # In its own session, not ray.init's children: a signal to this process's whole group
+        # must not kill Ray's daemons under a driver that still has engines to stop (head.py).
+        kwargs.update(address=start_head(head), _node_ip_address="127.0.0.1")
     ray.init(**kwargs)
 
 
@@ -175,12 +179,15 @@ def shutdown(config: Config) -> None:
     import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        return
     try:
-        for spec in config.models:
-            serve.delete(spec.name)
-        serve.shutdown()
+        if not ray.is_initialized():
+            return
+        try:
+            for spec in config.models:
+                serve.delete(spec.name)
+            serve.shutdown()
+        finally:
+            if not config.ray.address:
+                ray.shutdown()
     finally:
-        if not config.ray.address:
-            ray.shutdown()
+        stop_head()  # the head this process started, if any (also after a start that failed half-way)

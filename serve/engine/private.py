@@ -52,6 +52,10 @@ RAY_INIT_NODE_IP = Private(
 RAY_INIT_SYSTEM_CONFIG = Private(
     "ray", "init", "keyword `_system_config`: metrics and task events off for a local run (issue 17)",
     in_source='"_system_config"')
+RAY_TOKEN_AUTH_DEFAULT = Private(
+    "ray._private.authentication.authentication_token_setup", "enable_token_auth_by_default",
+    "what ray.init does for a new local cluster (token auth on unless RAY_AUTH_MODE says otherwise, in "
+    "this process and its children): called by the driver whose head runs in a keeper (engine/head.py)")
 SERVE_CONTROLLER_CLIENT = Private(
     "ray.serve.context", "_get_global_client",
     "Serve's controller client: a declarative deploy (what `serve deploy` does through the dashboard, "
