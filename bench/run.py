@@ -116,14 +116,14 @@ def loadgen(base: str, model: str, requests: int, conc: int, max_tokens: int, se
 
 
 def stop(proc: subprocess.Popen | None, timeout_s: float = 60) -> float:
-    """Stop a server the way an operator does (SIGTERM to the process) and return the seconds it
-    took. Not to the whole process group: that would also hit the Ray daemons `llmserve run`
-    started, before its own shutdown could stop the engines through them (which then waits on a
-    dead GCS). The group is killed only if the process does not stop in time."""
+    """Stop a server the way a service manager does (SIGTERM to its whole process group, as
+    systemd's control-group kill or `kill -TERM -<pgid>`) and return the seconds it took; SIGKILL
+    to the group if it does not stop in time. (`llmserve run` keeps Ray's daemons in a session of
+    their own, serve/engine/head.py, so the signal reaches only its driver; issue 25.)"""
     if proc is None or proc.poll() is not None:
         return 0.0
     started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout_s)
     except subprocess.TimeoutExpired:

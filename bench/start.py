@@ -5,7 +5,7 @@
 First start: a fresh LLMSERVE_CACHE_DIR, so the tiny model is built; warm start: the same cache
 directory again. For each: the seconds to each phase, read from `llmserve run`'s own lines (the
 time each arrives, from launch), a real completion through the openai SDK, the memory of the
-gateway process and of each engine replica and engine core while serving, then SIGTERM: the
+gateway process and of each engine replica and engine core while serving, then SIGTERM to its process group: the
 seconds until it exits and until no process it started is left, what is left, and any error it
 printed. Prints a table with the issue's targets beside each figure and writes
 bench/results/start-<date>.json (each run's log next to it).
@@ -155,13 +155,14 @@ def complete(base: str, model: str) -> dict[str, Any]:
 
 
 def stop(run: Launched, exit_timeout_s: float = 120, settle_s: float = 60) -> dict[str, Any]:
-    """SIGTERM to the process (as Kubernetes or systemd send it), then: seconds until it exits,
+    """SIGTERM to its whole process group (as systemd's control-group kill sends it; the
+    hardest of the four stops tests/integration/test_run_stop.py checks), then: seconds until it exits,
     seconds until no process it started is left (its lifeline gives an engine core a clean
     shutdown), and whatever is still there after `settle_s`: killed, so it spoils nothing that
     follows, but only if it descends from this process (as subreaper, every orphan of the run
     does); an orphan of init is only reported, as it may be another session's."""
     started = time.monotonic()
-    run.proc.send_signal(signal.SIGTERM)
+    os.killpg(run.proc.pid, signal.SIGTERM)
     try:
         code: int | None = run.proc.wait(exit_timeout_s)
     except subprocess.TimeoutExpired:
