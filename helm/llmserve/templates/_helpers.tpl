@@ -379,6 +379,9 @@ enableInTreeAutoscaling: {{ $v.autoscaler.enabled }}
 autoscalerOptions:
   upscalingMode: {{ $v.autoscaler.upscalingMode }}
   idleTimeoutSeconds: {{ $v.autoscaler.idleTimeoutSeconds }}
+  {{- with $v.autoscaler.version }}
+  version: {{ . }}
+  {{- end }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
   {{- with $v.securityContext }}
   # The sidecar KubeRay adds to the head: the Ray containers' restricted context.
