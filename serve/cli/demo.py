@@ -190,20 +190,6 @@ def _sigterm_is_interrupt() -> None:
 
 
 # ---- the loop ----------------------------------------------------------------------------------
-def _tail_log(log: Path, tail: Path, top: int) -> tuple[int, float]:
-    """Write the log's requests outside its `top` head queries to `tail`; (distinct head, coverage)."""
-    from serve.cache.pipeline import read_log, select_head
-    from serve.policies.cache_key import cache_key, endpoint_for
-
-    with log.open("rb") as f:
-        requests = read_log(f)
-    head, total = select_head(requests, ROUTE, top)
-    keys = {q.key for q in head}
-    rest = [r for r in requests if cache_key(ROUTE, endpoint_for(r), r) not in keys]
-    tail.write_text("".join(json.dumps(r) + "\n" for r in rest))
-    return len(head), sum(q.count for q in head) / max(total, 1)
-
-
 def faq_labels(n: int, seed: int = 7) -> list[dict[str, Any]]:
     """What the teacher is taught: `n` FAQ questions, phrased as the query log phrases them (case
     numbers it does not use, doubled spaces in some), each with its topic's answer, in the label
@@ -225,15 +211,6 @@ def faq_labels(n: int, seed: int = 7) -> list[dict[str, Any]]:
     return rows
 
 
-def _held_out_labels(labels: Path, manifest: dict[str, Any], out: Path) -> int:
-    """The labels `students train` held out (by id, from its manifest): eval and calibration use
-    only these, so no score is measured on what the student was trained on."""
-    held = set(manifest["split"]["held_out"])
-    rows = [x for x in labels.read_text().splitlines() if x.strip() and json.loads(x)["id"] in held]
-    out.write_text("".join(r + "\n" for r in rows))
-    return len(rows)
-
-
 def _load_adapter(url: str, key: str, name: str, path: str, base: str) -> dict[str, Any]:
     import httpx
 
@@ -247,7 +224,7 @@ def _load_adapter(url: str, key: str, name: str, path: str, base: str) -> dict[s
 def run_loop(demo: Demo) -> int:
     from serve.engine.cluster import wait_for_engines
     from serve.launch.local import start_stack, stop_stack
-    from serve.students.data import time_split
+    from serve.students.data import held_out_labels, tail_log, time_split
 
     a = demo.args
     out = demo.out
@@ -260,7 +237,7 @@ def run_loop(demo: Demo) -> int:
         n_early, n_late = time_split(log, earlier, later, a.train_share)
         print(f"time split: the first {n_early} requests ({earlier}) build the cache and give the labels; the "
               f"{n_late} after them ({later}) are replayed for the report")
-        n_head, coverage = _tail_log(earlier, tail, a.top)
+        n_head, coverage = tail_log(earlier, tail, a.top, ROUTE)
         print(f"the {n_head} most frequent queries are {coverage:.1%} of the earlier log; the rest (the tail) "
               f"-> {tail}")
 
@@ -305,7 +282,7 @@ def run_loop(demo: Demo) -> int:
                                       "--max-new-tokens", str(MAX_TOKENS))
             manifest_path = demo.last_json(stdout)["manifest"]
             manifest = json.loads(Path(manifest_path).read_text())
-            n_held = _held_out_labels(labels, manifest, held)
+            n_held = held_out_labels(labels, manifest, held)
             print(f"{n_held} held-out labels (never trained on) -> {held}")
         with demo.step("eval: load the adapter into the student's engine, score it on the held-out labels"):
             print(f"POST {url}/llmserve/adapters {{name: {a.adapter}, path: {adapter}, base: {base}}}", flush=True)
@@ -320,7 +297,8 @@ def run_loop(demo: Demo) -> int:
             print(f"target: the answers the student keeps must agree with the teacher's at {target} token overlap "
                   f"(all its held-out answers: {score:.3f})", flush=True)
             code, stdout = demo.llmserve("students", "calibrate", "--student", a.adapter, "--labels", str(held),
-                                         "--target", str(target), "--out", str(out / "calibration"), *remote,
+                                         "--target", str(target), "--out", str(out / "calibration"), "--route", ROUTE,
+                                         *remote,
                                          ok=(0, 1))
             cal = demo.last_json(stdout)
         threshold = float(cal["threshold"]) if code == 0 and cal.get("threshold") is not None else None

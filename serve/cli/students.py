@@ -4,75 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
 import os
 import random
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from serve.cli.common import wait_for_batch
+from serve.cli.students_common import (
+    _client,
+    _digest_or_exit,
+    _lines,
+    _run_batch,
+    _served,
+    _store,
+    _text,
+)
+from serve.cli.students_eval import cmd_calibrate, cmd_eval
 from serve.config import Config, GateSpec, load_config
-from serve.policies.cost import usage_tokens
-
-
-def _client(args: argparse.Namespace) -> Any:
-    from openai import OpenAI
-
-    return OpenAI(base_url=args.url, api_key=args.api_key or os.environ.get("LLMSERVE_API_KEY", "none"),
-                  max_retries=2, timeout=300)
-
-
-def _redis_url(args: argparse.Namespace) -> str:
-    url = args.redis_url or load_config(args.config).cache.redis_url
-    if not url:
-        raise SystemExit("llmserve: the student lifecycle keeps its records in Redis: pass --redis-url")
-    return str(url)
-
-
-@contextlib.asynccontextmanager
-async def _store(args: argparse.Namespace) -> AsyncIterator[Any]:
-    from serve.students.registry import LifecycleStore
-
-    store = LifecycleStore(_redis_url(args))
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
-def _run_batch(client: Any, lines: list[str], timeout_s: float) -> tuple[str, dict[str, dict[str, Any]]]:
-    """Run lines through the gateway's Batch API; returns (batch id, custom_id -> response body)."""
-    f = client.files.create(file=("in.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
-    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-    b = wait_for_batch(client, b.id, timeout_s)
-    out: dict[str, dict[str, Any]] = {}
-    if b.output_file_id:
-        for raw in client.files.content(b.output_file_id).text.splitlines():
-            rec = json.loads(raw)
-            if (rec.get("response") or {}).get("status_code") == 200:
-                out[rec["custom_id"]] = rec["response"]["body"]
-    return b.id, out
-
-
-def _text(body: dict[str, Any]) -> str:
-    from serve.policies.cascade import choice_text
-
-    return choice_text(body["choices"][0]) if body.get("choices") else ""
-
-
-def _lines(labels: list[dict[str, Any]], model: str) -> list[str]:
-    return [json.dumps({"custom_id": lab["id"], "method": "POST", "url": "/v1/chat/completions",
-                        "body": {**lab["request"], "model": model}}) for lab in labels]
-
-
-def _read_labels(path: str) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
 def _without_head(log: list[dict[str, Any]], route: str, top: int, config: Config) -> list[dict[str, Any]]:
@@ -117,117 +69,6 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0 if labels else 1
 
 
-async def _served(store: Any, config: Config, name: str) -> dict[str, Any] | None:
-    """Where the gateway serves adapter `name` from: its runtime registration (a load through the
-    gateway, possibly replacing configured weights), else its configuration; None if neither."""
-    from serve.students.registry import AdapterError, adapter_digest
-
-    registered = await store.adapter(name)
-    if registered is not None:
-        return {**registered, "digest": registered.get("digest") or None, "source": "runtime"}
-    for m in config.models:
-        for a in m.adapters:
-            if a.name == name:
-                try:
-                    digest: str | None = adapter_digest(a.path)
-                except (AdapterError, OSError):
-                    digest = None  # unreadable here: nothing can be tied to it
-                return {"base": m.name, "path": a.path, "digest": digest, "source": "config"}
-    return None
-
-
-def _digest_or_exit(path: str, prefix: str) -> str:
-    from serve.students.registry import AdapterError, adapter_digest
-
-    try:
-        return adapter_digest(path)
-    except (AdapterError, OSError) as e:
-        raise SystemExit(f"{prefix}: {e}") from e
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from serve.students.gate import eval_refusal
-    from serve.students.metrics import score
-
-    digest = _digest_or_exit(args.path, "llmserve")
-    config = load_config(args.config)
-
-    async def check() -> str | None:
-        async with _store(args) as store:
-            return eval_refusal(args.adapter, args.path, digest, await _served(store, config, args.adapter))
-
-    refusal = asyncio.run(check())
-    if refusal:
-        print(f"llmserve: not evaluated: {refusal}", file=sys.stderr)
-        return 1
-    labels = _read_labels(args.labels)
-    batch_id, answers = _run_batch(_client(args), _lines(labels, args.adapter), args.timeout)
-    pairs: list[tuple[str, str, dict[str, Any] | None]] = [
-        (_text(answers[lab["id"]]), lab["teacher"], None) for lab in labels if lab["id"] in answers]
-    pairs += [("", lab["teacher"], None) for lab in labels if lab["id"] not in answers]  # failures score 0
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    usage = [usage_tokens(a.get("usage")) for a in answers.values()]
-    record = {"digest": digest, "path": args.path, "labels": args.labels, "n": len(pairs), "batch_id": batch_id,
-              "scores": score(pairs, metrics), "usage_model": args.adapter,
-              "usage": {"prompt_tokens": sum(p for p, _ in usage), "completion_tokens": sum(c for _, c in usage)}}
-
-    async def save() -> str | None:
-        async with _store(args) as store:
-            # Checked again: weights reloaded under this name during the batch void the score.
-            late = eval_refusal(args.adapter, args.path, digest, await _served(store, config, args.adapter))
-            if late is None:
-                await store.record_eval(args.adapter, record)
-            return late
-
-    refusal = asyncio.run(save())
-    if refusal:
-        print(f"llmserve: not recorded, the adapter changed during the evaluation: {refusal}", file=sys.stderr)
-        return 1
-    print(json.dumps({"adapter": args.adapter, **record}))
-    return 0
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from serve.policies.cascade import mean_logprob
-    from serve.students.calibrate import calibrate, plot, table
-    from serve.students.metrics import METRICS
-
-    client = _client(args)
-    samples = []
-    spent = [0, 0]  # what calibrating cost: a one-off cost in the economics report
-    for lab in _read_labels(args.labels):
-        r = client.chat.completions.create(**{**lab["request"], "model": args.student, "logprobs": True})
-        body = r.model_dump()
-        p_, c_ = usage_tokens(body.get("usage"))
-        spent[0], spent[1] = spent[0] + p_, spent[1] + c_
-        lp = mean_logprob(body["choices"][0])
-        samples.append((str(lab["id"]), lp if lp is not None else float("-inf"),
-                        METRICS[args.metric](_text(body), lab["teacher"], None)))
-    result = calibrate(samples, args.target, args.holdout)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot(result.points, result.chosen, args.target, str(out / "calibration.png"))
-    md = table(result.points)
-    (out / "calibration.md").write_text(md + "\n")
-    print(md)
-    chosen, held = result.chosen, result.held
-    summary = {
-        "target": args.target, "metric": args.metric, "met": result.problem is None,
-        "threshold": chosen.threshold if chosen else None,
-        "sweep": {"n": result.n_sweep, "teacher_share": chosen.teacher_share if chosen else None,
-                  "agreement": chosen.agreement if chosen else None},
-        "held_out": {"n": result.n_held, "teacher_share": held.teacher_share if held else None,
-                     "agreement": held.agreement if held else None},
-        "n": len(samples), "usage_model": args.student,
-        "usage": {"prompt_tokens": spent[0], "completion_tokens": spent[1]}}
-    (out / "calibration.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(json.dumps(summary))
-    if result.problem:
-        print(f"llmserve: no cascade threshold for {args.student}: {result.problem}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def _route_field(args: argparse.Namespace) -> tuple[Config, str, str, GateSpec]:
     config = load_config(args.config)
     route = config.route(args.route)
@@ -240,7 +81,7 @@ def _route_field(args: argparse.Namespace) -> tuple[Config, str, str, GateSpec]:
 def cmd_promote(args: argparse.Namespace) -> int:
     from openai import APIError as OpenAIError
 
-    from serve.students.gate import promote_refusal, short
+    from serve.students.gate import gate_verdict, promote_refusal, short, threshold_refusal
 
     config, field, configured, gate = _route_field(args)
     if args.threshold is not None and field != "student":
@@ -252,6 +93,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
             latest = await store.latest_eval(args.adapter)
             served = await _served(store, config, args.adapter)
             refusal = promote_refusal(args.adapter, args.path, digest, latest, gate, served)
+            calibration = await store.latest_calibration(args.adapter)
+            if refusal is None and args.threshold is not None and not args.uncalibrated:
+                refusal = threshold_refusal(args.adapter, args.threshold, digest, calibration)
             if refusal:
                 print(f"refused: {refusal}", file=sys.stderr)
                 return 1
@@ -275,9 +119,13 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
             # The threshold calibrated for this student goes with it: a rollback takes both back.
             settings = {} if args.threshold is None else {THRESHOLD: args.threshold}
+            verdict = gate_verdict(latest or {}, gate)
+            evidence = {"gate": verdict, "calibration": calibration if args.threshold is not None else None,
+                        "threshold_uncalibrated": bool(args.uncalibrated and args.threshold is not None)}
             await store.promote(args.route, field, args.adapter, previous,
-                                f"{gate.metric}={score:.3f} >= {gate.min_score} (weights {short(digest)})", digest,
-                                settings)
+                                f"{gate.metric}={score:.3f}, lower bound {verdict['lower_bound']:.3f} over "
+                                f"{verdict['n']} labels >= {gate.min_score} (weights {short(digest)})", digest,
+                                settings, evidence)
             with_threshold = "" if args.threshold is None else f", cascade threshold {args.threshold:.4f}"
             print(f"promoted {args.adapter} (weights {short(digest)}) on route {args.route} ({field}; was "
                   f"{previous}{with_threshold})")
@@ -347,6 +195,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--labels", required=True)
     p.add_argument("--metrics", default="token_overlap,exact_match")
     p.add_argument("--path", required=True, help="the adapter directory whose weights the score belongs to")
+    p.add_argument("--manifest", help="the weights' training manifest (default: <path>.manifest.json): labels in "
+                                      "its training split are refused")
     common(p)
     p.set_defaults(func=cmd_eval)
     p = ss.add_parser("calibrate", help="pick the cascade threshold at which the student's own answers meet an "
@@ -360,6 +210,8 @@ def add_commands(sub: Any) -> None:
                    help="share of labels (by a hash of their id) kept out of the sweep to check the chosen "
                         "threshold on; 0: no check")
     p.add_argument("--out", default="calibration")
+    p.add_argument("--route", help="the cascade route whose rules are simulated (length, schema, refusal, the first-k "
+                                   "decision of streams); default: a cascade's default rules")
     common(p)
     p.set_defaults(func=cmd_calibrate)
     p = ss.add_parser("promote", help="load exactly the evaluated weights and move a route to them, if the "
@@ -371,7 +223,10 @@ def add_commands(sub: Any) -> None:
                                                  "the engine replicas; its digest must be the evaluated one")
     p.add_argument("--threshold", type=float, help="the cascade threshold `students calibrate` chose for this "
                                                    "adapter: gateways use it on the route (no restart) until "
-                                                   "the promotion is rolled back")
+                                                   "the promotion is rolled back; refused unless it is the one "
+                                                   "calibrated, and recorded, for these weights")
+    p.add_argument("--uncalibrated", action="store_true",
+                   help="accept a --threshold no calibration chose (recorded as such in the promotion)")
     common(p)
     p.set_defaults(func=cmd_promote)
     p = ss.add_parser("rollback", help="undo a route's newest promotion still in force (again: the one before)")

@@ -9,12 +9,22 @@ threshold that escalates everything keeps nothing, measures nothing and is never
 
 The threshold is chosen on one part of the labels and checked on the rest (held out, split by a
 hash of each label's id), so a cut that only fits the labels it was picked on shows up as a miss.
+
+What is simulated is the route's cascade, not the logprob rule alone (`cascade_sample`): an answer
+that `decide()` escalates for another reason (cut off at max_tokens, failing the requested schema, a
+refusal, no logprobs) escalates at every threshold, and on a route that decides on the first k
+tokens of a stream (`decide_after_tokens`) the logprob compared is that of those k tokens, and the
+rules are `decide_prefix`'s. Such samples carry no logprob (None): they are teacher answers at any
+threshold, counted in the teacher share, never in the kept agreement.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
+
+from serve.policies.cascade import CascadePolicy, choice_text, decide, decide_prefix, prefix_decidable
 
 
 @dataclass(frozen=True)
@@ -36,19 +46,41 @@ def split(ids: list[str], holdout: float) -> tuple[list[int], list[int]]:
     return sweep, held
 
 
-def at(samples: list[tuple[float, float]], threshold: float) -> Point:
-    """What the route does with `threshold` on these (mean_logprob, agreement) samples.
-    With nothing kept, agreement is 0.0: there is no student answer to agree."""
-    kept = [a for lp, a in samples if lp >= threshold]
+def cascade_sample(policy: CascadePolicy, request: dict[str, Any], response: dict[str, Any],
+                   first_k: int | None = None) -> tuple[float | None, str]:
+    """(the mean logprob the route's threshold is compared with, or None when another rule of the
+    cascade escalates this answer whatever the threshold; the rule: "threshold" or decide()'s reason).
+    `first_k`: the route decides on a stream's first k tokens (decide_after_tokens)."""
+    free = replace(policy, min_mean_logprob=float("-inf"))  # every rule but the threshold
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if first_k is not None and prefix_decidable(policy, request) and isinstance(choices, list) and choices:
+        c = choices[0]
+        entries = [e for e in ((c.get("logprobs") or {}).get("content") or []) if isinstance(e, dict)]
+        lps = [float(e["logprob"]) for e in entries if isinstance(e.get("logprob"), (int, float))]
+        if len(entries) > first_k:  # the stream was decided before its end: only the prefix counts
+            text, finish = "".join(str(e.get("token", "")) for e in entries[:first_k]), None
+        else:
+            text, finish = choice_text(c), c.get("finish_reason")
+        d = decide_prefix(free, request, text, lps[:first_k], finish)
+    else:
+        d = decide(free, request, response)
+    return (None, d.reason) if d.escalate else (d.mean_logprob, "threshold")
+
+
+def at(samples: list[tuple[float | None, float]], threshold: float) -> Point:
+    """What the route does with `threshold` on these (mean_logprob, agreement) samples; a None
+    logprob escalates at every threshold. With nothing kept, agreement is 0.0: there is no student
+    answer to agree."""
+    kept = [a for lp, a in samples if lp is not None and lp >= threshold]
     n = len(samples)
     return Point(threshold, (n - len(kept)) / n if n else 0.0, sum(kept) / len(kept) if kept else 0.0, len(kept))
 
 
-def curve(samples: list[tuple[float, float]]) -> list[Point]:
+def curve(samples: list[tuple[float | None, float]]) -> list[Point]:
     """samples: (mean_logprob, agreement in [0, 1]). One point per distinct logprob t (escalate
     below t), from 'nothing escalates' to 'only the most confident stay'; 'everything escalates'
     is left out because the student answers nothing there."""
-    return [at(samples, t) for t in sorted({lp for lp, _ in samples})]
+    return [at(samples, t) for t in sorted({lp for lp, _ in samples if lp is not None})]
 
 
 def choose(points: list[Point], target: float) -> Point | None:
@@ -68,7 +100,7 @@ class Calibration:
     n_held: int = 0
 
 
-def calibrate(samples: list[tuple[str, float, float]], target: float, holdout: float) -> Calibration:
+def calibrate(samples: list[tuple[str, float | None, float]], target: float, holdout: float) -> Calibration:
     """samples: (label id, mean_logprob, agreement). Choose on the sweep part, check on the
     held-out part (`holdout`: its expected share; 0 skips the check)."""
     sweep_i, held_i = split([s[0] for s in samples], holdout)

@@ -141,3 +141,26 @@ def time_split(log: Path, earlier: Path, later: Path, share: float) -> tuple[int
     earlier.write_text("".join(x + "\n" for x in lines[:cut]))
     later.write_text("".join(x + "\n" for x in lines[cut:]))
     return cut, len(lines) - cut
+
+
+def tail_log(log: Path, tail: Path, top: int, route: str) -> tuple[int, float]:
+    """Write the log's requests outside its `top` head queries to `tail`; (distinct head, coverage)."""
+    from serve.cache.pipeline import read_log, select_head
+    from serve.policies.cache_key import cache_key, endpoint_for
+
+    with log.open("rb") as f:
+        requests = read_log(f)
+    head, total = select_head(requests, route, top)
+    keys = {q.key for q in head}
+    rest = [r for r in requests if cache_key(route, endpoint_for(r), r) not in keys]
+    tail.write_text("".join(json.dumps(r) + "\n" for r in rest))
+    return len(head), sum(q.count for q in head) / max(total, 1)
+
+
+def held_out_labels(labels: Path, manifest: dict[str, Any], out: Path) -> int:
+    """The labels `students train` held out (by id, from its manifest): eval and calibration use
+    only these, so no score is measured on what the student was trained on."""
+    held = set(manifest["split"]["held_out"])
+    rows = [x for x in labels.read_text().splitlines() if x.strip() and json.loads(x)["id"] in held]
+    out.write_text("".join(r + "\n" for r in rows))
+    return len(rows)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 EVALS = "llmserve:evals:"
+CALIBRATIONS = "llmserve:calibrations:"
 ADAPTERS = "llmserve:adapters"
 OVERRIDES = "llmserve:routes:overrides"
 PROMOTIONS = "llmserve:routes:promotions:"
@@ -72,6 +73,13 @@ class LifecycleStore:
         raw = await self._r.lindex(EVALS + adapter, 0)
         return json.loads(raw) if raw else None
 
+    async def record_calibration(self, adapter: str, record: dict[str, Any]) -> None:
+        await self._r.lpush(CALIBRATIONS + adapter, json.dumps({**record, "adapter": adapter, "at": time.time()}))
+
+    async def latest_calibration(self, adapter: str) -> dict[str, Any] | None:
+        raw = await self._r.lindex(CALIBRATIONS + adapter, 0)
+        return json.loads(raw) if raw else None
+
     # ---- adapters and routes -------------------------------------------------------------------
     async def register_adapter(self, name: str, base: str, path: str, digest: str) -> None:
         await self._r.hset(ADAPTERS, name, json.dumps({"base": base, "path": path, "digest": digest}))
@@ -94,7 +102,8 @@ class LifecycleStore:
         return [json.loads(x) for x in await self._r.lrange(PROMOTIONS + route, 0, -1)]
 
     async def promote(self, route: str, field: str, model: str, previous: str, reason: str,
-                      digest: str | None = None, settings: dict[str, Any] | None = None) -> None:
+                      digest: str | None = None, settings: dict[str, Any] | None = None,
+                      evidence: dict[str, Any] | None = None) -> None:
         """Point a route's `field` (student or target) at `model`, with `settings` that belong to
         it (the cascade threshold calibrated for a student); remember what it replaced (the route's
         override, or none: the configured value) so a rollback restores exactly that."""
@@ -107,7 +116,8 @@ class LifecycleStore:
                     await pipe.watch(OVERRIDES, PROMOTIONS + route)
                     raw = await pipe.hget(OVERRIDES, route)
                     entry = {"at": time.time(), "action": "promote", "field": field, "from": previous, "to": model,
-                             "reason": reason, "digest": digest, "settings": settings or {}}
+                             "reason": reason, "digest": digest, "settings": settings or {},
+                             "evidence": evidence or {}}  # the gate's verdict and the calibration, recorded
                     pushed = {**entry, "override_before": json.loads(raw) if raw else None}
                     pipe.multi()
                     pipe.hset(OVERRIDES, route, json.dumps({field: model, **(settings or {})}))

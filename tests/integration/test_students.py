@@ -137,7 +137,8 @@ def test_student_lifecycle(stack, tmp_path):
         wait_served(results, "tiny-a-near")
         # With the threshold calibrated for it: at 0 every answer is unsure (a mean logprob is below
         # 0), so the running gateway escalates them all to the teacher, until the rollback.
-        ok = run("students", "promote", "tiny-a-cand", "--path", near2, "--threshold", "0", *promote)
+        ok = run("students", "promote", "tiny-a-cand", "--path", near2, "--threshold", "0", "--uncalibrated",
+                 *promote)
         assert ok.returncode == 0, ok.stderr[-2000:]
         wait_served(results, "tiny-b")
         back = run(*rollback)
@@ -165,11 +166,11 @@ def test_student_lifecycle(stack, tmp_path):
     sweep, held = split([lab["id"] for lab in labels], 0.5)
     assert sweep and held, "the labels' ids put them all on one side of the split"
     never = run("students", "calibrate", "--student", "tiny-a-lora", "--labels", str(labels_file), "--metric",
-                "exact_match", "--target", "0.5", "--out", str(tmp_path / "never"), *remote)
+                "exact_match", "--target", "0.5", "--out", str(tmp_path / "never"), "--route", "student-route", *remote)
     assert never.returncode == 1 and "no threshold reaches agreement 0.5" in never.stderr, never.stderr[-2000:]
     assert (last_json(never)["threshold"], last_json(never)["met"]) == (None, False)
     cal = run("students", "calibrate", "--student", "tiny-a-near", "--labels", str(labels_file), "--metric",
-              "exact_match", "--target", "0.9", "--out", str(tmp_path / "cal"), *remote)
+              "exact_match", "--target", "0.9", "--out", str(tmp_path / "cal"), "--route", "student-route", *remote)
     assert cal.returncode == 0, cal.stderr[-2000:]
     got = last_json(cal)
     assert (tmp_path / "cal" / "calibration.png").read_bytes()[:4] == b"\x89PNG"

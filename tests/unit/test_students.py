@@ -11,7 +11,7 @@ import yaml
 from serve.cli import main
 from serve.config import GateSpec
 from serve.students.calibrate import at, calibrate, choose, curve, plot, split, table
-from serve.students.gate import eval_refusal, promote_refusal
+from serve.students.gate import eval_refusal, lower_bound, promote_refusal
 from serve.students.metrics import exact_match, json_valid, score, token_overlap
 from serve.students.registry import THRESHOLD, AdapterError, LifecycleStore, adapter_digest
 
@@ -215,11 +215,12 @@ def test_eval_is_refused_unless_the_name_serves_these_weights():
 
 
 def test_promote_needs_an_evaluation_of_these_very_weights():
-    good = {"digest": "d1", "path": "/p", "scores": {"token_overlap": 0.8}}
+    good = {"digest": "d1", "path": "/p", "scores": {"token_overlap": 0.8}, "n": 100,
+            "training_split": {"checked": True, "overlap": 0}}
     assert "no evaluation" in promote_refusal("v2", "/p", "d1", None, GATE, None)
     assert "evaluated on the weights at /p" in promote_refusal("v2", "/q", "d2", good, GATE, None)
     low = {**good, "scores": {"token_overlap": 0.4}}
-    assert "scored 0.4" in promote_refusal("v2", "/p", "d1", low, GATE, None)
+    assert "scored 0.400 on token_overlap over 100 labels" in promote_refusal("v2", "/p", "d1", low, GATE, None)
     assert "now serves other weights" in promote_refusal("v2", "/p", "d1", good, GATE, {"path": "/x", "digest": "d9"})
     assert promote_refusal("v2", "/p", "d1", good, GATE, None) is None
     assert promote_refusal("v2", "/p", "d1", good, GATE, {"path": "/p", "digest": "d1"}) is None
@@ -289,10 +290,14 @@ def test_cli_promotes_only_the_evaluated_weights_and_rolls_back_twice(redis_url,
     }))
     common = ["--route", "cli-route", "--base", "base", "--redis-url", redis_url, "--config", str(cfg)]
 
-    async def record(name, path, overlap):
+    async def record(name, path, overlap, threshold=None):
         store = LifecycleStore(redis_url)
-        await store.record_eval(name, {"digest": adapter_digest(path), "path": path,
+        await store.record_eval(name, {"digest": adapter_digest(path), "path": path, "n": 200,
+                                       "training_split": {"checked": True, "overlap": 0},
                                        "scores": {"token_overlap": overlap}})
+        if threshold is not None:
+            await store.record_calibration(name, {"digest": adapter_digest(path), "threshold": threshold,
+                                                  "met": True})
         await store.close()
 
     remote = ["--redis-url", redis_url, "--config", str(cfg), "--url", "http://127.0.0.1:9/v1"]  # never reached
@@ -301,11 +306,15 @@ def test_cli_promotes_only_the_evaluated_weights_and_rolls_back_twice(redis_url,
     for name, path in (("v1", other), ("v9", evaluated)):  # other weights than served; a name nothing serves
         assert main(["students", "eval", "--adapter", name, "--labels", str(labels), "--path", path, *remote]) == 1
         assert "not evaluated" in capsys.readouterr().err
-    asyncio.run(record("v1", evaluated, 0.9))
+    asyncio.run(record("v1", evaluated, 0.9, threshold=-0.75))
     asyncio.run(record("v0", v0, 0.7))
     assert main(["students", "promote", "v1", "--path", other, *common]) == 1
     assert "evaluated on the weights at" in capsys.readouterr().err
+    assert main(["students", "promote", "v0", "--path", v0, "--threshold", "-0.75", *common]) == 1
+    assert "v0 has no calibration" in capsys.readouterr().err
     assert main(["students", "promote", "v0", "--path", v0, *common]) == 0
+    assert main(["students", "promote", "v1", "--path", evaluated, "--threshold", "-0.5", *common]) == 1
+    assert "-0.5 is not the threshold calibrated for these weights (-0.75)" in capsys.readouterr().err
     assert main(["students", "promote", "v1", "--path", evaluated, "--threshold", "-0.75", *common]) == 0
     assert "cascade threshold -0.7500" in capsys.readouterr().out
 
@@ -325,6 +334,11 @@ def test_cli_promotes_only_the_evaluated_weights_and_rolls_back_twice(redis_url,
     history = json.loads(capsys.readouterr().out)
     assert [(h["action"], h["to"]) for h in history] == [("rollback", "base"), ("rollback", "v0"),
                                                          ("promote", "v1"), ("promote", "v0")]
+    evidence = history[2]["evidence"]  # the promotion records what it rested on
+    assert evidence["gate"]["n"] == 200 and evidence["gate"]["passed"] is True
+    assert evidence["gate"]["interval"] == "one-sided Wilson score interval"
+    assert evidence["gate"]["lower_bound"] == pytest.approx(lower_bound(0.9, 200, 0.95))
+    assert evidence["calibration"]["threshold"] == -0.75 and evidence["threshold_uncalibrated"] is False
 
 
 def test_a_threshold_is_refused_on_a_route_without_a_cascade(tmp_path):
