@@ -160,10 +160,17 @@ class ShadowSpec(StrictModel):
 
 
 class GateSpec(StrictModel):
-    metric: Literal["exact_match", "token_overlap", "json_valid"] = Field(
+    metric: Literal["exact_match", "token_overlap", "json_valid", "json_field_match"] = Field(
         "token_overlap", description="Evaluation metric a candidate student is judged on."
     )
-    min_score: float = Field(0.5, ge=0, le=1, description="Score the latest evaluation must reach to promote.")
+    min_score: float = Field(
+        0.5, ge=0, le=1,
+        description="What the lower bound of the score's confidence interval (one-sided Wilson) must reach to promote.")
+    min_samples: int = Field(30, ge=1, description="Fewest evaluated labels a promotion may rest on.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence of the interval's lower bound.")
+    require_training_split: bool = Field(
+        True, description="Refuse an evaluation whose labels were not checked against the weights' training split "
+                          "(the manifest `students train` writes beside the adapter).")
 
 
 class RouteSpec(StrictModel):
