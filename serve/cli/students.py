@@ -25,6 +25,7 @@ from serve.cli.students_common import (
 )
 from serve.cli.students_eval import cmd_calibrate, cmd_eval
 from serve.config import Config, GateSpec, load_config
+from serve.students.metrics import METRICS
 
 
 def _without_head(log: list[dict[str, Any]], route: str, top: int, config: Config) -> list[dict[str, Any]]:
@@ -193,7 +194,7 @@ def add_commands(sub: Any) -> None:
                                    "its weights (refused unless the gateway serves the name from those weights)")
     p.add_argument("--adapter", required=True, help="the name the gateway serves the adapter under")
     p.add_argument("--labels", required=True)
-    p.add_argument("--metrics", default="token_overlap,exact_match")
+    p.add_argument("--metrics", default="token_overlap,exact_match,json_field_match")
     p.add_argument("--path", required=True, help="the adapter directory whose weights the score belongs to")
     p.add_argument("--manifest", help="the weights' training manifest (default: <path>.manifest.json): labels in "
                                       "its training split are refused")
@@ -205,7 +206,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--labels", required=True)
     p.add_argument("--target", type=float, default=0.8,
                    help="agreement the answers the student keeps must reach (escalated ones are the teacher's)")
-    p.add_argument("--metric", default="token_overlap", choices=["token_overlap", "exact_match", "json_valid"])
+    p.add_argument("--metric", default="token_overlap", choices=sorted(METRICS))
     p.add_argument("--holdout", type=float, default=0.5,
                    help="share of labels (by a hash of their id) kept out of the sweep to check the chosen "
                         "threshold on; 0: no check")

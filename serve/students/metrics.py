@@ -60,10 +60,40 @@ def json_valid(student: str, teacher: str, schema: dict[str, Any] | None = None)
     return 1.0
 
 
+def _leaves(value: Any, path: str = "") -> dict[str, Any]:
+    """Flattened JSON: each leaf's path (keys and list indices) -> its value."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, sub in value.items() for k, v in _leaves(sub, f"{path}/{key}").items()}
+    if isinstance(value, list) and value:
+        return {k: v for i, sub in enumerate(value) for k, v in _leaves(sub, f"{path}/{i}").items()}
+    return {path: value}
+
+
+def json_field_match(student: str, teacher: str, schema: dict[str, Any] | None = None) -> float:
+    """Share of the teacher's JSON leaf fields the student's JSON has, with the same value (strings
+    compared normalised); an answer that is not JSON scores 0; a teacher answer that is not JSON
+    falls back to exact match. Partial credit where exact match would give 0 for one wrong field."""
+    try:
+        want = json.loads(teacher)
+    except ValueError:
+        return exact_match(student, teacher)
+    try:
+        got = _leaves(json.loads(student))
+    except ValueError:
+        return 0.0
+
+    def same(a: Any, b: Any) -> bool:
+        return normalize(a) == normalize(b) if isinstance(a, str) and isinstance(b, str) else a == b
+
+    fields = _leaves(want)
+    return sum(1 for k, v in fields.items() if k in got and same(got[k], v)) / len(fields)
+
+
 METRICS: dict[str, Callable[[str, str, dict[str, Any] | None], float]] = {
     "exact_match": exact_match,
     "token_overlap": token_overlap,
     "json_valid": json_valid,
+    "json_field_match": json_field_match,
 }
 
 

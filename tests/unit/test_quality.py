@@ -144,3 +144,15 @@ def test_eval_refuses_labels_in_the_weights_training_split(redis_url, tmp_path, 
     remote = ["--redis-url", redis_url, "--config", str(cfg), "--url", "http://127.0.0.1:9/v1"]  # never reached
     assert main(["students", "eval", "--adapter", "v1", "--labels", str(labels), "--path", str(path), *remote]) == 1
     assert "1 of these labels are in the training split of these weights (e.g. a)" in capsys.readouterr().err
+
+
+def test_json_field_match_gives_credit_per_field():
+    from serve.students.metrics import json_field_match, score
+
+    teacher = '{"intent": "refund", "order": {"id": 7, "items": ["a", "b"]}}'
+    assert json_field_match(teacher, teacher) == 1.0
+    assert json_field_match('{"order": {"items": ["a", "b"], "id": 7}, "intent": " Refund"}', teacher) == 1.0
+    assert json_field_match('{"intent": "refund", "order": {"id": 8, "items": ["a", "c"]}}', teacher) == 0.5
+    assert json_field_match("refund, order 7", teacher) == 0.0
+    assert json_field_match("Open  it", "open it") == 1.0  # a teacher answer that is not JSON: exact match
+    assert score([('{"a": 1}', '{"a": 1, "b": 2}', None)], ["json_field_match"]) == {"json_field_match": 0.5}
