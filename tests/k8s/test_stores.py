@@ -201,3 +201,34 @@ def test_engines_get_the_adapter_roots() -> None:
     apps = yaml.safe_load(one(objs, "RayService")["spec"]["serveConfigV2"])["applications"]
     engines = [a for a in apps if a["import_path"] == "serve.launch.engine_replica:build"]
     assert len(engines) == 2 and all(a["args"]["adapter_roots"] == ["/model-cache/adapters"] for a in engines)
+
+
+@pytest.mark.parametrize("case", ["default", "cpu-dev", "production", "production-batch"])
+def test_the_serving_cluster_survives_a_lost_head_on_the_charts_redis(case: str) -> None:
+    """GCS fault tolerance (issue 28): without it a lost head restarts every worker and reloads every
+    model. KubeRay's gcsFaultToleranceOptions point at the chart's Redis, with the password from the
+    Secret the Redis server itself reads (never inline); the batch RayJob's cluster has none."""
+    objs = helm_template(*CASES[case])
+    service = one(objs, "RayService")
+    validate(service)
+    cluster = service["spec"]["rayClusterConfig"]
+    ft = cluster["gcsFaultToleranceOptions"]
+    [redis] = one(objs, "StatefulSet")["spec"]["template"]["spec"]["containers"]
+    server_secret = next(e for e in redis["env"] if e["name"] == "REDIS_PASSWORD")["valueFrom"]["secretKeyRef"]
+    redis_svc = next(s for s in by_kind(objs, "Service") if s["metadata"]["name"].endswith("-redis"))
+    assert ft == {"redisAddress": f"{redis_svc['metadata']['name']}:{redis_svc['spec']['ports'][0]['port']}",
+                  "redisPassword": {"valueFrom": {"secretKeyRef": server_secret}}}
+    # KubeRay refuses the options beside a redis-password of the head's own.
+    assert "redis-password" not in cluster["headGroupSpec"]["rayStartParams"]
+    for job in by_kind(objs, "RayJob"):
+        assert "gcsFaultToleranceOptions" not in job["spec"]["rayClusterSpec"]
+
+
+def test_gcs_fault_tolerance_on_an_external_redis_or_none() -> None:
+    external = "gcsFaultTolerance.external.address=r.example:6379,gcsFaultTolerance.external.passwordSecret=gcs-redis"
+    objs = helm_template("-f", CPU_DEV, "--set", "redis.enabled=false," + external)
+    ft = one(objs, "RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert ft == {"redisAddress": "r.example:6379",
+                  "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "gcs-redis", "key": "redis-password"}}}}
+    objs = helm_template("-f", CPU_DEV, "--set", "redis.enabled=false")
+    assert "gcsFaultToleranceOptions" not in one(objs, "RayService")["spec"]["rayClusterConfig"]

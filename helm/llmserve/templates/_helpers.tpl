@@ -375,6 +375,17 @@ Params: root, component, workerGroups.
 {{- $serve := eq .component "serve" }}
 rayVersion: {{ $v.rayVersion | quote }}
 enableInTreeAutoscaling: {{ $v.autoscaler.enabled }}
+{{- if $serve }}
+{{- with include "llmserve.gcsFaultTolerance" $root | trim }}
+# GCS fault tolerance: the GCS keeps its state in Redis, so a lost head comes back with the
+# cluster's actors, placement groups and Serve applications, and workers (engines, gateways) keep
+# running and reconnect instead of restarting and reloading every model. KubeRay sets
+# RAY_REDIS_ADDRESS and the password (from the Secret) in the head's environment; each RayCluster
+# of a NewCluster upgrade keeps its own namespace of keys (KubeRay's default, the cluster's UID).
+gcsFaultToleranceOptions:
+  {{- . | nindent 2 }}
+{{- end }}
+{{- end }}
 {{- if $v.autoscaler.enabled }}
 autoscalerOptions:
   upscalingMode: {{ $v.autoscaler.upscalingMode }}
@@ -473,4 +484,29 @@ RayService (and its serveConfigV2) holds none.
 {{- $unit := regexFind "(Ki|Mi|Gi)$" $q }}
 {{- $n := trimSuffix $unit $q | int64 }}
 {{- if $unit }}{{ mul $n (get $units $unit) }}{{ else }}{{ $n }}{{ end }}
+{{- end }}
+
+{{/* gcsFaultToleranceOptions of the serving cluster (YAML, empty when off): the chart's Redis, or
+gcsFaultTolerance.external's. */}}
+{{- define "llmserve.gcsFaultTolerance" -}}
+{{- $ft := .Values.gcsFaultTolerance }}
+{{- if $ft.enabled }}
+{{- if .Values.redis.enabled }}
+redisAddress: {{ printf "%s:6379" (include "llmserve.redisName" .) | quote }}
+redisPassword:
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "llmserve.redisSecret" . }}
+      key: redis-password
+{{- else if $ft.external.address }}
+redisAddress: {{ $ft.external.address | quote }}
+{{- with $ft.external.passwordSecret }}
+redisPassword:
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $ft.external.passwordKey }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
