@@ -31,6 +31,7 @@ from serve.gateway.backends import Backends
 from serve.gateway.catalog import Catalog
 from serve.gateway.errors import APIError, bad_request
 from serve.gateway.upstream import Upstream
+from serve.gateway.validate import json_object
 from serve.students.registry import THRESHOLD, LifecycleStore
 
 logger = logging.getLogger("llmserve.lifecycle")
@@ -201,11 +202,8 @@ async def load_adapter(gw: GatewayState, request: Request) -> Response:
     key = gw.keys.authenticate(request.headers.get("authorization"))
     if key is not None and not key.admin:
         raise APIError(403, "This key may not load adapters.", code="not_admin")
-    try:
-        body = await request.json()
-    except ValueError as e:
-        raise bad_request(f"We could not parse the JSON body of your request: {e}") from e
-    name, path, base = (body.get(k) if isinstance(body, dict) else None for k in ("name", "path", "base"))
+    body = json_object(await request.body())
+    name, path, base = (body.get(k) for k in ("name", "path", "base"))
     if not all(isinstance(v, str) and v for v in (name, path, base)):
         raise bad_request("`name`, `path` and `base` are required strings.")
     digest = body.get("digest")

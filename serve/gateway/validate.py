@@ -9,6 +9,7 @@ a vLLM server accepts and every later reader (stream, n, max tokens, the engine)
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -75,6 +76,24 @@ def coerce(path: str, payload: dict[str, Any]) -> bool:
             for name in ("include_usage", "continuous_usage_stats"):
                 changed |= _coerce_field(so, name, _BOOL, where="stream_options.")
     return changed
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")  # Python's json accepts NaN/Infinity; JSON does not
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body parsed as a JSON object, or a 400: never a 500 for bytes that are not UTF-8,
+    NaN, or nesting deeper than the parser's recursion limit."""
+    try:
+        payload = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"We could not parse the JSON body of your request: {e}") from e
+    except RecursionError as e:
+        raise bad_request("The JSON body of your request is nested too deeply.") from e
+    if not isinstance(payload, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return payload
 
 
 def default_model(config: Config, payload: dict[str, Any]) -> bool:
@@ -170,7 +189,7 @@ def validate_chat(p: dict[str, Any], max_messages: int) -> None:
     _opt_int(p, "top_logprobs", 0, 20)
     rf = p.get("response_format")
     if rf is not None:
-        if not isinstance(rf, dict) or rf.get("type") not in RESPONSE_FORMATS:
+        if not isinstance(rf, dict) or not isinstance(rf.get("type"), str) or rf["type"] not in RESPONSE_FORMATS:
             raise bad_request("`response_format.type` must be one of text, json_object, json_schema.",
                               param="response_format")
         if rf["type"] == "json_schema":
@@ -195,6 +214,13 @@ def validate_completion(p: dict[str, Any]) -> None:
         raise bad_request("`echo` must be a boolean.", param="echo")
 
 
+def stream_options_object(p: dict[str, Any]) -> None:
+    """`stream_options`, where an API has it or not, is an object (or absent)."""
+    so = p.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise bad_request("`stream_options` must be an object.", param="stream_options")
+
+
 def validate_embeddings(p: dict[str, Any]) -> None:
     x = p.get("input")
     ok = isinstance(x, str) or (isinstance(x, list) and x and (
@@ -202,6 +228,7 @@ def validate_embeddings(p: dict[str, Any]) -> None:
         or all(isinstance(s, list) and all(_is_int(t) for t in s) for s in x)))
     if not ok:
         raise bad_request("`input` must be a string, a list of strings, or token ids.", param="input")
+    stream_options_object(p)
     fmt = p.get("encoding_format")
     if fmt is not None and fmt not in ("float", "base64"):
         raise bad_request("`encoding_format` must be float or base64.", param="encoding_format")

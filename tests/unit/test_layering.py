@@ -140,8 +140,9 @@ def test_contract_imports_no_side():
 
 
 # Besides the standard library: the typed config and its validation (pydantic; jsonschema, which the
-# cascade's JSON-schema judge calls: a pure function of its arguments, no I/O).
-POLICY_IMPORTS = ("pydantic", "jsonschema", "serve.policies", "serve.config")
+# cascade's JSON-schema judge calls: a pure function of its arguments, no I/O; referencing, jsonschema's
+# own $ref resolver, given an empty registry so that nothing is ever fetched).
+POLICY_IMPORTS = ("pydantic", "jsonschema", "referencing", "serve.policies", "serve.config")
 
 
 def test_policies_stay_pure():

@@ -17,7 +17,7 @@ from serve.gateway.dialects.base import Charge, Conversation, Dialect, Estimate,
 from serve.gateway.dialects.responses_events import ResponsesAssembler, replay
 from serve.gateway.errors import APIError, bad_request
 from serve.gateway.response_store import ResponseStore, expand, output_as_input, output_text
-from serve.gateway.validate import coerce
+from serve.gateway.validate import coerce, stream_options_object
 from serve.sse_events import Event, EventParser, encode
 
 logger = logging.getLogger("llmserve.responses")
@@ -55,6 +55,13 @@ def check_supported(payload: dict[str, Any]) -> None:
         other = sorted({str(t.get("type")) for t in tools} - {"function"})
         if other:
             raise bad_request(f"Only function tools are supported; not {other}.", param="tools")
+    include = payload.get("include")
+    if include is not None and not (isinstance(include, list) and all(isinstance(i, str) for i in include)):
+        raise bad_request("`include` must be a list of strings.", param="include")
+    stream_options_object(payload)
+    text = payload.get("text")
+    if text is not None and not (isinstance(text, dict) and isinstance(text.get("format", {}), (dict, type(None)))):
+        raise bad_request("`text` must be an object whose `format` is an object.", param="text")
     inp = payload.get("input")
     if not isinstance(inp, (str, list)):
         raise bad_request("`input` must be a string or a list of input items.", param="input")
