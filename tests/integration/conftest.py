@@ -59,6 +59,7 @@ def stack_config(port: int, redis_url: str, lora_dir: str, batch_dir: str) -> Co
         "auth": {"keys": [
             {"name": "test", "sha256": hashlib.sha256(b"test").hexdigest(), "admin": True},
             {"name": "limited", "sha256": hashlib.sha256(b"limited").hexdigest(), "requests_per_minute": 2,
+             "storage_bytes": 64 * 1024,
              "models": ["tiny-a"]},
             {"name": "other", "sha256": hashlib.sha256(b"other").hexdigest()},
         ]},

@@ -20,10 +20,10 @@ def line(cid, model="tiny-a", max_tokens=6, text=None):
         "messages": [{"role": "user", "content": text or f"question {cid}"}]}})
 
 
-def wait(client, batch_id, timeout_s=240, until=("completed", "failed", "expired", "cancelled")):
+def wait(client, batch_id, timeout_s=240, until=("completed", "failed", "expired", "cancelled"), **kw):
     deadline = time.monotonic() + timeout_s
     while True:
-        b = client.batches.retrieve(batch_id)
+        b = client.batches.retrieve(batch_id, **kw)
         if b.status in until:
             return b
         assert time.monotonic() < deadline, f"batch still {b.status}: {b.request_counts}"
@@ -105,15 +105,16 @@ def test_batch_lines_are_admitted_with_the_owners_key(stack):
 
     from tests.integration.conftest import PRICE_A
 
-    limited = stack.client("limited")
+    limited, admin, every = stack.client("limited"), stack.client("test"), {"all_owners": "true"}
     bucket = "llmserve:rl:requests:limited"
-    redis.Redis.from_url(stack.redis.url).delete(bucket)  # a full budget: 2 requests
-    b = submit(limited, [line("a-0"), line("a-1"), line("b-0", model="tiny-b")])
-    b = wait(limited, b.id)
+    redis.Redis.from_url(stack.redis.url).delete(bucket)
+    b = submit(limited, [line("a-0"), line("a-1"), line("b-0", model="tiny-b")])  # two requests of its own
+    redis.Redis.from_url(stack.redis.url).delete(bucket)  # a full budget again, for the lines: 2 requests
+    b = wait(admin, b.id, extra_query=every)  # the admin looks, so only the lines spend limited's budget
     assert b.status == "completed" and (b.request_counts.completed, b.request_counts.failed) == (2, 1), b
-    err = [json.loads(x) for x in limited.files.content(b.error_file_id).text.splitlines()]
+    err = [json.loads(x) for x in admin.files.content(b.error_file_id, extra_query=every).text.splitlines()]
     assert [(e["custom_id"], e["error"]["code"]) for e in err] == [("b-0", "model_not_found")]
-    out = [json.loads(x) for x in limited.files.content(b.output_file_id).text.splitlines()]
+    out = [json.loads(x) for x in admin.files.content(b.output_file_id, extra_query=every).text.splitlines()]
     for o in out:
         usage = o["response"]["body"]["usage"]
         price = usage["prompt_tokens"] * PRICE_A["input_per_million"] + \
@@ -123,6 +124,32 @@ def test_batch_lines_are_admitted_with_the_owners_key(stack):
     with pytest.raises(openai.RateLimitError):
         limited.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "x"}], max_tokens=1)
     redis.Redis.from_url(stack.redis.url).delete(bucket)  # leave the budget as later tests expect it
+
+
+def test_files_and_batches_spend_the_keys_rate_limit_and_stop_at_its_storage_quota(stack):
+    """`limited` may make 2 requests a minute and hold 64 KiB: an upload past its quota is a 400
+    that stores nothing, and its file and batch requests spend the bucket its online requests use."""
+    import openai
+    import redis
+
+    limited, r = stack.client("limited"), redis.Redis.from_url(stack.redis.url)
+    bucket = "llmserve:rl:requests:limited"
+    r.delete(bucket)  # a full budget: 2 requests
+    with pytest.raises(openai.BadRequestError) as big:
+        limited.files.create(file=("big.jsonl", io.BytesIO(b"x" * (64 * 1024 + 1))), purpose="batch")
+    assert (big.value.code, big.value.param) == ("storage_quota_exceeded", "file")
+    f = limited.files.create(file=("small.jsonl", io.BytesIO(line("q-0").encode())), purpose="batch")
+    with pytest.raises(openai.RateLimitError) as limited_out:
+        limited.batches.create(input_file_id=f.id, endpoint=EP, completion_window="24h")
+    assert limited_out.value.code == "rate_limit_exceeded"
+    assert 1 <= int(limited_out.value.response.headers["retry-after"]) <= 60
+    with pytest.raises(openai.RateLimitError):  # the files spent what online requests spend
+        limited.chat.completions.create(model="tiny-a", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    r.delete(bucket)
+    names = [x.filename for x in limited.files.list()]
+    assert "small.jsonl" in names and "big.jsonl" not in names
+    assert limited.files.delete(f.id).deleted
+    r.delete(bucket)  # leave the budget as later tests expect it
 
 
 def test_cancel_keeps_finished_results(stack):
