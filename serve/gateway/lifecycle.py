@@ -7,6 +7,11 @@ Loading an adapter at run time makes every engine replica read files, so it is a
 symlinks and `..` are resolved, or be the configured path of the adapter of that name. With auth off there is no
 key to check: the roots are then the only guard, and with no roots nothing new can be loaded.
 
+What is hashed and loaded is a copy: the directory is copied into a content-addressed store that
+only the gateway writes (serve/contract/paths.py `snapshot_adapter`, `<first root>/.llmserve-adapters/
+<digest>`), refusing a symlink anywhere inside it, and engines load that copy. Files a tenant can
+still change under the root after the check are neither hashed nor loaded.
+
 An adapter is tied to its weights by a content digest. A name already loaded from other weights
 is reloaded (vLLM's unload, then load), never kept: vLLM refuses to load a name it holds, and an
 unload + load gives the adapter a new internal id, so no prefix-cache block computed with the old
@@ -25,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serve.config import Config
-from serve.contract.paths import path_under_roots
+from serve.contract.paths import UnsafeAdapter, adapter_store, path_under_roots, snapshot_adapter
 from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends
 from serve.gateway.catalog import Catalog
@@ -160,10 +165,11 @@ async def load(gw: GatewayState, name: str, base: str, path: str, digest: str | 
     if taken is not None and (gw.catalog.adapter_path(name) is None or taken.name != base):
         raise bad_request(f"`{name}` is already a model or an adapter of another base model.", param="name")
     configured = next((a.path for m in gw.config.models for a in m.adapters if a.name == name), None)
-    real = allowed_path(path, list(gw.config.gateway.adapter_roots), configured)
-    try:  # hashing reads every weight file: off the event loop
-        actual = await asyncio.to_thread(adapter_digest, real)
-    except (AdapterError, OSError) as e:
+    roots = list(gw.config.gateway.adapter_roots)
+    real = allowed_path(path, roots, configured)
+    try:  # copying and hashing read every weight file: off the event loop
+        stored, actual = await asyncio.to_thread(snapshot_adapter, real, adapter_store(roots), adapter_digest)
+    except (AdapterError, UnsafeAdapter, OSError) as e:
         raise bad_request(f"`path` is not a loadable adapter: {e}", param="path") from e
     if digest is not None and digest != actual:
         raise APIError(409, f"The adapter at {path} has digest {actual}, not the {digest} you asked for: its "
@@ -172,7 +178,7 @@ async def load(gw: GatewayState, name: str, base: str, path: str, digest: str | 
     if not eps:
         raise APIError(503, f"Model `{base}` has no ready replica.", code="model_not_ready")
     registered, known = await _known_digest(gw, name)
-    results = await asyncio.gather(*(_load_on(gw, e.url, name, real, known == actual) for e in eps),
+    results = await asyncio.gather(*(_load_on(gw, e.url, name, stored, known == actual) for e in eps),
                                    return_exceptions=True)
     failed = [{"replica": ep.replica_id, "error": str(r)}
               for ep, r in zip(eps, results, strict=True) if isinstance(r, BaseException)]
@@ -186,13 +192,15 @@ async def load(gw: GatewayState, name: str, base: str, path: str, digest: str | 
             gw.catalog.add_adapter(name, base, loaded_from, None)
         raise APIError(502, f"Loading {name} failed on {len(failed)} of {len(eps)} replicas: {failed}",
                        code="adapter_load_failed")
-    gw.catalog.add_adapter(name, base, real, actual)
+    gw.catalog.add_adapter(name, base, stored, actual)
     if gw.lifecycle is not None:  # every gateway, the batch worker and future replicas learn it
-        await gw.lifecycle.register_adapter(name, base, real, actual)
+        await gw.lifecycle.register_adapter(name, base, stored, actual)
     reloaded = sum(1 for r in results if r is True)
     if reloaded:
-        logger.info("adapter %s reloaded from %s (%s) on %d replicas", name, real, actual[:12], reloaded)
-    return {"name": name, "base": base, "path": real, "digest": actual, "replicas": len(eps), "reloaded": reloaded}
+        logger.info("adapter %s reloaded from %s (%s) on %d replicas", name, stored, actual[:12], reloaded)
+    # `path` is where the engines load it from: the content-addressed copy, not the tenant's directory.
+    return {"name": name, "base": base, "path": stored, "source": real, "digest": actual, "replicas": len(eps),
+            "reloaded": reloaded}
 
 
 async def load_adapter(gw: GatewayState, request: Request) -> Response:

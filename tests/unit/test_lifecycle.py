@@ -60,10 +60,13 @@ def test_load_adapter_on_every_replica_then_serve_it(tmp_path):
     assert ask(client, "v2").status_code == 404
     r = load(client, name="v2", path=v2)
     assert r.status_code == 200, r.text
-    assert r.json() == {"name": "v2", "base": "base", "path": os.path.realpath(v2), "digest": adapter_digest(v2),
+    # Engines load the gateway's content-addressed copy, never the directory a tenant can still change.
+    stored = str(tmp_path / "roots" / ".llmserve-adapters" / adapter_digest(v2))
+    assert r.json() == {"name": "v2", "base": "base", "path": stored, "source": os.path.realpath(v2),
+                        "digest": adapter_digest(v2),
                         "replicas": 2, "reloaded": 0}
     loads = engine_calls(up, "/v1/load_lora_adapter")
-    assert {u for u, _ in loads} == {"http://b1", "http://b2"} and loads[0][1]["lora_path"] == os.path.realpath(v2)
+    assert {u for u, _ in loads} == {"http://b1", "http://b2"} and loads[0][1]["lora_path"] == stored
     assert ask(client, "v2").headers["x-llmserve-served-by"] == "v2"
     bad = load(client, name="v3", path=v2, base="v1")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "base"
@@ -129,8 +132,9 @@ def test_a_name_loaded_from_other_weights_is_reloaded(tmp_path):
     for url in ("http://b1", "http://b2"):
         assert [c[1] for c in up.calls if c[0] == url] == [
             "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/load_lora_adapter"]
-        assert up.loras[url]["v2"] == os.path.realpath(b)
-    assert client.app.state.gateway.catalog.adapter_path("v2") == os.path.realpath(b)
+        assert up.loras[url]["v2"] == r.json()["path"] == str(tmp_path / "roots" / ".llmserve-adapters" /
+                                                                adapter_digest(b))
+    assert client.app.state.gateway.catalog.adapter_path("v2") == r.json()["path"]
     up.calls.clear()
     same = load(client, name="v2", path=b)  # the same weights again: nothing to unload
     assert same.status_code == 200 and same.json()["reloaded"] == 0
