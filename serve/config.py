@@ -160,8 +160,10 @@ class ShadowSpec(StrictModel):
 
 
 class GateSpec(StrictModel):
-    metric: Literal["exact_match", "token_overlap", "json_valid", "json_field_match"] = Field(
-        "token_overlap", description="Evaluation metric a candidate student is judged on."
+    metric: Literal["exact_match", "token_overlap", "json_valid", "json_field_match", "embedding_similarity",
+                    "judge"] = Field(
+        "token_overlap", description="Evaluation metric a candidate student is judged on (embedding_similarity and "
+                                     "judge: `students eval --embedding-model / --judge`)."
     )
     min_score: float = Field(
         0.5, ge=0, le=1,
