@@ -198,6 +198,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--path", required=True, help="the adapter directory whose weights the score belongs to")
     p.add_argument("--manifest", help="the weights' training manifest (default: <path>.manifest.json): labels in "
                                       "its training split are refused")
+    p.add_argument("--embedding-model", help="an embedding model the gateway serves: adds embedding_similarity "
+                                             "(cosine through /v1/embeddings)")
+    p.add_argument("--judge", help="a model (the teacher) that judges each answer against the label through the "
+                                   "Batch API with a json_schema verdict: adds judge (share judged the same)")
     common(p)
     p.set_defaults(func=cmd_eval)
     p = ss.add_parser("calibrate", help="pick the cascade threshold at which the student's own answers meet an "

@@ -40,6 +40,30 @@ def _manifest(flag: str | None, path: str) -> tuple[dict[str, Any] | None, str |
     return json.loads(where.read_text()), str(where)
 
 
+def _free_text_measures(args: argparse.Namespace, client: Any, labels: list[dict[str, Any]],
+                        answers: dict[str, dict[str, Any]], scores: dict[str, float]) -> dict[str, Any]:
+    """Embedding similarity (--embedding-model, through the gateway's /v1/embeddings) and the LLM
+    judge's verdicts (--judge, through the Batch API), added to `scores`; what each used, returned."""
+    from serve.students.judges import embedding_similarity, judge_lines, judge_score
+
+    student = {str(lab["id"]): _text(answers[lab["id"]]) if lab["id"] in answers else "" for lab in labels}
+    out: dict[str, Any] = {}
+    if args.embedding_model:
+        sims = embedding_similarity(client, args.embedding_model,
+                                    [(student[str(lab["id"])], lab["teacher"]) for lab in labels])
+        scores["embedding_similarity"] = sum(sims) / len(sims) if sims else 0.0
+        out["embedding"] = {"model": args.embedding_model, "method": "cosine of /v1/embeddings, clamped to [0, 1]"}
+    if args.judge:
+        items = [(str(lab["id"]), lab["request"], student[str(lab["id"])], lab["teacher"]) for lab in labels]
+        judge_batch, verdicts = _run_batch(client, judge_lines(items, args.judge), args.timeout)
+        scores["judge"], unreadable = judge_score([i for i, *_ in items], verdicts)
+        usage = [usage_tokens(a.get("usage")) for a in verdicts.values()]
+        out["judge"] = {"model": args.judge, "batch_id": judge_batch, "unreadable": unreadable,
+                        "usage": {"prompt_tokens": sum(p for p, _ in usage),
+                                  "completion_tokens": sum(c for _, c in usage)}}
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from serve.students.gate import eval_refusal, split_check
     from serve.students.metrics import score
@@ -61,14 +85,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if overlap:
         print(f"llmserve: not evaluated: {overlap}", file=sys.stderr)
         return 1
-    batch_id, answers = _run_batch(_client(args), _lines(labels, args.adapter), args.timeout)
+    client = _client(args)
+    batch_id, answers = _run_batch(client, _lines(labels, args.adapter), args.timeout)
     pairs: list[tuple[str, str, dict[str, Any] | None]] = [
         (_text(answers[lab["id"]]), lab["teacher"], None) for lab in labels if lab["id"] in answers]
     pairs += [("", lab["teacher"], None) for lab in labels if lab["id"] not in answers]  # failures score 0
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     usage = [usage_tokens(a.get("usage")) for a in answers.values()]
+    scores = score(pairs, metrics)
+    measures = _free_text_measures(args, client, labels, answers, scores)
     record = {"digest": digest, "path": args.path, "labels": args.labels, "n": len(pairs), "batch_id": batch_id,
-              "scores": score(pairs, metrics), "usage_model": args.adapter, "training_split": split_record,
+              "scores": scores, "usage_model": args.adapter, "training_split": split_record, **measures,
               "usage": {"prompt_tokens": sum(p for p, _ in usage), "completion_tokens": sum(c for _, c in usage)}}
 
     async def save() -> str | None:
