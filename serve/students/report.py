@@ -13,7 +13,7 @@ import random
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -234,13 +234,16 @@ async def economics(args: argparse.Namespace, config: Config, log: list[dict[str
         wall = time.monotonic() - started
         rng = random.Random(args.seed)
         uniform = [log[i] for i in sorted(rng.sample(range(len(log)), min(args.sample, len(log))))]
-        per_tier: dict[str, list[tuple[str, str]]] = {}
-        missed_usage: list[tuple[int, int]] = []
-        for t, rs in sample_by_tier(records, args.sample, args.seed).items():
-            per_tier[t], usage = await _pairs(caller, teacher, [(r.text or "", log[r.index]) for r in rs],
-                                              f"teacher labels, {t} tier")
-            if t != "cache":
-                missed_usage += usage
+        per_tier = {t: (await _pairs(caller, teacher, [(r.text or "", log[r.index]) for r in rs],
+                                     f"teacher labels, {t} tier"))[0]
+                    for t, rs in sample_by_tier(records, args.sample, args.seed).items()}
+        # What the teacher costs on the traffic the cache missed (whichever tier then answered it):
+        # the teacher-behind-the-cache baseline.
+        missed = [r for r in records if r.tier not in ("cache", "error")]
+        missed = sorted(rng.sample(missed, min(args.sample, len(missed))), key=lambda r: r.index)
+        m_ans = await caller.each([log[r.index] for r in missed], lambda r: caller.answer(teacher, r),
+                                  desc="teacher on the cache's misses")
+        missed_usage = [a[1] for a in m_ans if a is not None]
         t_ans = await caller.each(uniform, lambda r: caller.answer(teacher, r), desc="teacher on a log sample")
         s_ans = (await caller.each(uniform, lambda r: caller.answer(student, r), desc="student on a log sample")
                  if student else [])
@@ -279,7 +282,7 @@ async def economics(args: argparse.Namespace, config: Config, log: list[dict[str
     horizon = args.horizon or len(records)
     att = attribute(traffic, costs, horizon)
     tm = terms(traffic, att["one_off_usd"], horizon, args.target_saving)
-    report["attribution"], report["terms"] = att, tm
+    report["attribution"], report["terms"], report["traffic"] = att, tm, asdict(traffic)
     report["goals"] = goals(att, traffic.cache_share, args.target_saving)
     report["out_of_sample"] = {"method": "time split: the replayed log is later than the traffic the cache and "
                                          "the labels came from; answers to prompts the student trained on are "

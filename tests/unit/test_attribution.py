@@ -35,7 +35,10 @@ class SureOfSome(FakeUpstream):
     """The student is confident (logprob -0.1) about prompts that say 'easy', unsure (-3) otherwise."""
 
     async def post(self, base_url, path, body, *, stream, timeout_s):
-        self.logprob = -0.1 if "easy" in json.loads(body)["messages"][0]["content"] else -3.0
+        prompt = json.loads(body)["messages"][0]["content"]
+        self.logprob = -0.1 if "easy" in prompt else -3.0
+        # The teacher says more about hard prompts: its cost on the cache's misses is not its mean.
+        self.text_by_model["teacher"] = "t1 t2 t3 t4 t5 t6" if "hard" in prompt else "t1 t2"
         return await super().post(base_url, path, body, stream=stream, timeout_s=timeout_s)
 
 
@@ -152,7 +155,11 @@ def test_report_marks_training_prompts_counts_one_off_costs_and_lists_goals(tmp_
     assert report["attribution"]["horizon_requests"] == 10_000
     assert report["goals"][0]["name"].startswith("route vs teacher-only, every one-off cost")
     assert report["goals"][0]["met"] is False and any("100x goal is not met" in n for n in report["notes"])
-    # the student's sample never holds the answer to a prompt it was trained on
+    per_req = {"easy": (3 * 10 + 2 * 20) / 1e6, "hard": (3 * 10 + 6 * 20) / 1e6}  # 3 prompt tokens, a word each
+    assert report["traffic"]["teacher_req"] == pytest.approx((4 * per_req["easy"] + per_req["hard"]) / 5)
+    # the misses: easy one, hard one, easy two, easy three (the second "easy one" was a cache hit)
+    assert report["traffic"]["teacher_missed_req"] == pytest.approx((3 * per_req["easy"] + per_req["hard"]) / 4)
+        # the student's sample never holds the answer to a prompt it was trained on
     assert report["tiers"]["student"]["agreement"]["sample"] == 2
 
 

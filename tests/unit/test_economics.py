@@ -109,8 +109,8 @@ def test_agreement_is_token_overlap_per_tier_and_traffic_weighted_for_the_route(
     report = build(records, tier_agreement={"cache": [("a b", "a b")], "student": [("a b", "a c"), ("q", "r")]},
                    teacher_usage=[], student_usage=[], prices=PRICES, teacher="teacher", student="student",
                    build_usage=None, batch_factor=0.5)
-    assert report["tiers"]["cache"]["agreement"] == {"token_overlap": 1.0, "sample": 1}
-    assert report["tiers"]["student"]["agreement"] == {"token_overlap": 0.25, "sample": 2}
+    assert report["tiers"]["cache"]["agreement"] == {"token_overlap": 1.0, "exact_match": 1.0, "sample": 1}
+    assert report["tiers"]["student"]["agreement"] == {"token_overlap": 0.25, "exact_match": 0.0, "sample": 2}
     assert report["agreement"]["route"] == pytest.approx(0.8 * 1.0 + 0.2 * 0.25)
     assert report["cost_per_1k_usd"]["teacher_only"] is None and report["saving"]["vs_teacher_only"] is None
 
