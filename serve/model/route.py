@@ -1,0 +1,92 @@
+"""What one route is: a virtual model whose requests run through the gateway's policy chain
+(head cache, cascade, fallback, shadow traffic, the student gate). Part of the one typed
+configuration (serve/config.py exports every name here too)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from serve.model.spec import StrictModel
+
+
+class CacheSpec(StrictModel):
+    enabled: bool = Field(True, description="Look requests up in the head cache.")
+    cacheable: bool = Field(
+        False, description="Cache even non-deterministic requests (temperature > 0) on this route."
+    )
+    ttl_s: float = Field(86_400, gt=0, description="How long an entry lives.")
+    normalize_whitespace: bool = Field(True, description="Collapse whitespace in messages for the key.")
+    normalize_case: bool = Field(False, description="Lower-case messages for the key.")
+    store_online: bool = Field(
+        True, description="Store deterministic online answers too (not only batch-filled ones)."
+    )
+    scope: Literal["route", "key"] = Field(
+        "route", description="Who shares an entry: `route`, every key of the route; `key`, only the API key "
+                             "that made it (a tenant's cached answers stay its own).",
+    )
+
+
+class CascadeSpec(StrictModel):
+    student: str = Field(description="Model or adapter that answers first.")
+    teacher: str = Field(description="Model that answers when the student is unsure.")
+    min_mean_logprob: float = Field(
+        -2.0, description="Escalate when the student's mean token logprob is below this."
+    )
+    escalate_on_length: bool = Field(True, description="Escalate when the student hit max_tokens.")
+    escalate_on_schema_failure: bool = Field(
+        True, description="Escalate when the student's output fails the requested json_schema."
+    )
+    refusal_patterns: list[str] | None = Field(
+        None, description="Regexes that mark a refusal (escalate); default: a built-in English set."
+    )
+    max_student_tokens: int = Field(
+        512, gt=0, description="Bound on the student's buffered answer (its max_tokens is capped to it)."
+    )
+    decide_after_tokens: int | None = Field(
+        None, gt=0,
+        description="Streamed chat/completions requests: decide on the student's first this-many tokens, "
+        "then stream its answer (or the teacher's); time to first byte is the student's time to these "
+        "tokens. None: decide on the whole answer, buffered (a requested json schema always does).",
+    )
+
+
+class ShadowSpec(StrictModel):
+    model: str = Field(description="Candidate model or adapter that gets a copy of live requests.")
+    fraction: float = Field(0.1, ge=0, le=1, description="Share of the route's requests mirrored to it.")
+
+
+class GateSpec(StrictModel):
+    metric: Literal["exact_match", "token_overlap", "json_valid", "json_field_match", "embedding_similarity",
+                    "judge"] = Field(
+        "token_overlap", description="Evaluation metric a candidate student is judged on (embedding_similarity and "
+                                     "judge: `students eval --embedding-model / --judge`)."
+    )
+    min_score: float = Field(
+        0.5, ge=0, le=1,
+        description="What the lower bound of the score's confidence interval (one-sided Wilson) must reach to promote.")
+    min_samples: int = Field(30, ge=1, description="Fewest evaluated labels a promotion may rest on.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence of the interval's lower bound.")
+    require_training_split: bool = Field(
+        True, description="Refuse an evaluation whose labels were not checked against the weights' training split "
+                          "(the manifest `students train` writes beside the adapter).")
+
+
+class RouteSpec(StrictModel):
+    name: str = Field(description="Virtual model name clients put in `model`.", min_length=1)
+    target: str | None = Field(None, description="Model that serves the route (when there is no cascade).")
+    cascade: CascadeSpec | None = Field(None, description="Student/teacher cascade instead of one target.")
+    fallback: list[str] = Field(
+        default_factory=list, description="Models tried in order when the primary fails or is overloaded."
+    )
+    max_attempts: int = Field(3, ge=1, description="Most models tried for one request.")
+    cache: CacheSpec | None = Field(None, description="Head cache in front of the route; none disables it.")
+    shadow: ShadowSpec | None = Field(None, description="Mirror live traffic to a candidate (answers unaffected).")
+    gate: GateSpec | None = Field(None, description="What a student must score to be promoted on this route.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> RouteSpec:
+        if (self.target is None) == (self.cascade is None):
+            raise ValueError("a route needs exactly one of `target` or `cascade`")
+        return self
