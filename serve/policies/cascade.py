@@ -158,7 +158,6 @@ def decide_prefix(policy: CascadePolicy, request: dict[str, Any], text: str, log
     choice = {"text": text, "logprobs": {"token_logprobs": list(logprobs)}, "finish_reason": finish_reason}
     if finish_reason is None:  # unfinished text is not yet JSON: only prefix_decidable requests get here
         request = {k: v for k, v in request.items() if k != "response_format"}
-    response = {"choices": [choice]}
-    # A schema is never checked here (on the gateway's event loop): prefix_decidable keeps such
-    # requests buffered, and one that got here anyway escalates unchecked.
-    return decide(policy, request, response, [None] * len(schema_checks(policy, request, response)))
+    # The schema, if any, is checked in-process here: the gateway never brings a schema this way
+    # (prefix_decidable keeps such requests buffered, and their check goes to a worker).
+    return decide(policy, request, {"choices": [choice]})

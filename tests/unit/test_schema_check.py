@@ -13,7 +13,7 @@ from serve.config import Config
 from serve.gateway.app import create_app
 from serve.gateway.backends import Backends
 from serve.gateway.schema_check import SchemaChecker
-from serve.policies.cascade import CascadePolicy, decide, decide_prefix, schema_verdict
+from serve.policies.cascade import CascadePolicy, decide, schema_verdict
 from tests.fakes import FakeUpstream
 
 CATASTROPHIC = {"type": "string", "pattern": "^(a+)+$"}  # exponential backtracking in `re`
@@ -74,13 +74,6 @@ def test_schema_verdicts():
     assert decide(CascadePolicy(), req, answer('{"a": 1}'), [None]).reason == "schema_unchecked"
     assert decide(CascadePolicy(), req, answer('{"a": 1}'), [False]).reason == "schema"
     assert not decide(CascadePolicy(), req, answer('{"a": "x"}'), [True]).escalate
-
-
-def test_a_prefix_decision_never_checks_a_schema_in_process():
-    req = schema_request(CATASTROPHIC)
-    t0 = time.monotonic()
-    d = decide_prefix(CascadePolicy(), req, HOSTILE_TEXT, [-0.1], "stop")
-    assert d.reason == "schema_unchecked" and time.monotonic() - t0 < 1
 
 
 async def test_the_checker_kills_a_catastrophic_pattern_and_goes_on():
