@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import queue
 import select
@@ -25,6 +26,8 @@ import weakref
 from typing import Any
 
 from serve.policies.cascade import schema_verdict
+
+logger = logging.getLogger("llmserve.schema_check")
 
 # A student answer is bounded by max_student_tokens; an honest schema checks it in milliseconds.
 DEFAULT_TIMEOUT_S = 1.0
@@ -36,12 +39,14 @@ READY = b"ready\n"
 
 class _Worker:
     def __init__(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # The worker imports this package as its parent did (a Ray runtime_env's working_dir, say).
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self.proc = subprocess.Popen([sys.executable, "-m", "serve.gateway.schema_check"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT_S)
         if not ready or self.proc.stdout.readline() != READY:
+            logger.warning("a JSON Schema worker did not start; schema checks escalate until one does")
             self.kill()
 
     def ask(self, line: bytes, timeout_s: float) -> bool | None:
