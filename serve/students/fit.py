@@ -61,6 +61,7 @@ class Progress:
     best_loss: float | None = None
     bad_epochs: int = 0
     stopped_early: bool = False
+    input_tokens: int = 0  # tokens (prompt and answer, no padding) through forward and backward, in all
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Outcome:
     progress: Progress
     resumed_at_step: int | None
     steps_total: int
+    tokens_this_run: int = 0  # input tokens this call trained on (not those before a resume)
 
 
 def collate(rows: list[Row], pad_id: int, device: Any) -> dict[str, Any]:
@@ -152,6 +154,7 @@ def fit(model: Any, rows: list[Row], pad_id: int, hp: Any, *, evaluate: Callable
                                "progress": asdict(prog), "best": best_state})
 
     lengths = [len(ids) for ids, _ in rows]
+    tokens_before = prog.input_tokens
     model.train()
     with tqdm(total=steps, initial=prog.step, desc="train", unit="step", file=sys.stderr) as bar:
         while prog.epoch < hp.epochs and not prog.stopped_early:
@@ -168,6 +171,7 @@ def fit(model: Any, rows: list[Row], pad_id: int, hp: Any, *, evaluate: Callable
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 prog.tokens += n
+                prog.input_tokens += sum(len(ids) for ids, _ in group)
                 prog.batch += 1
                 prog.step += 1
                 bar.update(1)
@@ -192,4 +196,4 @@ def fit(model: Any, rows: list[Row], pad_id: int, hp: Any, *, evaluate: Callable
     if best_state is not None and prog.best_epoch != len(prog.train_losses):
         load_trainable(model, best_state)  # the best epoch's adapter, not the last one's
     model.eval()
-    return Outcome(prog, resumed, steps)
+    return Outcome(prog, resumed, steps, prog.input_tokens - tokens_before)

@@ -105,6 +105,7 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_ends_with_the_uninterrup
     whole = tiny_peft()
     done = fit(whole, data, 0, h)
     assert done.progress.step == done.steps_total == 18
+    assert done.progress.input_tokens == done.tokens_this_run == 3 * sum(len(ids) for ids, _ in data)
 
     class Crash(Exception):
         pass
@@ -124,6 +125,8 @@ def test_an_interrupted_run_resumed_from_its_checkpoint_ends_with_the_uninterrup
     assert steps_after == list(range(7, 19))
     assert same(trainable_state(again), trainable_state(whole))
     assert out.progress.train_losses == pytest.approx(done.progress.train_losses, rel=1e-5)
+    assert out.progress.input_tokens == done.progress.input_tokens  # carried over by the checkpoint
+    assert 0 < out.tokens_this_run < done.tokens_this_run  # tokens/s counts only what this run trained
     with pytest.raises(SystemExit, match="other labels, base or hyperparameters"):
         fit(tiny_peft(), data, 0, h, checkpoint=ckpt, resume=True, fingerprint="g")
 
