@@ -169,7 +169,7 @@ async def load(gw: GatewayState, name: str, base: str, path: str, digest: str | 
     real = allowed_path(path, roots, configured)
     try:  # copying and hashing read every weight file: off the event loop
         stored, actual = await asyncio.to_thread(snapshot_adapter, real, adapter_store(roots), adapter_digest)
-    except (AdapterError, UnsafeAdapter, OSError) as e:
+    except (AdapterError, UnsafeAdapter, OSError, RecursionError) as e:  # RecursionError: nested past reason
         raise bad_request(f"`path` is not a loadable adapter: {e}", param="path") from e
     if digest is not None and digest != actual:
         raise APIError(409, f"The adapter at {path} has digest {actual}, not the {digest} you asked for: its "
