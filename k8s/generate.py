@@ -68,7 +68,10 @@ OVERLAYS = (
     Overlay(
         name="gpu-production", namespace="llmserve", values="values-production.yaml",
         about="GPU production: two hub models, autoscaled, two gateway pods behind an Ingress, the chart's\n"
-              "Redis, PostgreSQL for the batch store, Prometheus Operator monitoring.",
+              "Redis, PostgreSQL for the batch store, Prometheus Operator monitoring. Needs an existing\n"
+              "ReadWriteMany PersistentVolumeClaim llmserve-model-cache (the model cache and batch files).\n"
+              "GPU nodes are selected by no provider's labels: render the chart with a preset\n"
+              "(helm/llmserve/values-gke.yaml, values-eks.yaml, values-gfd.yaml) for that.",
         secrets=(
             Secret("llmserve-api-keys", "keys.yaml", "--from-file=keys.yaml=./keys.yaml"),
             Secret("hf-token", "HF_TOKEN", "--from-literal=HF_TOKEN=hf_..."),

@@ -34,7 +34,8 @@ KUBERNETES_VERSION = "1.31.0"
 CPU_DEV = str(CHART / "values-cpu-dev.yaml")
 PRODUCTION = str(CHART / "values-production.yaml")
 EVERYTHING = ("ingress.enabled=true,metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true,"
-              "metrics.prometheusRule.enabled=true,batchJob.enabled=true,modelCache.type=pvc")
+              "metrics.prometheusRule.enabled=true,batchJob.enabled=true,modelCache.type=pvc,"
+              "modelCache.storageClassName=nfs-rwx")
 CASES = {
     "default": (),
     "cpu-dev": ("-f", CPU_DEV),
@@ -42,6 +43,11 @@ CASES = {
     "cpu-dev-everything": ("-f", CPU_DEV, "--set", EVERYTHING),
     "production-batch": ("-f", PRODUCTION, "--set", "batchJob.enabled=true"),
 }
+# Provider presets, each over values-production.yaml (helm/llmserve/values-<provider>.yaml).
+PRESETS = {p: str(CHART / f"values-{p}.yaml") for p in ("gke", "eks", "gfd")}
+CASES |= {f"production-{p}": ("-f", PRODUCTION, "-f", file) for p, file in PRESETS.items()}
+# The values files each case renders with, in order (a case's --set overrides aside).
+CASE_FILES = {case: [a for i, a in enumerate(args) if i and args[i - 1] == "-f"] for case, args in CASES.items()}
 VALUES_FILES = {"default": None, "cpu-dev": CPU_DEV, "production": PRODUCTION}
 
 
@@ -61,8 +67,9 @@ def merge_values(base: dict, over: dict) -> dict:
 def values_of(case: str) -> dict:
     """The values a case renders with (without its --set overrides)."""
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    file = VALUES_FILES[case.split("-everything")[0].split("-batch")[0]]
-    return merge_values(values, yaml.safe_load(open(file))) if file else values
+    for file in CASE_FILES[case]:
+        values = merge_values(values, yaml.safe_load(Path(file).read_text()))
+    return values
 
 
 _INSTALL_HINT = {

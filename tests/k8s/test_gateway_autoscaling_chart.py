@@ -61,7 +61,8 @@ def test_by_default_the_gateways_are_the_fixed_count():
 ])
 def test_max_replicas_up_to_the_pods_that_may_host_a_gateway(args: tuple[str, ...], hosts: int):
     # With a PostgreSQL batch store and shared files, as several gateways need (checked below).
-    shared = ("--set", "batchStore.postgresql.existingSecret=pg", "--set", "modelCache.type=pvc")
+    shared = ("--set", "batchStore.postgresql.existingSecret=pg",
+              "--set", "modelCache.type=pvc,modelCache.storageClassName=nfs-rwx")
     app, _ = gateway_app(*args, *shared, "--set", f"serve.gateway.autoscaling.max_replicas={hosts}")
     assert app["args"]["config"]["gateway"]["autoscaling"]["max_replicas"] == hosts
     err = refusal(*args, *shared, "--set", f"serve.gateway.autoscaling.max_replicas={hosts + 1}")

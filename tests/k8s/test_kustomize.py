@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.k8s.support import (
+    CHART,
     KUSTOMIZE,
     OBSERVABILITY,
     OVERLAYS,
@@ -82,6 +83,12 @@ def test_overlay_serve_config(overlay: str) -> None:
     names = {k: {o["metadata"]["name"] for o in by_kind(objs, k)} for k in ("ConfigMap", "Secret",
                                                                            "PersistentVolumeClaim")}
     names["Secret"] |= {s.name for s in _overlay(overlay).secrets}
+    # A claim the overlay's values name as existing is the user's, said in its kustomization.yaml.
+    values = yaml.safe_load((CHART / _overlay(overlay).values).read_text())
+    if claim := (values.get("modelCache") or {}).get("existingClaim"):
+        kustomization = (KUSTOMIZE / "overlays" / overlay / "kustomization.yaml").read_text()
+        assert f"PersistentVolumeClaim {claim}" in kustomization
+        names["PersistentVolumeClaim"].add(claim)
     check_pod_references(one(objs, "RayService")["spec"]["rayClusterConfig"], names)
 
 

@@ -322,6 +322,19 @@ spec:
       {{- if eq $v.modelCache.type "pvc" }}
       persistentVolumeClaim:
         claimName: {{ $v.modelCache.existingClaim | default (printf "%s-model-cache" (include "llmserve.fullname" $root)) }}
+      {{- else if eq $v.modelCache.type "ephemeral" }}
+      # A ReadWriteOnce volume of this pod's own (created and deleted with it): weights download
+      # once per pod, on disk rather than the node's ephemeral storage.
+      ephemeral:
+        volumeClaimTemplate:
+          spec:
+            accessModes: [ReadWriteOnce]
+            {{- with $v.modelCache.storageClassName }}
+            storageClassName: {{ . }}
+            {{- end }}
+            resources:
+              requests:
+                storage: {{ $v.modelCache.size }}
       {{- else if $v.modelCache.sizeLimit }}
       emptyDir:
         sizeLimit: {{ $v.modelCache.sizeLimit }}
@@ -509,4 +522,10 @@ redisPassword:
 {{- end }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* Millicores of a Kubernetes CPU quantity ("8", "500m"), as a string. */}}
+{{- define "llmserve.millicpu" -}}
+{{- $q := toString . }}
+{{- if hasSuffix "m" $q }}{{ trimSuffix "m" $q | int64 }}{{ else }}{{ mul ($q | int64) 1000 }}{{ end }}
 {{- end }}
