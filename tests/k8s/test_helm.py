@@ -12,9 +12,11 @@ import pytest
 import yaml
 
 from tests.k8s.support import (
+    CASE_FILES,
     CASES,
     CHART,
     CPU_DEV,
+    PRESETS,
     VALUES_FILES,
     by_kind,
     check_gateway_wiring,
@@ -29,10 +31,10 @@ from tests.k8s.support import (
 )
 
 
-@pytest.mark.parametrize("case", list(VALUES_FILES))
+@pytest.mark.parametrize("case", [*VALUES_FILES, *(f"production-{p}" for p in PRESETS)])
 def test_helm_lint_strict(case: str) -> None:
-    file = VALUES_FILES[case]
-    proc = subprocess.run([tool("helm"), "lint", "--strict", str(CHART), *(["-f", file] if file else [])],
+    files = [a for f in CASE_FILES[case] for a in ("-f", f)]
+    proc = subprocess.run([tool("helm"), "lint", "--strict", str(CHART), *files],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
