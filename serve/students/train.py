@@ -137,11 +137,13 @@ def check_memory(model: Any, hp: Hyper, rows: list[Row], dev: Any, dt: Any, budg
     step when it exceeds the memory there is."""
     base = memory.shape_of(model)
     shape = memory.Shape(base.params, memory.lora_trainable(model.config.to_dict(), hp.rank, hp.targets),
-                         base.hidden, base.intermediate, base.layers, base.vocab)
+                         base.hidden, base.intermediate, base.layers, base.vocab, base.heads)
+    # Scores are materialised on the CPU (SDPA's math path under a padding mask) and by eager attention.
+    materialised = dev.type != "cuda" or getattr(model.config, "_attn_implementation", "sdpa") == "eager"
     dtype_bytes = dt.itemsize
     seq = max(len(ids) for ids, _ in rows)
     est = memory.estimate(shape, dtype_bytes, min(hp.batch_size, len(rows)), seq, hp.gradient_checkpointing,
-                          memory.CUDA_OVERHEAD if dev.type == "cuda" else 0)
+                          memory.CUDA_OVERHEAD if dev.type == "cuda" else 0, materialised)
     have, source = memory.available(dev, budget_gb)
     memory.check(est, have, source, shape, dtype_bytes, hp.batch_size * hp.grad_accum)
     return {**est.as_dict(), "available_gib": round(have / memory.GIB, 3), "available_from": source}

@@ -179,6 +179,11 @@ def test_memory_terms_for_a_known_shape():
     c = memory.estimate(shape, 2, micro_batch=3, seq_len=5, checkpointing=True)
     assert c.activations == 15 * (2 * 4 * 2 + per_layer_token)
     assert e.total == int((2000 + 160 + 5760 + 10500) * memory.MARGIN)
+    heads = memory.Shape(params=1000, trainable=10, hidden=4, intermediate=8, layers=2, vocab=50, heads=3)
+    cpu = memory.estimate(heads, 2, 3, 5, checkpointing=False, materialised_attention=True)
+    assert cpu.attention == 2 * (3 * 3 * 5 * 5 * 4 * 3)  # every layer's scores, probabilities and gradient
+    assert memory.estimate(heads, 2, 3, 5, True, materialised_attention=True).attention == 3 * 3 * 5 * 5 * 4 * 3
+    assert memory.estimate(heads, 2, 3, 5, False).attention == 0  # flash / memory-efficient kernels
 
 
 def test_the_runbooks_batch_does_not_fit_a_1_5b_student_on_80_gb_and_the_suggested_shape_does():
