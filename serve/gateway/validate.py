@@ -45,7 +45,9 @@ _WORD = {_BOOL: "a boolean", _INT: "an integer", _NUM: "a number"}
 
 def _coerce_field(p: dict[str, Any], name: str, adapter: TypeAdapter[Any], where: str = "") -> bool:
     v = p.get(name)
-    if v is None:
+    if v is None or (adapter is _NUM and isinstance(v, int) and not isinstance(v, bool)):
+        # An integer is already a JSON number: left as sent, so the request (its bytes, and the
+        # head-cache key a batch-filled entry was stored under) stays what the client wrote.
         return False
     try:
         new = adapter.validate_python(v)

@@ -75,9 +75,12 @@ def test_responses_belong_to_their_key(stack):
 
 
 def test_unsupported_is_a_clear_400(stack):
-    with pytest.raises(openai.BadRequestError) as e:
-        stack.client().responses.create(model="tiny-a", input="x", background=True)
+    with pytest.raises(openai.BadRequestError) as e:  # vLLM's rule: background needs store
+        stack.client().responses.create(model="tiny-a", input="x", background=True, store=False)
     assert e.value.body["param"] == "background"
+    with pytest.raises(openai.BadRequestError) as e:
+        stack.client().responses.create(model="tiny-a", input="x", tools=[{"type": "web_search"}])
+    assert e.value.body["param"] == "tools"
 
 
 def test_a_batch_of_responses_lines_completes(stack):
@@ -119,7 +122,8 @@ def test_background_response_polled_cancelled_continued_and_owner_only(stack):
     deadline = time.time() + 60
     while (got := client.responses.retrieve(bg.id)).status in ("queued", "in_progress") and time.time() < deadline:
         time.sleep(0.1)
-    assert got.status == "completed" and got.id == bg.id and got.output_text, got
+    # max_output_tokens=8 may cut the tiny model's answer: incomplete is a finished answer too.
+    assert got.status in ("completed", "incomplete") and got.id == bg.id and got.output_text, got
     assert got.usage.output_tokens > 0 and got.usage.model_extra["cost_usd"] > 0
     with pytest.raises(openai.NotFoundError):
         other.responses.retrieve(bg.id)

@@ -72,7 +72,9 @@ def test_a_field_is_accepted_and_coerced_exactly_as_vllm_does(path, name, value)
     assert (ours is None) == (theirs is None), (ours, theirs)
     if ours is not None:
         expected = getattr(theirs, name)
-        assert ours[name] == expected and type(ours[name]) is type(expected)
+        # An integer where vLLM takes a float stays as sent (vLLM reads the same JSON number).
+        kept_int = type(expected) is float and type(ours[name]) is int
+        assert ours[name] == expected and (kept_int or type(ours[name]) is type(expected))
 
 
 @pytest.mark.parametrize("role", ["my-custom-role", "narrator"])
@@ -135,3 +137,11 @@ def test_without_a_default_only_a_single_model_is_implied():
 def test_a_default_model_must_be_configured():
     with pytest.raises(ValueError, match="default_model"):
         _config(default_model="nope")
+
+
+def test_an_integer_for_a_number_is_left_as_sent() -> None:
+    """`temperature: 0` stays the integer 0 (not 0.0): the body is forwarded as the client's own
+    bytes and its head-cache key is the one `llmserve cache build` stored the answer under."""
+    body = {"messages": MSG, "temperature": 0, "top_p": 1}
+    assert coerce(CHAT, body) is False
+    assert type(body["temperature"]) is int and type(body["top_p"]) is int
