@@ -40,7 +40,7 @@ import yaml
 
 from serve.config import Config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
 ROUTE = "assistant"
 MAX_TOKENS = 24  # every FAQ answer fits, with its end of turn
 # What the demo's teacher is taught to answer: one answer per topic of `cache synth-log`'s queries.

@@ -172,3 +172,9 @@ def test_the_demos_time_split_replays_only_requests_after_the_ones_it_learnt_fro
     assert time_split(log, early, late, 0.6) == (6, 4)
     read = [[json.loads(x)["i"] for x in p.read_text().splitlines()] for p in (early, late)]
     assert read == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]]
+
+
+def test_the_demos_default_configuration_is_the_repositorys_example():
+    from serve.cli.demo import DEFAULT_CONFIG
+
+    assert DEFAULT_CONFIG.is_file() and DEFAULT_CONFIG.parent.name == "examples"
