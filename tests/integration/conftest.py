@@ -48,7 +48,9 @@ def stack_config(port: int, redis_url: str, lora_dir: str, batch_dir: str) -> Co
             # The student lifecycle moves this route's student; the gate decides who may take it.
             {"name": "student-route", "cascade": {"student": "tiny-a-lora", "teacher": "tiny-b",
                                                   "min_mean_logprob": -1000, "escalate_on_length": False},
-             "gate": {"metric": "token_overlap", "min_score": 0.5}},
+             # Six labels and hand-made adapters (no training manifest): the gate's sample and split checks
+             # are unit-tested (tests/unit/test_quality.py); here the gate decides on the score.
+             "gate": {"metric": "token_overlap", "min_score": 0.5, "min_samples": 6, "require_training_split": False}},
             {"name": "shadowed", "target": "tiny-a", "shadow": {"model": "tiny-a-lora", "fraction": 1.0}},
             # The Responses API on a cascade with the head cache on (always confident: accepted).
             {"name": "cascade-cached", "cascade": {"student": "tiny-a", "teacher": "tiny-b", "min_mean_logprob": -1000,
