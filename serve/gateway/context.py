@@ -37,6 +37,7 @@ class RequestContext:
     cache: str = "bypass"  # hit | miss | bypass
     cost_usd: float = 0.0
     tokens: int = 0  # prompt and output tokens billed so far, every model's (settles the key's budget)
+    sending: str | None = None  # the model working on a whole answer right now (set by the dispatcher)
     escalated: str | None = None
     models: list[str] = field(default_factory=list)
     store: Store | None = None  # set by the cache stage on a miss the route may fill

@@ -80,9 +80,22 @@ class Dispatcher:
                 resp.chunks = self._count_until_done(ep, resp.chunks)
             return resp, ep.replica_id
 
+    async def send_for(self, ctx: RequestContext, model: str, body: bytes,
+                       stream: bool) -> tuple[UpstreamResponse, str]:
+        """`send` for a request: while it waits for a whole answer, the context says which model is
+        working on it (a client that leaves then is billed for its prompt there)."""
+        ctx.sending = model
+        try:
+            sent = await self.send(model, ctx.path, body, stream, ctx.affinity)
+        except Exception:  # it did not work on it (a cancel, a BaseException, leaves it named)
+            ctx.sending = None
+            raise
+        ctx.sending = None
+        return sent
+
     async def send_json(self, ctx: RequestContext, model: str, request: dict[str, Any],
                         stream: bool = False) -> tuple[UpstreamResponse, str]:
-        return await self.send(model, ctx.path, json.dumps(request).encode(), stream, ctx.affinity)
+        return await self.send_for(ctx, model, json.dumps(request).encode(), stream)
 
     @staticmethod
     async def _count_until_done(ep: Endpoint, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -107,8 +107,11 @@ class Gateway:
             answer = await self.runner.run(ctx)
             answer = await dialect.after(conversation, ticket.key_name, answer)
         except BaseException:
-            # Cancelled (the client of a non-streamed request left) or failed: what the engine
-            # generated is unknown, so the key's reservation stays spent.
+            # Cancelled (the client of a non-streamed request left) or failed: the engine computed
+            # the prompt and is then aborted, so its prompt is billed; what it generated meanwhile
+            # is unknown, so the key's reservation stays spent.
+            if ctx.sending is not None:
+                self.dispatch.charge(ctx, ctx.sending, {"prompt_tokens": size // 4, "completion_tokens": 0})
             self.background.spawn(lease.end(None))
             raise
         answer.headers.update(ticket.headers)

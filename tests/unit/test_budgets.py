@@ -183,3 +183,20 @@ def test_settle_and_slots_are_shared_through_redis(redis_url: str) -> None:
             await b.close()
 
     asyncio.run(main())
+
+
+def test_a_non_streamed_request_the_client_cancels_is_billed_its_prompt_and_keeps_its_reservation() -> None:
+    async def main() -> None:
+        clock = FakeTime(1000.0)
+        gw = gateway(FakeUpstream(latency_s=5.0), limiter=RateLimiter(None, clock=clock.time), tokens_per_minute=300)
+        key = gw.keys.by_name("k")
+        work = asyncio.ensure_future(gw.handle(key, "/v1/chat/completions", chat(max_tokens=200)))
+        await asyncio.sleep(0.1)
+        work.cancel()  # the edge does this when the client hangs up (until_disconnect)
+        await asyncio.sleep(0.05)
+        billed = gw.metrics.cost.labels("m", "m", "k")._value.get()
+        assert 5 <= billed <= 40, billed  # the prompt as estimated: its bytes / 4
+        # The ~210 reserved stay spent (what the engine made before the abort is unknown).
+        assert (await gw.handle(key, "/v1/chat/completions", chat(max_tokens=200))).status == 429
+
+    asyncio.run(main())

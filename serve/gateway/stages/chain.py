@@ -53,7 +53,7 @@ class ChainStage:
             else:
                 body = json.dumps({**sent, "model": model}).encode()
             try:
-                resp, ctx.replica = await self.dispatch.send(model, ctx.path, body, stream, ctx.affinity)
+                resp, ctx.replica = await self.dispatch.send_for(ctx, model, body, stream)
                 failure = classify_status(resp.status)
             except APIError as e:
                 failure = failure_of(e)
