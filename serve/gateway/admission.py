@@ -67,6 +67,20 @@ class Admission:
                 param="model", code="model_not_supported",
             )
 
+    def check_engine_support(self, route: RouteSpec, payload: dict[str, Any]) -> None:
+        """What the route's engines cannot do safely is refused here, not crashed into: vLLM's CPU
+        engine core dies on `prompt_logprobs` once prompts are batched (an einsum broadcast error
+        in its prompt-logprobs path, seen with two prompts in one request), taking every tenant's
+        requests on that replica with it."""
+        if payload.get("prompt_logprobs") is None:
+            return
+        names = [route.target, *(([route.cascade.student, route.cascade.teacher]) if route.cascade else []),
+                 *route.fallback]
+        cpu = [n for n in names if n and (spec := self.catalog.spec(n)) is not None and spec.accelerator == "cpu"]
+        if cpu:
+            raise bad_request(f"`prompt_logprobs` is not served by CPU engines ({', '.join(cpu)}): vLLM's CPU "
+                              f"engine fails on it.", param="prompt_logprobs", code="unsupported_on_cpu")
+
     async def admit(self, key: ApiKey | None, dialect: Dialect, payload: dict[str, Any],
                     prepaid: bool = False) -> Ticket:
         """Route, access, shape and the key's request rate. Its tokens and concurrency are taken
@@ -82,6 +96,7 @@ class Admission:
         if not KeyStore.allows(key, route.name):
             raise model_not_found(route.name)
         self.check_task(route, dialect)
+        self.check_engine_support(route, payload)
         stream = payload.get("stream", False)
         if stream is not None and not isinstance(stream, bool):
             raise bad_request("`stream` must be a boolean.", param="stream")

@@ -86,7 +86,7 @@ class Stack:
     def client(self, api_key: str = "test", **kw):
         from openai import OpenAI
 
-        return OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0, timeout=120, **kw)
+        return OpenAI(base_url=self.base_url, api_key=api_key, **{"max_retries": 0, "timeout": 120, **kw})
 
     def replicas(self, model: str) -> list[tuple[str, str]]:
         import ray

@@ -14,7 +14,16 @@ import openai
 import pytest
 from openai import BadRequestError
 
-from tests.integration.vllm_port import ERROR_WORDING, LORA, MODEL, MSGS, SAGEMAKER, http_client, tiny_tokenizer
+from tests.integration.vllm_port import (
+    CPU_PROMPT_LOGPROBS,
+    ERROR_WORDING,
+    LORA,
+    MODEL,
+    MSGS,
+    SAGEMAKER,
+    http_client,
+    tiny_tokenizer,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +93,10 @@ def test_too_many_chat_logprobs(client, model_name):
 
 
 # vLLM: tests/entrypoints/openai/chat_completion/test_chat.py
-@pytest.mark.parametrize("prompt_logprobs", [1, 0, -1, None])
+@pytest.mark.parametrize("prompt_logprobs", [
+    pytest.param(1, marks=pytest.mark.xfail(strict=True, raises=BadRequestError, reason=CPU_PROMPT_LOGPROBS)),
+    pytest.param(0, marks=pytest.mark.xfail(strict=True, raises=BadRequestError, reason=CPU_PROMPT_LOGPROBS)),
+    -1, None])
 def test_prompt_logprobs_chat(client, prompt_logprobs):
     params: dict = {"model": MODEL, "max_completion_tokens": 5, "messages": [
         {"role": "system", "content": "You are a helpful assistant."},
@@ -105,6 +117,7 @@ def test_prompt_logprobs_chat(client, prompt_logprobs):
 
 
 # vLLM: tests/entrypoints/openai/chat_completion/test_chat.py
+@pytest.mark.xfail(strict=True, raises=BadRequestError, reason=CPU_PROMPT_LOGPROBS)
 def test_more_than_one_prompt_logprobs_chat(client):
     params: dict = {"model": MODEL, "max_completion_tokens": 5, "extra_body": {"prompt_logprobs": 1}, "messages": [
         {"role": "system", "content": "You are a helpful assistant."},
@@ -127,7 +140,8 @@ def test_single_chat_session(client, model_name, tokenizer):
     assert choice.finish_reason == "length"
     # vLLM's expected prompt_tokens=37 is zephyr's template; ours comes from the tiny model's.
     prompt = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    assert r.usage == openai.types.CompletionUsage(completion_tokens=5, prompt_tokens=prompt, total_tokens=prompt + 5)
+    # The gateway adds the request's cost to usage (`cost_usd`, docs/api.md): compared field by field.
+    assert (r.usage.completion_tokens, r.usage.prompt_tokens, r.usage.total_tokens) == (5, prompt, prompt + 5)
     assert choice.message.content is not None and choice.message.role == "assistant"
     messages += [{"role": "assistant", "content": choice.message.content},
                  {"role": "user", "content": "express your result in json"}]
@@ -249,8 +263,12 @@ def test_response_format_json_object(client):
             model=MODEL, max_completion_tokens=100, response_format={"type": "json_object"},
             messages=[{"role": "user",
                        "content": 'what is 1+1? please respond with a JSON object, the format is {"result": 2}'}])
-        # (vLLM's model answers {"result": 2}; ours must answer a JSON object.)
-        assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
+        # (vLLM's model answers {"result": 2}; the random-weight tiny model may run to the token
+        # limit inside a string: then the answer is cut, not wrong. A finished one is an object.)
+        content = r.choices[0].message.content or ""
+        assert content.startswith("{")
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(content), dict)
 
 
 # vLLM: tests/entrypoints/openai/chat_completion/test_chat.py

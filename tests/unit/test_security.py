@@ -281,3 +281,18 @@ def test_two_keys_of_one_name_are_refused_at_start(tmp_path):
         cfg = Config.model_validate({"models": [{"name": "a", "source": "x"}], "auth": auth})
         with pytest.raises(ConfigError, match="unique"):
             KeyStore(cfg.auth)
+
+
+def test_prompt_logprobs_on_a_cpu_engine_is_a_400_not_a_dead_engine():
+    """vLLM's CPU engine core dies on batched prompt_logprobs: refused before it reaches one."""
+    cfg = Config.model_validate({"auth": {"enabled": False}, "models": [
+        {"name": "c", "source": "x", "accelerator": "cpu"}, {"name": "g", "source": "y"}]})
+    backends = Backends()
+    backends.update({"c": [("c#1", "http://c")], "g": [("g#1", "http://g")]})
+    up = FakeUpstream()
+    client = TestClient(create_app(cfg, backends, up))
+    r = client.post("/v1/completions", json={"model": "c", "prompt": ["a", "b"], "prompt_logprobs": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs" and up.calls == []
+    assert client.post("/v1/completions", json={"model": "g", "prompt": ["a", "b"], "prompt_logprobs": 1}
+                       ).status_code == 200
+    assert client.post("/v1/completions", json={"model": "c", "prompt": "a"}).status_code == 200
