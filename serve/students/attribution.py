@@ -161,6 +161,14 @@ def holding_back(tm: Mapping[str, Any], saving: float | None) -> list[str]:
     top = max(tm["cost_shares"].items(), key=lambda kv: kv[1])
     out = [f"the {tm['target']:g}x goal is not met ({saving:.1f}x); the largest share of the route's cost is "
            f"{top[0]} ({top[1]:.0%})"]
+    budget, o, online = 1 / tm["target"], m["one_off_per_request_over_teacher"], tm["measured_rho"] - \
+        m["one_off_per_request_over_teacher"]
+    if o >= budget:
+        out.append(f"the one-off costs alone are {o:.1%} of teacher-only per request over {m['horizon_requests']:,} "
+                   f"requests, above the {budget:.1%} a {tm['target']:g}x saving allows")
+    if online >= budget:
+        out.append(f"the online cost alone is {online:.1%} of teacher-only, above {budget:.1%}: no horizon reaches "
+                   f"{tm['target']:g}x without a lower online cost")
     for key, (label, way, spec) in LABELS.items():
         have = m.get(key)
         have_s = format(have, spec) if have is not None else "unmeasured"

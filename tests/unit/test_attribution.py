@@ -117,6 +117,9 @@ def test_goals_and_the_note_say_which_term_holds_the_saving_back():
     assert lines[0].startswith("the 100x goal is not met (") and "escalations (" in lines[0]
     assert any(x.startswith("cache share (measured 0.800) would have to be at least 0.9") for x in lines)
     assert "escalation rate (measured 0.250): no value alone reaches 100x" in lines
+    assert "the online cost alone is 5.0% of teacher-only, above 1.0%: no horizon reaches 100x without a lower " \
+           "online cost" in lines  # 0.5 USD over 1,000 requests against 0.01 a request
+    assert not any(x.startswith("the one-off costs alone") for x in lines)  # 0.1% of teacher-only
     assert holding_back(tm, 150.0) == []
 
 
