@@ -275,13 +275,18 @@ def test_a_local_ray_records_metrics_and_task_events_only_when_asked(observabili
     from serve.engine import cluster
 
     calls: list[dict[str, Any]] = []
+    heads: list[dict[str, Any]] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    # The local head starts in a keeper process of its own session (serve/engine/head.py) with these
+    # arguments; the driver then joins it at the address the keeper prints.
+    monkeypatch.setattr(cluster, "start_head", lambda kw: heads.append(kw) or "127.0.0.1:6379")
     config = Config.model_validate({"models": [{"name": "m", "source": "builtin://tiny", "accelerator": "cpu"}],
                                     "ray": {"observability": observability}})
     cluster.connect_ray(config)
     quiet = {"enable_metrics_collection": False, "task_events_report_interval_ms": 0}
-    assert calls[-1].get("_system_config") == (None if observability else quiet)
+    assert heads[-1].get("_system_config") == (None if observability else quiet)
+    assert calls[-1]["address"] == "127.0.0.1:6379" and "_system_config" not in calls[-1]
     config.ray.address = "auto"
     cluster.connect_ray(config)
-    assert "_system_config" not in calls[-1] and calls[-1]["address"] == "auto"
+    assert len(heads) == 1 and "_system_config" not in calls[-1] and calls[-1]["address"] == "auto"
