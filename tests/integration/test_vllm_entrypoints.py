@@ -139,7 +139,8 @@ def test_single_chat_session(client, model_name, tokenizer):
     choice = r.choices[0]
     assert choice.finish_reason == "length"
     # vLLM's expected prompt_tokens=37 is zephyr's template; ours comes from the tiny model's.
-    prompt = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt = len(ids["input_ids"] if hasattr(ids, "keys") else ids)  # (newer transformers: a BatchEncoding)
     # The gateway adds the request's cost to usage (`cost_usd`, docs/api.md): compared field by field.
     assert (r.usage.completion_tokens, r.usage.prompt_tokens, r.usage.total_tokens) == (5, prompt, prompt + 5)
     assert choice.message.content is not None and choice.message.role == "assistant"
