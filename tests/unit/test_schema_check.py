@@ -30,6 +30,10 @@ def answer(text):
                          "logprobs": {"content": [{"logprob": -0.1}]}}]}
 
 
+# Hitting the recursion limit leaves jsonschema's half-run generators to the garbage collector, whose
+# cleanup can itself fail at that depth ("unraisable" warnings, timing-dependent): the verdict is
+# what is under test, and the gateway runs this check in a worker process (schema_check.py).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_self_reference_is_unchecked_not_a_crash():
     assert schema_verdict("5", {"$ref": "#"}) is None
     assert decide(CascadePolicy(), schema_request({"$ref": "#"}), answer("5")).reason == "schema_unchecked"
