@@ -70,6 +70,31 @@ def requested_schema(request: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+# Keywords that apply a subschema to the same instance (they descend into no part of it): a `$ref`
+# reached only through these loops forever on any value.
+_IN_PLACE = ("allOf", "anyOf", "oneOf", "not", "if", "then", "else", "$ref")
+
+
+def _loops_in_place(schema: Any, at: str = "#", path: frozenset[str] = frozenset(), depth: int = 0) -> bool:
+    """Whether `schema` reaches a `$ref` back to itself (or to a schema that encloses it) without
+    descending into the instance, such as `{"$ref": "#"}`: found by a walk, where validating it would
+    recurse to the interpreter's limit (whose unwinding is not clean: finalizers fail there)."""
+    if not isinstance(schema, dict) or depth > 64:
+        return depth > 64
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#") and any(ref == p or p.startswith(ref + "/") or ref == "#"
+                                                              for p in path | {at}):
+        return True
+    for key in _IN_PLACE[:-1]:
+        sub = schema.get(key)
+        subs = sub if isinstance(sub, list) else [sub]
+        for i, s in enumerate(subs):
+            where = f"{at}/{key}/{i}" if isinstance(sub, list) else f"{at}/{key}"
+            if isinstance(s, dict) and _loops_in_place(s, where, path | {at}, depth + 1):
+                return True
+    return False
+
+
 def schema_verdict(text: str, schema: dict[str, Any]) -> bool | None:
     """Whether `text` is JSON that satisfies `schema`: True, False, or None when the schema cannot
     be checked safely (it refers outside itself, recurses without end, or is not a valid schema).
@@ -86,6 +111,8 @@ def schema_verdict(text: str, schema: dict[str, Any]) -> bool | None:
         from referencing import Registry
     except ImportError:  # without the validator, parsing is the check
         return True
+    if _loops_in_place(schema):
+        return None  # a `$ref` cycle that consumes no input: it could never be decided
     try:
         cls = jsonschema.validators.validator_for(schema)
         cls.check_schema(schema)
