@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable
@@ -29,34 +28,22 @@ from serve.gateway.answer import Answer
 from serve.gateway.auth import KeyStore
 from serve.gateway.backends import Backends
 from serve.gateway.batch_api import BatchAPI
-from serve.gateway.errors import APIError, bad_request, model_not_found
+from serve.gateway.errors import APIError, model_not_found
 from serve.gateway.lifecycle import load_adapter
 from serve.gateway.limits import BodyLimit
 from serve.gateway.metrics import Metrics
 from serve.gateway.ratelimit import RateLimiter
 from serve.gateway.service import Gateway
 from serve.gateway.upstream import Upstream
+from serve.gateway.validate import json_object
 from serve.gateway.version import version
 
 logger = logging.getLogger("llmserve.gateway")
 
 
-def _reject_constant(name: str) -> Any:
-    # Python's json accepts NaN/Infinity; JSON (and every engine) does not.
-    raise ValueError(f"{name} is not valid JSON")
-
-
 async def read_json(request: Request) -> tuple[bytes, dict[str, Any]]:
     raw = await request.body()  # BodyLimit (serve/gateway/limits.py) cuts it off at the limit
-    try:
-        payload = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad_request(f"We could not parse the JSON body of your request: {e}") from e
-    except RecursionError as e:
-        raise bad_request("The JSON body of your request is nested too deeply.") from e
-    if not isinstance(payload, dict):
-        raise bad_request("The request body must be a JSON object.")
-    return raw, payload
+    return raw, json_object(raw)
 
 
 def to_response(answer: Answer) -> Response:
