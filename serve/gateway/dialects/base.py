@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 from serve.gateway.answer import Answer
+from serve.sse_events import EventParser
 
 # usage -> the request's whole cost so far, after billing it (the tap writes that into the stream).
 Charge = Callable[[Any], float]
@@ -75,6 +76,21 @@ class PassThrough:
 
     def close(self) -> None:
         pass
+
+
+class EventTap:
+    """What a tap over an event stream holds: the parser that cuts whole events (serve/sse_events.py)
+    and the estimate billed if the stream stops before its usage. Subclasses say what `feed` does."""
+
+    def __init__(self, charge: Charge, prompt_tokens: int) -> None:
+        self.usage = Estimate(charge, prompt_tokens)
+        self.parser = EventParser(keep_empty=True)
+
+    def end(self) -> bytes:
+        return self.parser.pending
+
+    def close(self) -> None:
+        self.usage.close()
 
 
 class Estimate:

@@ -10,9 +10,9 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from serve.gateway.dialects.base import Charge, Conversation, Dialect, Estimate, Keep, View, with_cost
+from serve.gateway.dialects.base import Charge, Conversation, Dialect, EventTap, Keep, View, with_cost
 from serve.gateway.sse import COMPLETE_FINISH, StreamAssembler, replay
-from serve.sse_events import Event, EventParser
+from serve.sse_events import Event
 
 
 def complete(body: dict[str, Any]) -> bool:
@@ -32,15 +32,14 @@ def _fresh_tool_call_ids(choice: Any) -> Any:
     return {**choice, "message": {**message, "tool_calls": fresh}}
 
 
-class ChoicesTap:
+class ChoicesTap(EventTap):
     """Bills the usage chunk (asked for by the gateway if not by the client, then dropped again),
     puts the cost into it, and rebuilds the whole answer for the cache. Reads whole events
     (serve/sse_events.py), so a usage chunk split across two reads is still billed."""
 
     def __init__(self, charge: Charge, keep: Keep | None, strip_usage: bool, prompt_tokens: int) -> None:
-        self.usage = Estimate(charge, prompt_tokens)
+        super().__init__(charge, prompt_tokens)
         self.keep, self.strip = keep, strip_usage
-        self.parser = EventParser(keep_empty=True)
         self.assembler = StreamAssembler() if keep is not None else None
 
     def feed(self, chunk: bytes) -> bytes:
@@ -49,12 +48,6 @@ class ChoicesTap:
         if len(events) == 1 and self.assembler is None and not events[0].has_usage:
             return events[0].raw  # the common chunk: one event, relayed untouched
         return b"".join(self._event(ev) for ev in events)
-
-    def end(self) -> bytes:
-        return self.parser.pending
-
-    def close(self) -> None:
-        self.usage.close()
 
     def _event(self, ev: Event) -> bytes:
         if self.assembler is not None:

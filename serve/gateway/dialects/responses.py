@@ -13,12 +13,12 @@ from typing import Any
 
 from serve.gateway.answer import Answer
 from serve.gateway.background import BackgroundQueue
-from serve.gateway.dialects.base import Charge, Conversation, Dialect, Estimate, Keep, View, with_cost
+from serve.gateway.dialects.base import Charge, Conversation, Dialect, EventTap, Keep, View, with_cost
 from serve.gateway.dialects.responses_events import ResponsesAssembler, replay
 from serve.gateway.errors import APIError, bad_request
 from serve.gateway.response_store import ResponseStore, expand, output_as_input, output_text
 from serve.gateway.validate import coerce, stream_options_object
-from serve.sse_events import Event, EventParser, encode
+from serve.sse_events import Event, encode
 
 logger = logging.getLogger("llmserve.responses")
 
@@ -115,26 +115,19 @@ def fresh_id() -> str:
     return f"resp_{uuid.uuid4().hex}"
 
 
-class ResponsesTap:
+class ResponsesTap(EventTap):
     """Bills a Responses stream from its final event (which carries the whole response), puts the
     cost into that event, and keeps the whole response for the cache."""
 
     def __init__(self, charge: Charge, keep: Keep | None, prompt_tokens: int) -> None:
-        self.usage = Estimate(charge, prompt_tokens)
+        super().__init__(charge, prompt_tokens)
         self.keep = keep
-        self.parser = EventParser(keep_empty=True)
         self.assembler: ResponsesAssembler | None = ResponsesAssembler()
 
     def feed(self, chunk: bytes) -> bytes:
         events = self.parser.feed(chunk)
         self.usage.events += sum(ev.event == "response.output_text.delta" for ev in events)
         return b"".join(self._event(ev) for ev in events)
-
-    def end(self) -> bytes:
-        return self.parser.pending
-
-    def close(self) -> None:
-        self.usage.close()
 
     def _event(self, ev: Event) -> bytes:
         if self.assembler is None:
