@@ -133,8 +133,9 @@ def test_more_than_one_prompt_logprobs_chat(client):
 @BOTH
 def test_single_chat_session(client, model_name, tokenizer):
     messages = list(MSGS)
+    # ignore_eos: the tiny model samples (random weights) and may end early; vLLM's expects "length".
     r = client.chat.completions.create(model=model_name, messages=messages, max_completion_tokens=5, logprobs=True,
-                                       top_logprobs=5)
+                                       top_logprobs=5, extra_body={"ignore_eos": True})
     assert r.id is not None and len(r.choices) == 1
     choice = r.choices[0]
     assert choice.finish_reason == "length"
@@ -385,9 +386,11 @@ def test_chat_session_with_echo_and_continue_final_message(client, echo):
     r = client.chat.completions.create(
         model=MODEL, max_completion_tokens=5,
         messages=[{"role": "user", "content": "tell me a common saying"}, {"role": "assistant", "content": saying}],
-        extra_body={"echo": echo, "continue_final_message": True, "add_generation_prompt": False})
+        extra_body={"echo": echo, "continue_final_message": True, "add_generation_prompt": False,
+                    "ignore_eos": True})
     assert r.id is not None and len(r.choices) == 1
-    # (vLLM's model ends the saying: "stop"; ours runs to max_completion_tokens.)
+    # (vLLM's model ends the saying: "stop". Ours has random weights and may sample its end-of-text
+    # token within 5 tokens, so ignore_eos makes it run to max_completion_tokens every time.)
     assert r.choices[0].finish_reason == "length"
     content = r.choices[0].message.content
     assert content is not None and (saying in content) == echo
