@@ -12,7 +12,7 @@ FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 EXTRAS ?= cpu,test,load
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps k8s-tools run demo test lint unit integration bench bench-start profile soak clean image k8s
+.PHONY: help install system-deps k8s-tools run demo test lint unit integration bench bench-start bench-peers peers profile soak clean image k8s
 
 help:
 	@echo "make run    - install and start the gateway on the tiny local model (http://127.0.0.1:8000/v1)"
@@ -22,6 +22,7 @@ help:
 	@echo "make k8s    - regenerate the kustomize overlays in k8s/ from the chart"
 	@echo "make profile     - py-spy on the gateway, replica and engine core under load; CPU ms per request by process (bench/results/profile/)"
 	@echo "make bench-start - time llmserve run's first and warm start, its stop and what it leaves running (bench/results/start-<date>.json)"
+	@echo "make bench-peers - llmserve beside LiteLLM proxy and vllm-router on the same engines (bench/results/peers-<date>.json)"
 
 # The chart's images (docker/): the CPU one (values.yaml's tag) and the CUDA one (values-production.yaml),
 # tagged with pyproject's version (tests/unit/test_images.py checks both against the chart). Fails,
@@ -125,6 +126,24 @@ bench: install system-deps
 # warm): each phase's seconds, a completion, RSS, the stop and any process left (a few minutes).
 bench-start: install system-deps
 	$(PY) -m bench.start $(ARGS)
+
+# The peers the benches compare against (LiteLLM proxy, vllm-router), in their own venv: they are
+# never the project's runtime dependencies, and litellm pins versions that would fight ours.
+PEERS_VENV ?= .venv-peers
+PEERS_PKGS ?= 'litellm[proxy]' vllm-router
+$(PEERS_VENV)/.installed:
+	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	@if command -v uv >/dev/null || test -x $(UV); then \
+	  $$(command -v uv || echo $(UV)) pip install --python $(PEERS_VENV)/bin/python $(PEERS_PKGS); \
+	else $(PEERS_VENV)/bin/python -m pip install -q $(PEERS_PKGS); fi
+	@touch $@
+
+peers: $(PEERS_VENV)/.installed
+
+# llmserve (keys, limits, cost on) beside bare vLLM, LiteLLM proxy and vllm-router on the same tiny
+# engines, one replica then two: bench/results/peers-<date>.json and .png (about 12 minutes on 2 cores).
+bench-peers: install system-deps peers
+	$(PY) -m bench.peers $(ARGS)
 
 # Where the time goes under load: py-spy on each Python process of `llmserve run`, CPU ms per
 # request by process role (bench/results/profile/).
