@@ -111,12 +111,13 @@ integration: install system-deps
 # beside the Ray-backed ones, which leave one core mostly idle while an engine starts. The Ray lane
 # is two sessions: the integration suite first (its engines start while the pure lane runs), then
 # every other directory (tests/cluster, and any new one), so the integration stack is stopped before
-# a cluster starts on the same ports. Every command runs; the last line sums every test.
+# a cluster starts on the same ports. Every command runs; the last line sums every test. The Ray
+# lane prints its slowest tests (--durations): CI's time limit is what they spend.
 test: install system-deps k8s-tools
 	$(PY) -m tests.lanes \
 	  --lane pure "$(RUFF)" "$(MYPY)" "$(PYTEST) tests/unit tests/k8s $(PYTEST_ARGS)" \
-	  --lane ray "$(PYTEST) tests/integration $(PYTEST_ARGS)" \
-	    "$(PYTEST) tests --ignore=tests/integration --ignore=tests/unit --ignore=tests/k8s $(PYTEST_ARGS)"
+	  --lane ray "$(PYTEST) tests/integration --durations=25 $(PYTEST_ARGS)" \
+	    "$(PYTEST) tests --ignore=tests/integration --ignore=tests/unit --ignore=tests/k8s --durations=10 $(PYTEST_ARGS)"
 
 # Side-by-side benchmark against bare vLLM: writes bench/results/<date>.json and .png (minutes).
 bench: install system-deps
