@@ -168,10 +168,11 @@ class Edge:
         return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def health(self, request: Request) -> Response:
-        """The pod's readiness probe: 200 once any model can be served, so one model's outage does
-        not take every gateway out of the Service (and the others' traffic with it). Which models
-        have no replica is shown to admin keys only (a caller without a key must not learn the
-        model names); the metrics listener's /health always shows it, to the operator."""
+        """The pod's readiness probe: 200 once every model kept at one replica or more has one
+        (serve/gateway/readiness.py), then while any model can be served, so one model's later
+        outage does not take every gateway out of the Service (and the others' traffic with it).
+        Which models have no replica is shown to admin keys only (a caller without a key must not
+        learn the model names); the metrics listener's /health always shows it, to the operator."""
         status, ready = self.readiness()
         body: dict[str, Any] = {"status": status}
         if not self.gw.keys.enabled or getattr(self.key_or_none(request), "admin", False):
@@ -184,8 +185,7 @@ class Edge:
 
     def readiness(self) -> tuple[str, dict[str, int]]:
         ready = {m.name: self.gw.backends.ready_count(m.name) for m in self.gw.config.models}
-        status = "ok" if all(ready.values()) else "degraded" if any(ready.values()) else "starting"
-        return status, ready
+        return self.gw.readiness(ready), ready
 
     def key_or_none(self, request: Request) -> Any:
         """The caller's key if it sent a valid one; None otherwise (a probe sends none)."""

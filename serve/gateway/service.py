@@ -33,6 +33,7 @@ from serve.gateway.dispatch import Dispatcher
 from serve.gateway.errors import APIError
 from serve.gateway.metrics import Metrics
 from serve.gateway.ratelimit import RateLimiter
+from serve.gateway.readiness import Readiness
 from serve.gateway.response_store import ResponseStore
 from serve.gateway.stages.runner import RouteRunner
 from serve.gateway.upstream import Upstream
@@ -59,6 +60,7 @@ class Gateway:
         # gateways sit behind one Service; this is how an operator, or a test, tells them apart.
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
         self.catalog = Catalog(config)
+        self.readiness = Readiness(config.models)  # what /health answers; latches once complete
         self.admission = Admission(config, self.catalog, limiter or RateLimiter(None), self.metrics)
         self.dispatch = Dispatcher(config, self.catalog, backends, upstream, self.metrics)
         self.background = Background()  # work started off the request path, held until done
@@ -101,7 +103,7 @@ class Gateway:
             return later
         ctx = RequestContext(route=ticket.route, dialect=dialect, payload=sent, view=ticket.view,
                              key=ticket.key_name, raw=raw if sent is payload and not ticket.rewritten else None,
-                             affinity=prefix_key(sent), conversation=conversation,
+                             affinity=prefix_key(sent, self.backends.affinity_chars), conversation=conversation,
                              admin=key is not None and key.admin)
         try:
             answer = await self.runner.run(ctx)

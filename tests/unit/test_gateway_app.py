@@ -129,12 +129,27 @@ def test_all_replicas_down_is_503_not_a_hang():
 
 
 def test_no_replica_yet_is_503_and_health_says_degraded():
-    """One model without a replica: its requests get 503, but the gateway stays Ready (its probe
-    is /health) so the other model keeps its traffic."""
-    client, _, _ = make(replicas={"a": [("a#1", "http://a1")]})
+    """A model that loses its replicas after the gateway was Ready: its requests get 503, but the
+    gateway stays Ready (its probe is /health) so the other model keeps its traffic."""
+    client, _, backends = make()
+    assert client.get("/health").json()["status"] == "ok"
+    backends.update({"a": [("a#1", "http://a1")]})
     assert_openai_error(client.post("/v1/chat/completions", json=chat("b")), 503, "model_not_ready")
     h = client.get("/health")
     assert h.status_code == 200 and h.json() == {"status": "degraded", "replicas": {"a": 1, "b": 0, "emb": 0}}
+    assert client.get("/-/healthz").status_code == 200
+
+
+def test_a_new_gateway_is_not_ready_until_every_model_has_a_replica():
+    """A gateway of a new cluster (NewCluster upgrade, new pod) stays out of the Service while any
+    model it must serve is still loading: Ready, it would fail that model's requests (issue 28).
+    /-/healthz is the same answer (KubeRay's proxy health check on the head calls it)."""
+    client, _, backends = make(replicas={"a": [("a#1", "http://a1")], "b": [("b#1", "http://b1")]})
+    for path in ("/health", "/-/healthz"):
+        h = client.get(path)
+        assert h.status_code == 503 and h.json() == {"status": "starting", "replicas": {"a": 1, "b": 1, "emb": 0}}
+    backends.update({"a": [("a#1", "http://a1")], "b": [("b#1", "http://b1")], "emb": [("e#1", "http://e1")]})
+    assert client.get("/health").status_code == 200
 
 
 def test_health_is_503_until_any_model_has_a_replica():
