@@ -20,8 +20,10 @@ from serve.model.route import (  # noqa: F401 (the configuration's route entries
     CacheSpec,
     CascadeSpec,
     GateSpec,
+    PromptsSpec,
     RouteSpec,
     ShadowSpec,
+    TierPrompt,
 )
 from serve.model.spec import (  # noqa: F401 (the configuration's model entries, imported from here too)
     Autoscaling,

@@ -40,6 +40,11 @@ class CacheEntry:
     # The content digest of the weights that produced it (runtime adapters; None for weights the
     # catalog never hashed): a hit is valid only while the model is served from the same weights.
     digest: str | None = None
+    # What filling it cost, for entries filled offline (`cache build`): the model's price per million
+    # tokens and the batch discount it was billed at ({input_per_million, output_per_million,
+    # batch_factor}), and that price times the answer's usage. None: stored online (billed then).
+    price: dict[str, float] | None = None
+    cost_usd: float | None = None
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

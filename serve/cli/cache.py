@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve.cache.pipeline import route_normalization
+from serve.cache.pipeline import route_normalization, route_prompts
 from serve.cli.batch import offline_batch
 from serve.cli.common import add_remote_arguments, openai_client, wait_for_batch
 from serve.config import Config, load_config
+from serve.policies.cost import Price
+from serve.policies.tier_prompt import as_served, prompt_for
 
 
 def _cache(config: Config, redis_url: str | None) -> Any:
@@ -27,33 +29,55 @@ def _cache(config: Config, redis_url: str | None) -> Any:
     return HeadCache(url, op_timeout_s=5)
 
 
-async def _served_digest(redis_url: str | None, model: str) -> str | None:
-    """The digest of the weights the gateways serve `model` from, as they know it: a runtime
-    adapter's registration in the lifecycle store (None for configured, unhashed weights)."""
+async def _served(redis_url: str | None, model: str, route: str) -> tuple[dict[str, str], dict[str, str]]:
+    """How the gateways know `model` and `route` at run time, from the lifecycle store: a runtime
+    adapter's registration (its weights' `digest`, its `base`; {} for a configured model) and the
+    route's promotion override ({} when none)."""
     from serve.students.registry import LifecycleStore
 
     if not redis_url:
-        return None
+        return {}, {}
     store = LifecycleStore(redis_url)
     try:
         registered = await store.adapter(model)
+        override = (await store.overrides()).get(route)
     finally:
         await store.close()
-    return (registered or {}).get("digest") or None
+    return dict(registered or {}), dict(override or {})
+
+
+def fill_price(config: Config, model: str, registered: dict[str, str]) -> Price:
+    """The price `model` is billed at, as the gateway bills it: its own (a configured model or
+    adapter), else its base's (a runtime adapter loaded by a promotion)."""
+    from serve.students.report import prices
+
+    known = prices(config, {model: registered} if registered.get("base") else {})
+    if model not in known:
+        raise SystemExit(f"llmserve: no price for {model!r}: not a configured model or a registered adapter")
+    return known[model]
 
 
 def cmd_cache_build(args: argparse.Namespace) -> int:
     from serve.cache.pipeline import batch_entries, batch_lines, read_log, select_head
 
     config = load_config(args.config)
+    route = config.route(args.route)
+    if route is None:
+        raise SystemExit(f"llmserve: route {args.route!r} is not in the configuration")
     with open(args.log, "rb") as f:
         requests = read_log(f)
-    head, total = select_head(requests, args.route, args.top, route_normalization(config, args.route))
+    head, total = select_head(requests, args.route, args.top, route_normalization(config, args.route),
+                              route_prompts(config, args.route), skip=args.skip)
     covered = sum(q.count for q in head)
     print(f"{len(head)} head queries cover {covered}/{total} logged requests ({covered / max(total, 1):.1%})")
+    redis_url = args.redis_url or config.cache.redis_url
+    registered, override = asyncio.run(_served(redis_url, args.model, args.route))
+    route = as_served(route, override)  # a promoted student is the route's student
+    price = fill_price(config, args.model, registered)
     with tempfile.TemporaryDirectory() as tmp:
         inp, out = Path(tmp, "in.jsonl"), Path(tmp, "out.jsonl")
-        inp.write_text("\n".join(batch_lines(head, args.model)) + "\n")
+        # Each model is asked as the route asks it: a student with its own (short) prompt.
+        inp.write_text("\n".join(batch_lines(head, args.model, prompt_for(route, args.model))) + "\n")
         if args.url:
             client = openai_client(args)
             with open(inp, "rb") as f:
@@ -67,20 +91,21 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
             if offline_batch(config, args.model, str(inp), str(out)) != 0:
                 return 1
         output = out.read_text().splitlines()
-        route = config.route(args.route)
-        ttl = route.cache.ttl_s if route is not None and route.cache is not None else None
+        ttl = route.cache.ttl_s if route.cache is not None else None
+    items = batch_entries(output, args.route, args.model, registered.get("digest") or None, batch_id, time.time(),
+                          price, args.batch_price_factor)
 
     async def load() -> int:
         cache = _cache(config, args.redis_url)
         try:
-            digest = await _served_digest(args.redis_url or config.cache.redis_url, args.model)
-            items = batch_entries(output, args.route, args.model, digest, batch_id, time.time())
             return await cache.put_many(args.route, items, ttl)
         finally:
             await cache.close()
 
     n = asyncio.run(load())
-    print(f"loaded {n} answers from {args.model} into route {args.route!r} (batch {batch_id})")
+    billed = sum(e.cost_usd or 0.0 for _, e in items)
+    print(f"loaded {n} answers from {args.model} into route {args.route!r} (batch {batch_id}), "
+          f"billed {billed:.6f} USD at {args.model}'s price x {args.batch_price_factor:g}")
     return 0 if n == len(head) else 1
 
 
@@ -102,7 +127,8 @@ def cmd_cache_stats(args: argparse.Namespace) -> int:
         if args.log:
             with open(args.log, "rb") as f:
                 norm = route_normalization(config, args.route)
-                out["log_coverage"] = coverage(read_log(f), args.route, set(keys), norm)
+                out["log_coverage"] = coverage(read_log(f), args.route, set(keys), norm,
+                                               route_prompts(config, args.route))
         return out
 
     print(json.dumps(asyncio.run(go()), indent=1))
@@ -146,8 +172,14 @@ def add_commands(sub: Any) -> None:
     p = csub.add_parser("build", help="answer the top-N logged queries with the teacher and cache them")
     p.add_argument("--log", required=True)
     p.add_argument("--top", type=int, required=True)
-    p.add_argument("--model", required=True, help="the teacher")
+    p.add_argument("--model", required=True,
+                   help="who answers: the teacher, or a trained student (asked with the route's student prompt, "
+                        "billed at its own price)")
     p.add_argument("--route", required=True)
+    p.add_argument("--skip", type=int, default=0,
+                   help="leave out the N most frequent queries first (e.g. those a teacher build already filled)")
+    p.add_argument("--batch-price-factor", type=float, default=0.5,
+                   help="the batch price as a share of the model's online price (OpenAI's Batch API: 0.5)")
     p.add_argument("--config")
     p.add_argument("--redis-url")
     p.add_argument("--offline", dest="url", action="store_const", const=None,

@@ -15,6 +15,7 @@ from typing import Any
 
 from serve.config import RouteSpec
 from serve.gateway.dialects.base import Conversation, Dialect, View
+from serve.policies.tier_prompt import prompt_for
 
 # (answer body, model that produced it) -> None: stores the route's own answer in the head cache.
 Store = Callable[[dict[str, Any], str], None]
@@ -46,6 +47,12 @@ class RequestContext:
     @property
     def path(self) -> str:
         return self.dialect.path
+
+    def sent_to(self, model: str) -> dict[str, Any]:
+        """The request as `model` gets it: the client's, led by the route's prompt for that model's
+        tier (serve/policies/tier_prompt.py). The one place a tier prompt is applied; the same dict
+        when the route has none."""
+        return self.dialect.with_prompt(self.payload, prompt_for(self.route, model))
 
     def headers(self) -> dict[str, str]:
         h = {"x-llmserve-route": self.route.name, "x-llmserve-served-by": self.served_by,

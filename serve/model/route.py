@@ -73,6 +73,30 @@ class GateSpec(StrictModel):
                           "(the manifest `students train` writes beside the adapter).")
 
 
+class Message(StrictModel):
+    role: Literal["system", "user", "assistant"] = Field(description="Chat role of this example message.")
+    content: str = Field(description="Its text.")
+
+
+class TierPrompt(StrictModel):
+    """What one tier is told before the client's own input: instructions and worked examples."""
+
+    system: str | None = Field(None, description="Instructions, sent as the first (system) message.")
+    examples: list[Message] = Field(
+        default_factory=list, description="Few-shot messages sent after the instructions, before the client's.")
+
+
+class PromptsSpec(StrictModel):
+    """Per-tier prompts: the teacher needs long instructions and examples, a student trained on the
+    teacher's answers only the client's short input. Applied by the gateway where the route sends to
+    each tier (serve/policies/tier_prompt.py); part of the head-cache key."""
+
+    teacher: TierPrompt | None = Field(
+        None, description="Sent to the teacher, the route's target and its fallbacks (any model but the student).")
+    student: TierPrompt | None = Field(
+        None, description="Sent to the cascade's student (None: the client's input alone).")
+
+
 class RouteSpec(StrictModel):
     name: str = Field(description="Virtual model name clients put in `model`.", min_length=1)
     target: str | None = Field(None, description="Model that serves the route (when there is no cascade).")
@@ -84,6 +108,9 @@ class RouteSpec(StrictModel):
     cache: CacheSpec | None = Field(None, description="Head cache in front of the route; none disables it.")
     shadow: ShadowSpec | None = Field(None, description="Mirror live traffic to a candidate (answers unaffected).")
     gate: GateSpec | None = Field(None, description="What a student must score to be promoted on this route.")
+    prompts: PromptsSpec | None = Field(
+        None, description="Per-tier prompts: what the teacher and the student are each told before the client's "
+                          "input (chat and Responses requests; completions get it as leading text).")
 
     @model_validator(mode="after")
     def _one_target(self) -> RouteSpec:

@@ -104,11 +104,13 @@ def is_deterministic(payload: dict[str, Any], route_cacheable: bool = False, pat
 
 
 def cache_key(route: str, path: str, payload: dict[str, Any], norm: Normalization = Normalization(),
-              owner: str | None = None) -> str:
+              owner: str | None = None, prompts: str | None = None) -> str:
     """sha256 over route, endpoint, the normalised query and every other field but
     NON_OUTPUT_FIELDS (a key's `cache_salt` among them). A field set to null is the same as an
     absent one (vLLM's default). `owner`: the API key whose entry this is, on a route whose cache
-    is scoped per key (None: shared by the route's keys)."""
+    is scoped per key (None: shared by the route's keys). `prompts`: the digest of the route's
+    per-tier prompts (serve/policies/tier_prompt.py), which the client's request does not show but
+    the answer depends on: a changed teacher or student prompt keys every request anew."""
     query_field = "messages" if "messages" in payload else "prompt" if "prompt" in payload else None
     material = {
         "v": _KEY_VERSION,
@@ -116,6 +118,7 @@ def cache_key(route: str, path: str, payload: dict[str, Any], norm: Normalizatio
         "owner": owner,
         "path": path,
         "query": normalized_query(payload, norm),
+        **({"prompts": prompts} if prompts is not None else {}),  # absent: keys made before prompts existed hold
         "params": {k: v for k, v in payload.items()
                    if k not in NON_OUTPUT_FIELDS and k != query_field and v is not None},
     }

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
+from serve.config import TierPrompt
 from serve.gateway.answer import Answer
 from serve.sse_events import EventParser
 
@@ -193,6 +194,11 @@ class Dialect:
         if view.stream:
             return Answer.replayed(self.replay(body, view), headers)
         return Answer(200, body, headers=headers)
+
+    def with_prompt(self, payload: dict[str, Any], prompt: TierPrompt | None) -> dict[str, Any]:
+        """The request with a route's per-tier prompt before the client's input (a copy; the same
+        dict when there is nothing to add). Endpoints without a prompt to lead with send it as is."""
+        return payload
 
     def student_request(self, payload: dict[str, Any], view: View, student: str,
                         cap: int | None) -> tuple[dict[str, Any], bool]:

@@ -10,8 +10,10 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from serve.config import TierPrompt
 from serve.gateway.dialects.base import Charge, Conversation, Dialect, EventTap, Keep, View, with_cost
 from serve.gateway.sse import COMPLETE_FINISH, StreamAssembler, replay
+from serve.policies.tier_prompt import apply_chat, apply_completion
 from serve.sse_events import Event
 
 
@@ -116,6 +118,9 @@ class ChoicesDialect(Dialect):
 
     def replay(self, body: dict[str, Any], view: View) -> Iterable[bytes]:
         return replay(body, view.include_usage)
+
+    def with_prompt(self, payload: dict[str, Any], prompt: TierPrompt | None) -> dict[str, Any]:
+        return apply_chat(payload, prompt) if self.chat else apply_completion(payload, prompt)
 
     def student_request(self, payload: dict[str, Any], view: View, student: str,
                         cap: int | None) -> tuple[dict[str, Any], bool]:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import MappingProxyType
 from typing import Any
 
+from serve.config import TierPrompt
 from serve.gateway.answer import Answer
 from serve.gateway.background import BackgroundQueue
 from serve.gateway.dialects.base import Charge, Conversation, Dialect, EventTap, Keep, View, with_cost
@@ -18,6 +19,7 @@ from serve.gateway.dialects.responses_events import ResponsesAssembler, replay
 from serve.gateway.errors import APIError, bad_request
 from serve.gateway.response_store import ResponseStore, expand, output_as_input, output_text
 from serve.gateway.validate import coerce, stream_options_object
+from serve.policies.tier_prompt import apply_responses
 from serve.sse_events import Event, encode
 
 logger = logging.getLogger("llmserve.responses")
@@ -284,6 +286,9 @@ class Responses(Dialect):
 
     def replay(self, body: dict[str, Any], view: View) -> Iterable[bytes]:
         return replay(body)
+
+    def with_prompt(self, payload: dict[str, Any], prompt: TierPrompt | None) -> dict[str, Any]:
+        return apply_responses(payload, prompt)
 
     def student_request(self, payload: dict[str, Any], view: View, student: str,
                         cap: int | None) -> tuple[dict[str, Any], bool]:

@@ -26,6 +26,7 @@ from serve.gateway.answer import Answer
 from serve.gateway.context import Background, RequestContext
 from serve.gateway.metrics import Metrics
 from serve.policies.cache_key import Normalization, cache_key, is_deterministic
+from serve.policies.tier_prompt import digest as prompts_digest
 
 # model name -> the content digest of the weights it is served from now (None: never hashed).
 Digest = Callable[[str], str | None]
@@ -58,7 +59,8 @@ class CacheStage:
         if not (ctx.dialect.deterministic or is_deterministic(ctx.payload, spec.cacheable)):
             return None
         norm = Normalization(whitespace=spec.normalize_whitespace, case=spec.normalize_case)
-        return cache_key(ctx.route.name, ctx.path, ctx.payload, norm, ctx.key if spec.scope == "key" else None)
+        return cache_key(ctx.route.name, ctx.path, ctx.payload, norm, ctx.key if spec.scope == "key" else None,
+                         prompts_digest(ctx.route))
 
     async def run(self, ctx: RequestContext) -> Answer | None:
         route = ctx.route
@@ -95,7 +97,8 @@ class CacheStage:
         body = dict(entry.response)
         if ctx.admin:  # when and by which batch an entry was made is the operator's to know
             body["llmserve_provenance"] = {"model": entry.model, "created_at": entry.created_at,
-                                           "batch_id": entry.batch_id, "digest": entry.digest}
+                                           "batch_id": entry.batch_id, "digest": entry.digest,
+                                           "price": entry.price, "cost_usd": entry.cost_usd}
         self.metrics.requests.labels(ctx.route.name, ctx.served_by, "200").inc()
         # A hit spends no model tokens: usage and cost are zero.
         ctx.dialect.refresh(body)

@@ -43,7 +43,9 @@ class CascadeStage:
             return None
         policy = policy_of(cs)
         on_prefix = self.on_a_prefix(ctx, policy)
-        req, asked_logprobs = ctx.dialect.student_request(ctx.payload, ctx.view, cs.student,
+        # The student gets its own tier's prompt (often only the client's short input); an
+        # escalation sends the teacher the client's request with the teacher's (the chain stage).
+        req, asked_logprobs = ctx.dialect.student_request(ctx.sent_to(cs.student), ctx.view, cs.student,
                                                           None if on_prefix else cs.max_student_tokens)
         if on_prefix:
             return await stream_student(self.dispatch, self.metrics, ctx, req, policy, asked_logprobs)

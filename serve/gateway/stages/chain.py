@@ -43,11 +43,12 @@ class ChainStage:
         chain = self.chain(ctx)
         policy = FallbackPolicy(tuple(chain), route.max_attempts)
         stream = ctx.view.stream
-        sent, strip_usage = ctx.dialect.stream_request(ctx.payload) if stream else (ctx.payload, False)
         model: str | None = chain[0] if chain else None
         failures = 0
         last: Answer | None = None
         while model is not None:
+            asked = ctx.sent_to(model)  # the client's request led by this model's tier prompt
+            sent, strip_usage = ctx.dialect.stream_request(asked) if stream else (asked, False)
             if ctx.raw is not None and sent is ctx.payload and model == ctx.payload.get("model"):
                 body = ctx.raw  # unchanged request: forward the client's own bytes
             else:
@@ -113,7 +114,7 @@ class ChainStage:
         from serve.students.metrics import token_overlap
 
         route = ctx.route.name
-        body = {k: v for k, v in ctx.payload.items() if k not in ("stream", "stream_options")}
+        body = {k: v for k, v in ctx.sent_to(model).items() if k not in ("stream", "stream_options")}
         body["model"] = model
         try:
             resp, _ = await self.dispatch.send_json(ctx, model, body)

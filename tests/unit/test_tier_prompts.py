@@ -1,0 +1,214 @@
+"""Per-tier prompts on a route (issue 29): the teacher gets long instructions and examples, the
+student the client's short input; applied wherever the route sends (cascade, prefix-decided stream,
+chain, fallback, shadow; chat, completions, Responses), part of the head-cache key, and applied by
+the offline cache build exactly as online, which bills a student's fill at the student's price."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from serve.cache.pipeline import batch_entries, batch_lines, select_head
+from serve.cache.store import HeadCache
+from serve.config import Config
+from serve.gateway.backends import Backends
+from serve.gateway.service import Gateway
+from serve.policies.cache_key import cache_key
+from serve.policies.cost import Price
+from serve.policies.tier_prompt import (
+    apply_chat,
+    apply_completion,
+    apply_responses,
+    as_served,
+    digest,
+    prompt_for,
+    tier_of,
+)
+from tests.fakes import FakeUpstream
+
+CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
+TEACHER_SYSTEM = "You are the support desk of Example Co. Answer in one sentence, politely, citing the policy."
+PROMPTS = {"teacher": {"system": TEACHER_SYSTEM,
+                       "examples": [{"role": "user", "content": "Can I return shoes?"},
+                                    {"role": "assistant", "content": "Yes, within 30 days (policy 4.2)."}]},
+           "student": {"system": "Support."}}
+USER = [{"role": "user", "content": "Where is my parcel?"}]
+
+
+def config(prompts: dict[str, Any] | None = PROMPTS, **cascade: Any) -> Config:
+    return Config.model_validate({
+        "models": [{"name": "student", "source": "x"}, {"name": "teacher", "source": "y"},
+                   {"name": "backup", "source": "z"}],
+        "routes": [{"name": "assistant", "cache": {"ttl_s": 60}, "fallback": ["backup"], "prompts": prompts,
+                    "cascade": {"student": "student", "teacher": "teacher", "min_mean_logprob": -1.0, **cascade}},
+                   {"name": "plain", "target": "teacher", "prompts": prompts}],
+        "auth": {"keys": [{"name": "ops", "sha256": "0" * 64, "admin": True}]},
+    })
+
+
+def gateway(cfg: Config, engine: FakeUpstream, cache: HeadCache | None = None) -> Gateway:
+    backends = Backends()
+    backends.update({m: [(f"{m}#1", f"http://{m}")] for m in ("student", "teacher", "backup")})
+    return Gateway(cfg, backends, engine, cache=cache or HeadCache(None))
+
+
+def sent(engine: FakeUpstream, model: str) -> list[dict[str, Any]]:
+    return [p for _, _, p in engine.calls if p.get("model") == model]
+
+
+async def ask(gw: Gateway, path: str = CHAT, route: str = "assistant", **kw: Any) -> Any:
+    body: dict[str, Any] = {"model": route, "temperature": 0, **kw}
+    if path == CHAT:
+        body.setdefault("messages", USER)
+    answer = await gw.handle(gw.config.auth.keys[0], path, body)
+    for _ in range(5):  # the cache write runs off the request path
+        await asyncio.sleep(0)
+    return answer
+
+
+TEACHER_LED = [{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": "Can I return shoes?"},
+               {"role": "assistant", "content": "Yes, within 30 days (policy 4.2)."}, *USER]
+STUDENT_LED = [{"role": "system", "content": "Support."}, *USER]
+
+
+# ---- the pure part ------------------------------------------------------------------------------
+def test_the_route_spec_refuses_unknown_fields_and_roles():
+    with pytest.raises(ValidationError):
+        config({"teacher": {"system": "x", "shots": []}})
+    with pytest.raises(ValidationError):
+        config({"teacher": {"examples": [{"role": "tool", "content": "x"}]}})
+
+
+def test_only_the_cascades_student_gets_the_student_prompt():
+    route = config().routes[0]
+    assert (tier_of(route, "student"), tier_of(route, "teacher"), tier_of(route, "backup")) == \
+        ("student", "teacher", "teacher")
+    assert prompt_for(route, "backup") is route.prompts.teacher  # type: ignore[union-attr]
+    # A promotion moves the student: the promoted adapter gets the student's prompt, the old base not.
+    promoted = as_served(route, {"student": "student-v2"})
+    assert tier_of(promoted, "student-v2") == "student" and tier_of(promoted, "student") == "teacher"
+    assert prompt_for(config(None).routes[0], "teacher") is None
+
+
+def test_each_api_gets_the_prompt_before_the_clients_input_and_the_client_body_is_left_alone():
+    route = config().routes[0]
+    body = {"messages": list(USER), "temperature": 0}
+    assert apply_chat(body, prompt_for(route, "teacher"))["messages"] == TEACHER_LED
+    assert body["messages"] == USER  # a copy: the cache keys the client's own request
+    done = apply_completion({"prompt": ["Where?", "When?"]}, prompt_for(route, "teacher"))
+    assert done["prompt"][1] == f"{TEACHER_SYSTEM}\n\nCan I return shoes?\n\nYes, within 30 days (policy 4.2).\n\nWhen?"
+    assert apply_completion({"prompt": [1, 2, 3]}, prompt_for(route, "teacher")) == {"prompt": [1, 2, 3]}
+    r = apply_responses({"input": "Where?", "instructions": "Be brief."}, prompt_for(route, "teacher"))
+    assert r["instructions"] == f"{TEACHER_SYSTEM}\n\nBe brief."
+    assert [i.get("content") for i in r["input"]] == ["Can I return shoes?", "Yes, within 30 days (policy 4.2).",
+                                                     "Where?"]
+
+
+def test_the_cache_key_changes_with_either_prompt_and_is_unchanged_without_prompts():
+    base = config().routes[0]
+    other_teacher = config({**PROMPTS, "teacher": {"system": TEACHER_SYSTEM + " Always."}}).routes[0]
+    other_student = config({**PROMPTS, "student": {"system": "Help."}}).routes[0]
+    keys = {cache_key("assistant", CHAT, {"messages": USER}, prompts=digest(r))
+            for r in (base, other_teacher, other_student)}
+    assert len(keys) == 3
+    # Routes without prompts keep the keys their cache already holds.
+    assert digest(config(None).routes[0]) is None
+    assert cache_key("assistant", CHAT, {"messages": USER}, prompts=None) == cache_key("assistant", CHAT,
+                                                                                       {"messages": USER})
+
+
+# ---- the gateway: who gets which prompt --------------------------------------------------------
+async def test_an_accepted_student_gets_its_short_prompt_and_the_teacher_is_not_asked():
+    engine = FakeUpstream(logprob=-0.1)
+    answer = await ask(gateway(config(), engine))
+    assert answer.headers["x-llmserve-served-by"] == "student"
+    assert [p["messages"] for p in sent(engine, "student")] == [STUDENT_LED]
+    assert sent(engine, "teacher") == []
+
+
+async def test_an_escalation_sends_the_teacher_the_clients_input_led_by_the_teachers_prompt():
+    engine = FakeUpstream(logprob=-5.0)  # the student is unsure: the teacher answers
+    answer = await ask(gateway(config(), engine), stream=True)
+    assert answer.headers["x-llmserve-served-by"] == "teacher" and answer.headers["x-llmserve-escalated"]
+    assert [p["messages"] for p in sent(engine, "student")] == [STUDENT_LED]
+    # Not the student's request (its system prompt, logprobs, capped max_tokens): the client's, led.
+    [teacher] = sent(engine, "teacher")
+    assert teacher["messages"] == TEACHER_LED and "logprobs" not in teacher and teacher["stream"] is True
+
+
+async def test_a_prefix_decided_stream_asks_the_student_with_its_prompt():
+    engine = FakeUpstream(logprob=-0.1, text="one two three four")
+    answer = await ask(gateway(config(decide_after_tokens=2), engine), stream=True)
+    assert answer.chunks is not None
+    async for _ in answer.chunks:
+        pass
+    assert [p["messages"] for p in sent(engine, "student")] == [STUDENT_LED]
+
+
+async def test_fallbacks_and_targets_get_the_teachers_prompt_and_so_do_completions_and_responses():
+    engine = FakeUpstream(logprob=-5.0, down_models={"teacher"})
+    answer = await ask(gateway(config(), engine))
+    assert answer.headers["x-llmserve-served-by"] == "backup"
+    assert [p["messages"] for p in sent(engine, "backup")] == [TEACHER_LED]
+    engine = FakeUpstream()
+    gw = gateway(config(), engine)
+    await ask(gw, COMPLETIONS, route="plain", prompt="Where is my parcel?")
+    await ask(gw, RESPONSES, route="plain", input="Where is my parcel?")
+    completion, response = sent(engine, "teacher")
+    assert completion["prompt"].startswith(TEACHER_SYSTEM) and completion["prompt"].endswith("Where is my parcel?")
+    assert response["instructions"] == TEACHER_SYSTEM
+
+
+async def test_a_changed_teacher_prompt_never_serves_answers_cached_under_the_old_one():
+    cache, engine = HeadCache(None), FakeUpstream(logprob=-5.0)
+    first = await ask(gateway(config(), engine, cache))
+    again = await ask(gateway(config(), engine, cache))  # another gateway, the same prompts: a hit
+    assert (first.headers["x-llmserve-cache"], again.headers["x-llmserve-cache"]) == ("miss", "hit")
+    changed = config({**PROMPTS, "teacher": {"system": "You are terse."}})
+    after = await ask(gateway(changed, engine, cache))
+    assert after.headers["x-llmserve-cache"] == "miss"
+    assert sent(engine, "teacher")[-1]["messages"][0] == {"role": "system", "content": "You are terse."}
+
+
+# ---- the offline build: the same prompts, the same keys, the filler's own price -----------------
+def test_a_student_build_asks_with_the_student_prompt_under_the_gateways_key_at_the_students_price():
+    cfg = config()
+    route = cfg.routes[0]
+    log = [{"model": "assistant", "messages": USER, "temperature": 0}] * 3 + \
+        [{"model": "assistant", "messages": [{"role": "user", "content": "Refund?"}], "temperature": 0}]
+    head, _ = select_head(log, "assistant", 1, prompts=digest(route), skip=1)  # the teacher filled rank 1
+    [q] = head
+    assert q.request["messages"][0]["content"] == "Refund?"
+    # The key the build stores under is the one the gateway computes for the client's request.
+    assert q.key == cache_key("assistant", CHAT, {"messages": [{"role": "user", "content": "Refund?"}],
+                                                  "temperature": 0}, prompts=digest(route))
+    [line] = [json.loads(x) for x in batch_lines(head, "student", prompt_for(route, "student"))]
+    assert line["body"]["messages"] == [{"role": "system", "content": "Support."},
+                                        {"role": "user", "content": "Refund?"}]
+    out = json.dumps({"custom_id": q.key, "response": {"status_code": 200, "body": {
+        "choices": [{"message": {"content": "ok"}}], "usage": {"prompt_tokens": 1000, "completion_tokens": 500}}}})
+    [(_, entry)] = batch_entries([out], "assistant", "student", None, "batch-1", 5.0, Price(0.3, 1.2), 0.5)
+    assert entry.price == {"input_per_million": 0.3, "output_per_million": 1.2, "batch_factor": 0.5}
+    assert entry.cost_usd == pytest.approx((1000 * 0.3 + 500 * 1.2) / 1e6 * 0.5)
+
+
+async def test_a_hit_on_a_student_filled_entry_shows_admins_who_filled_it_and_at_what_price():
+    from serve.cache.store import CacheEntry
+
+    cfg = config()
+    cache, engine = HeadCache(None), FakeUpstream()
+    key = cache_key("assistant", CHAT, {"messages": USER, "temperature": 0}, prompts=digest(cfg.routes[0]))
+    await cache.put("assistant", key, CacheEntry(
+        response={"id": "x", "object": "chat.completion", "created": 1, "model": "student",
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "Tomorrow."},
+                               "finish_reason": "stop"}]},
+        model="student", created_at=7.0, batch_id="batch-s", price={"input_per_million": 0.3}, cost_usd=1e-6), 60)
+    answer = await ask(gateway(cfg, engine, cache))
+    assert answer.headers["x-llmserve-served-by"] == "cache:student" and engine.calls == []
+    assert answer.body["llmserve_provenance"] == {"model": "student", "created_at": 7.0, "batch_id": "batch-s",
+                                                  "digest": None, "price": {"input_per_million": 0.3},
+                                                  "cost_usd": 1e-6}
