@@ -17,8 +17,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from serve.config import Config
+from serve.config import Config, RouteSpec
 from serve.policies.cost import Price, cost_usd, usage_tokens
+from serve.policies.tier_prompt import apply_any, as_served, digest, prompt_for
 from serve.students.attribution import OneOff, Traffic, attribute, by_model, goals, holding_back, terms, tokens_cost
 from serve.students.economics import Served, build, classify, mean_agreement, notes, sample_by_tier
 
@@ -53,6 +54,9 @@ class Caller:
                                         limits=httpx.Limits(max_connections=concurrency), transport=transport)
         self.concurrency = concurrency
         self._memo: dict[str, tuple[str, tuple[int, int]] | None] = {}
+        # The route whose per-tier prompts a model asked directly gets, as the route would send it
+        # (None: the request as logged).
+        self.route: RouteSpec | None = None
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -83,8 +87,9 @@ class Caller:
         return out
 
     async def answer(self, model: str, request: dict[str, Any]) -> tuple[str, tuple[int, int]] | None:
-        """(text, (prompt, completion) tokens) of `model` asked directly; None when it failed."""
-        body = _body(request, model)
+        """(text, (prompt, completion) tokens) of `model` asked directly, led by the prompt the route
+        gives that model's tier (the teacher's instructions and examples); None when it failed."""
+        body = _body(apply_any(request, prompt_for(self.route, model)), model)
         key = json.dumps(body, sort_keys=True)
         if key not in self._memo:
             status, _, data, _ = await self.post(body)
@@ -139,9 +144,10 @@ def prices(config: Config, runtime_adapters: dict[str, dict[str, str]]) -> dict[
     return out
 
 
-async def cache_fills(redis_url: str | None, route: str) -> list[tuple[str, int, int]]:
-    """(model that made it, prompt, completion tokens) of each of the route's batch-filled cache
-    entries: the offline fills, billed at the batch price of the model that made each."""
+async def cache_fills(redis_url: str | None, route: str) -> list[tuple[str, int, int, float | None]]:
+    """(model that made it, prompt, completion tokens, the cost `cache build` recorded) of each of the
+    route's batch-filled cache entries: the offline fills, billed at the batch price of the model
+    that made each."""
     if not redis_url:
         return []
     from serve.cache.store import HeadCache
@@ -153,10 +159,21 @@ async def cache_fills(redis_url: str | None, route: str) -> list[tuple[str, int,
             entry = await cache.get(route, key)
             if entry is not None and entry.batch_id:
                 p, c = usage_tokens(entry.response.get("usage"))
-                out.append((entry.model, p, c))
+                out.append((entry.model, p, c, entry.cost_usd))
         return out
     finally:
         await cache.close()
+
+
+def prompt_note(route: RouteSpec, teacher: str) -> dict[str, Any] | str:
+    """What the teacher-only baseline sends: the route's teacher prompt (its digest and size), or the
+    logged request alone when the route configures none."""
+    p = prompt_for(route, teacher)
+    if p is None:
+        return "the request as logged (the route configures no teacher prompt)"
+    return {"digest": digest(route), "system_chars": len(p.system or ""), "examples": len(p.examples),
+            "note": "every teacher answer the report asks for (teacher-only, behind the cache, labels of each "
+                    "tier) is led by the route's teacher prompt, as the route sends it"}
 
 
 def label_key(request: dict[str, Any]) -> str:
@@ -180,14 +197,20 @@ async def _pairs(caller: Caller, model: str, items: Iterable[tuple[str, dict[str
             [lab[1] for lab in labels if lab is not None])
 
 
-def one_off_costs(args: argparse.Namespace, price: dict[str, Price], fills: list[tuple[str, int, int]],
-                  train_labels: list[dict[str, Any]], student: str | None) -> list[OneOff]:
+def one_off_costs(args: argparse.Namespace, price: dict[str, Price],
+                  fills: list[tuple[str, int, int, float | None]], train_labels: list[dict[str, Any]],
+                  student: str | None) -> list[OneOff]:
     """Every cost paid once for the route: cache fills and labels at the batch price of the model
-    that made them, the student's evaluation and calibration at its price (the Batch API's for the
-    evaluation), and training time at --train-hour-usd."""
+    that made them (a fill at the cost its build recorded, when it did), the student's evaluation
+    and calibration at its price (the Batch API's for the evaluation), and training time at
+    --train-hour-usd."""
     f = args.batch_price_factor
-    out = [OneOff("cache fill", usd, model, f"{sum(1 for m, _, _ in fills if m == model)} entries, batch price",
-                  cache_fill=True) for model, usd in sorted(by_model(fills, price, f).items())]
+    fill_usd = by_model([(m, p, c) for m, p, c, usd in fills if usd is None], price, f)
+    for m, _, _, usd in fills:
+        if usd is not None:
+            fill_usd[m] = fill_usd.get(m, 0.0) + usd
+    out = [OneOff("cache fill", usd, model, f"{sum(1 for x in fills if x[0] == model)} entries, batch price",
+                  cache_fill=True) for model, usd in sorted(fill_usd.items())]
     labelled = [(lab.get("teacher_model") or "?", *usage_tokens(lab.get("usage"))) for lab in train_labels]
     if any(p or c for _, p, c in labelled):
         out += [OneOff("teacher labels", usd, model, f"{len(labelled)} labels, batch price")
@@ -216,8 +239,9 @@ async def economics(args: argparse.Namespace, config: Config, log: list[dict[str
         raise SystemExit(f"llmserve: route {args.route!r} is not in the configuration")
     redis_url = args.redis_url or config.cache.redis_url
     runtime, overrides = await _lifecycle(redis_url)
+    route = as_served(route, overrides.get(route.name))  # a promoted student is the route's student
     teacher = route.cascade.teacher if route.cascade else str(route.target)
-    student = overrides.get(route.name, {}).get("student", route.cascade.student) if route.cascade else None
+    student = route.cascade.student if route.cascade else None
     price = prices(config, runtime)
     fills = await cache_fills(redis_url, route.name)
     train_labels = _read_jsonl(args.train_labels) if args.train_labels else []
@@ -227,6 +251,7 @@ async def economics(args: argparse.Namespace, config: Config, log: list[dict[str
         trained_on &= set(split.get("train") or trained_on)
     caller = Caller(args.url, args.api_key or os.environ.get("LLMSERVE_API_KEY", "none"), args.concurrency,
                     args.timeout, transport)
+    caller.route = route
     try:
         started = time.monotonic()
         records = await replay(caller, log, route.name, student, teacher)
@@ -249,7 +274,7 @@ async def economics(args: argparse.Namespace, config: Config, log: list[dict[str
                  if student else [])
         extra: dict[str, Any] = {"route": route.name, "log": args.log or "synthesised", "concurrency": args.concurrency,
                                  "replay_seconds": round(wall, 1), "sample": len(uniform),
-                                 "teacher_prompt": "the request as logged (the route configures no per-tier prompt)"}
+                                 "teacher_prompt": prompt_note(route, teacher)}
         both = [(s[0], t[0]) for s, t in zip(s_ans, t_ans, strict=False) if s is not None and t is not None]
         extra["student_only_agreement"] = mean_agreement(both)
         if args.labels:

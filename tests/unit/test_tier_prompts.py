@@ -6,6 +6,7 @@ the offline cache build exactly as online, which bills a student's fill at the s
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from typing import Any
 
@@ -41,12 +42,13 @@ USER = [{"role": "user", "content": "Where is my parcel?"}]
 
 def config(prompts: dict[str, Any] | None = PROMPTS, **cascade: Any) -> Config:
     return Config.model_validate({
-        "models": [{"name": "student", "source": "x"}, {"name": "teacher", "source": "y"},
+        "models": [{"name": "student", "source": "x", "price": {"input_per_million": 0.3, "output_per_million": 1.2}},
+                   {"name": "teacher", "source": "y", "price": {"input_per_million": 2.5, "output_per_million": 10}},
                    {"name": "backup", "source": "z"}],
         "routes": [{"name": "assistant", "cache": {"ttl_s": 60}, "fallback": ["backup"], "prompts": prompts,
                     "cascade": {"student": "student", "teacher": "teacher", "min_mean_logprob": -1.0, **cascade}},
                    {"name": "plain", "target": "teacher", "prompts": prompts}],
-        "auth": {"keys": [{"name": "ops", "sha256": "0" * 64, "admin": True}]},
+        "auth": {"keys": [{"name": "ops", "sha256": hashlib.sha256(b"ops").hexdigest(), "admin": True}]},
     })
 
 
@@ -212,3 +214,62 @@ async def test_a_hit_on_a_student_filled_entry_shows_admins_who_filled_it_and_at
     assert answer.body["llmserve_provenance"] == {"model": "student", "created_at": 7.0, "batch_id": "batch-s",
                                                   "digest": None, "price": {"input_per_million": 0.3},
                                                   "cost_usd": 1e-6}
+
+
+# ---- the economics report: teacher-only is the teacher with its prompt; fills at their recorded cost ---
+class WordCounting(FakeUpstream):
+    """Bills one prompt token per word of every message, so a longer prompt costs more."""
+
+    async def post(self, base_url: str, path: str, body: bytes, *, stream: bool, timeout_s: float) -> Any:
+        resp = await super().post(base_url, path, body, stream=stream, timeout_s=timeout_s)
+        payload = json.loads(body)
+        if resp.body and "messages" in payload:
+            out = json.loads(resp.body)
+            out["usage"]["prompt_tokens"] = sum(len(m["content"].split()) for m in payload["messages"])
+            resp.body = json.dumps(out).encode()
+        return resp
+
+
+def test_the_reports_teacher_only_baseline_is_the_teacher_led_by_its_route_prompt():
+    import argparse
+
+    import httpx
+
+    from serve.gateway.app import create_app
+    from serve.students.report import economics
+
+    cfg = config()
+    backends = Backends()
+    backends.update({m: [(f"{m}#1", f"http://{m}")] for m in ("student", "teacher", "backup")})
+    engine = WordCounting(logprob=-0.1, text="ok")
+    app = create_app(cfg, backends, engine, cache=HeadCache(None))
+    log = [{"messages": USER, "temperature": 0, "max_tokens": 4}]
+    args = argparse.Namespace(route="assistant", redis_url=None, url="http://gw/v1", api_key="ops", concurrency=1,
+                              timeout=30, seed=0, sample=10, log="log", labels=None, base=None, manifest=None,
+                              train_labels=None, eval_record=None, calibration_record=None, batch_price_factor=0.5,
+                              train_hour_usd=0.0, horizon=None, target_saving=100.0, note=None)
+    report, _ = asyncio.run(economics(args, cfg, log, transport=httpx.ASGITransport(app=app)))
+    teacher_words = sum(len(m["content"].split()) for m in TEACHER_LED)
+    student_words = sum(len(m["content"].split()) for m in STUDENT_LED)
+    # Teacher-only: the teacher's words (its instructions, example and the client's input) and one out.
+    assert report["traffic"]["teacher_req"] == pytest.approx((teacher_words * 2.5 + 10) / 1e6)
+    asked = [p for p in sent(engine, "teacher")]
+    assert asked and all(p["messages"] == TEACHER_LED for p in asked)  # every direct teacher call, led
+    student_direct = [p for p in sent(engine, "student") if p.get("logprobs") is None]
+    assert student_direct and all(p["messages"] == STUDENT_LED for p in student_direct)
+    assert report["teacher_prompt"]["digest"] == digest(cfg.routes[0])
+    # The prompt ratio the closing note names: the student's short input against the teacher's long one.
+    assert report["terms"]["measured"]["prompt_ratio"] == pytest.approx(
+        (student_words * 2.5 + 10) / (teacher_words * 2.5 + 10))
+
+
+def test_a_fill_is_billed_at_the_cost_its_build_recorded_else_at_its_models_batch_price():
+    import argparse
+
+    from serve.students.report import one_off_costs
+
+    args = argparse.Namespace(batch_price_factor=0.5, eval_record=None, calibration_record=None, manifest=None)
+    prices = {"student": Price(0.3, 1.2), "teacher": Price(2.5, 10.0)}
+    fills = [("student", 1000, 100, 0.000123), ("teacher", 1000, 100, None)]
+    offs = {o.model: o.usd for o in one_off_costs(args, prices, fills, [], "student")}
+    assert offs == {"student": pytest.approx(0.000123), "teacher": pytest.approx((1000 * 2.5 + 100 * 10) / 1e6 * 0.5)}
