@@ -25,6 +25,8 @@ from serve.cli.students_common import (
 )
 from serve.cli.students_eval import cmd_calibrate, cmd_eval
 from serve.config import Config, GateSpec, load_config
+from serve.policies.cascade import mean_logprob
+from serve.policies.tier_prompt import apply_any, digest, prompt_for
 from serve.students.metrics import METRICS
 
 
@@ -46,8 +48,11 @@ def cmd_label(args: argparse.Namespace) -> int:
 
     with open(args.log, "rb") as f:
         log = read_log(f)
+    config = load_config(args.config) if args.route else None
+    route = config.route(args.route) if config is not None else None
     if args.exclude_head:
-        log = _without_head(log, args.route, args.exclude_head, load_config(args.config))
+        assert config is not None
+        log = _without_head(log, args.route, args.exclude_head, config)
     distinct: dict[str, dict[str, Any]] = {}
     for r in log:
         distinct.setdefault(cache_key("labels", "/v1/chat/completions", r), r)  # labels are chat requests
@@ -56,10 +61,18 @@ def cmd_label(args: argparse.Namespace) -> int:
     sample = {k: {x: v for x, v in distinct[k].items() if x not in ("model", "stream", "stream_options")}
               for k in keys[: args.sample]}
     client = _client(args)
-    batch_id, answers = _run_batch(client, _lines([{"id": k, "request": r} for k, r in sample.items()],
-                                                  args.teacher), args.timeout)
+    # The teacher is asked as the route asks it (its instructions and examples), with logprobs for
+    # curation's confidence signal; the label's `request` is what the route's student is asked (its
+    # own short prompt and the client's input: what it trains and is evaluated on), `input` the
+    # client's own request.
+    teacher_prompt = prompt_for(route, args.teacher)
+    student_prompt = route.prompts.student if route is not None and route.prompts is not None else None
+    asked = [{"id": k, "request": {**apply_any(r, teacher_prompt), "logprobs": True}} for k, r in sample.items()]
+    batch_id, answers = _run_batch(client, _lines(asked, args.teacher), args.timeout)
     # finish_reason: a student must not learn to stop where the teacher was only cut off.
-    labels = [{"id": k, "request": r, "teacher": _text(answers[k]), "teacher_model": args.teacher,
+    labels = [{"id": k, "request": apply_any(r, student_prompt), "input": r, "teacher": _text(answers[k]),
+               "teacher_model": args.teacher, "teacher_prompt": digest(route),
+               "teacher_mean_logprob": mean_logprob(answers[k]["choices"][0]),
                "finish_reason": answers[k]["choices"][0].get("finish_reason"), "batch_id": batch_id,
                "usage": answers[k].get("usage")}  # what the label cost: a one-off cost of the student
               for k, r in sample.items() if k in answers]
@@ -181,7 +194,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--exclude-head", type=int, default=0, metavar="N",
                    help="leave out the log's N most frequent queries, the ones `cache build --top N` caches "
                         "(needs --route: its normalisation counts them), so the sample is the tail")
-    p.add_argument("--route", help="the route whose head cache --exclude-head stands for")
+    p.add_argument("--route", help="the route whose head cache --exclude-head stands for, and whose per-tier "
+                                   "prompts lead the teacher's request and the student's label")
     common(p)
 
     def label(args: argparse.Namespace) -> int:

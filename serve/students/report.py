@@ -324,7 +324,10 @@ async def _held_out(caller: Caller, labels_path: str, models: list[str]) -> dict
     labels = _read_jsonl(labels_path)
     scores: dict[str, float | None] = {}
     for m in models:
-        got = await caller.each([lab["request"] for lab in labels], lambda r, m=m: caller.answer(m, r),
+        # The client's own input (`students label --route` keeps it apart from the student-led
+        # request): the caller leads it with each model's tier prompt.
+        got = await caller.each([lab.get("input") or lab["request"] for lab in labels],
+                                lambda r, m=m: caller.answer(m, r),
                                 desc=f"{m} on the held-out labels")
         scores[m] = mean_agreement([(g[0] if g else "", lab["teacher"]) for g, lab in zip(got, labels, strict=True)])
     return {"labels": labels_path, "n": len(labels), "token_overlap": scores}

@@ -273,3 +273,35 @@ def test_a_fill_is_billed_at_the_cost_its_build_recorded_else_at_its_models_batc
     fills = [("student", 1000, 100, 0.000123), ("teacher", 1000, 100, None)]
     offs = {o.model: o.usd for o in one_off_costs(args, prices, fills, [], "student")}
     assert offs == {"student": pytest.approx(0.000123), "teacher": pytest.approx((1000 * 2.5 + 100 * 10) / 1e6 * 0.5)}
+
+
+def test_labels_ask_the_teacher_with_its_prompt_and_keep_the_students_request_to_train_on(tmp_path, monkeypatch):
+    import types
+
+    import yaml
+
+    import serve.cli.students as students_cli
+    from serve.cli import main
+
+    (tmp_path / "log.jsonl").write_text(json.dumps({"model": "assistant", "messages": USER, "temperature": 0}) + "\n")
+    cfg = tmp_path / "llmserve.yaml"
+    cfg.write_text(yaml.safe_dump(config().model_dump(mode="json", exclude_none=True)))
+    sent_lines: list[dict[str, Any]] = []
+
+    def run_batch(client: Any, lines: list[str], timeout_s: float) -> tuple[str, dict[str, Any]]:
+        sent_lines.extend(json.loads(x)["body"] for x in lines)
+        lp = {"content": [{"token": "a", "logprob": -0.5}, {"token": "b", "logprob": -1.5}]}
+        return "b1", {json.loads(x)["custom_id"]: {"choices": [{"message": {"content": "Tomorrow."}, "logprobs": lp,
+                                                                "finish_reason": "stop"}]} for x in lines}
+
+    files = types.SimpleNamespace(create=lambda **kw: types.SimpleNamespace(id="f1"))
+    monkeypatch.setattr(students_cli, "_run_batch", run_batch)
+    monkeypatch.setattr(students_cli, "_client", lambda args: types.SimpleNamespace(files=files))
+    assert main(["students", "label", "--log", str(tmp_path / "log.jsonl"), "--teacher", "teacher", "--route",
+                 "assistant", "-o", str(tmp_path / "labels.jsonl"), "--config", str(cfg)]) == 0
+    [body] = sent_lines
+    assert body["messages"] == TEACHER_LED and body["logprobs"] is True and body["model"] == "teacher"
+    [label] = [json.loads(x) for x in (tmp_path / "labels.jsonl").read_text().splitlines()]
+    assert label["request"]["messages"] == STUDENT_LED and label["input"]["messages"] == USER
+    assert label["teacher_mean_logprob"] == pytest.approx(-1.0)
+    assert label["teacher_prompt"] == digest(config().routes[0])
