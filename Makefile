@@ -129,9 +129,10 @@ bench-start: install system-deps
 	$(PY) -m bench.start $(ARGS)
 
 # The peers the benches compare against (LiteLLM proxy, vllm-router), in their own venv: they are
-# never the project's runtime dependencies, and litellm pins versions that would fight ours.
+# never the project's runtime dependencies, and litellm pins versions that would fight ours. `prisma` is
+# what LiteLLM's virtual keys need (its client is generated at run time; bench/peers.py tries).
 PEERS_VENV ?= .venv-peers
-PEERS_PKGS ?= 'litellm[proxy]' vllm-router
+PEERS_PKGS ?= 'litellm[proxy]' prisma vllm-router
 $(PEERS_VENV)/.installed:
 	@test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
 	@if command -v uv >/dev/null || test -x $(UV); then \
