@@ -165,3 +165,22 @@ def stack(tmp_path_factory, redis_server):
             yield Stack(config, registry, server, None, redis_server)
     finally:
         stop_stack(config)
+
+# The SDK client, raw HTTP client and tokenizer most integration modules ask for, once for all of them.
+@pytest.fixture(scope="module")
+def client(stack):
+    return stack.client()
+
+
+@pytest.fixture(scope="module")
+def http(stack):
+    from tests.integration.vllm_port import http_client
+
+    yield from http_client(stack)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tests.integration.vllm_port import tiny_tokenizer
+
+    return tiny_tokenizer()

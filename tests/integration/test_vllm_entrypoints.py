@@ -21,8 +21,6 @@ from tests.integration.vllm_port import (
     MODEL,
     MSGS,
     SAGEMAKER,
-    http_client,
-    tiny_tokenizer,
 )
 
 pytestmark = pytest.mark.integration
@@ -33,21 +31,6 @@ IP_REGEX = r"((25[0-5]|(2[0-4]|1\d|[1-9]|)\d)\.){3}(25[0-5]|(2[0-4]|1\d|[1-9]|)\
 # Bounded, so a random model's output ends inside max_completion_tokens.
 JSON_SCHEMA = {"type": "object", "properties": {"result": {"type": "integer", "minimum": 0, "maximum": 9}},
                "required": ["result"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def client(stack) -> openai.OpenAI:
-    return stack.client()
-
-
-@pytest.fixture(scope="module")
-def http(stack):
-    yield from http_client(stack)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 # ---- chat_completion/test_chat.py --------------------------------------------------------------

@@ -14,26 +14,9 @@ from tests.integration.vllm_port import (
     ERROR_WORDING,
     MAX_MODEL_LEN,
     MODEL,
-    http_client,
-    tiny_tokenizer,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def client(stack) -> openai.OpenAI:
-    return stack.client()
-
-
-@pytest.fixture(scope="module")
-def http(stack):
-    yield from http_client(stack)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 # ---- completion/test_completion.py -------------------------------------------------------------

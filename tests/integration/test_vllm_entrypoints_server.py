@@ -9,19 +9,9 @@ import openai
 import pytest
 from vllm.version import __version__ as VLLM_VERSION
 
-from tests.integration.vllm_port import LORA, METRICS_PORT, MODEL, http_client
+from tests.integration.vllm_port import LORA, METRICS_PORT, MODEL
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def client(stack) -> openai.OpenAI:
-    return stack.client()
-
-
-@pytest.fixture(scope="module")
-def http(stack):
-    yield from http_client(stack)
 
 
 # ---- basic/test_basic.py -----------------------------------------------------------------------
