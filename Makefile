@@ -12,7 +12,7 @@ FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS),)
 EXTRAS ?= cpu,test,load
 PYTEST_ARGS ?=
 
-.PHONY: help install system-deps k8s-tools run demo test lint unit integration bench bench-start bench-peers peers profile soak clean image k8s
+.PHONY: help install system-deps k8s-tools run demo test lint unit integration bench bench-start bench-peers bench-routing peers profile soak clean image k8s
 
 help:
 	@echo "make run    - install and start the gateway on the tiny local model (http://127.0.0.1:8000/v1)"
@@ -22,6 +22,7 @@ help:
 	@echo "make k8s    - regenerate the kustomize overlays in k8s/ from the chart"
 	@echo "make profile     - py-spy on the gateway, replica and engine core under load; CPU ms per request by process (bench/results/profile/)"
 	@echo "make bench-start - time llmserve run's first and warm start, its stop and what it leaves running (bench/results/start-<date>.json)"
+	@echo "make bench-routing - routers (round robin, vllm-router, llmserve's) on shared-prefix traffic over two replicas (bench/results/routing-<date>.json)"
 	@echo "make bench-peers - llmserve beside LiteLLM proxy and vllm-router on the same engines (bench/results/peers-<date>.json)"
 
 # The chart's images (docker/): the CPU one (values.yaml's tag) and the CUDA one (values-production.yaml),
@@ -146,6 +147,13 @@ peers: $(PEERS_VENV)/.installed
 # engines, one replica then two: bench/results/peers-<date>.json and .png (about 12 minutes on 2 cores).
 bench-peers: install system-deps peers
 	$(PY) -m bench.peers $(ARGS)
+
+# Routers on realistic traffic over two tiny replicas whose KV caches cannot each hold a workload's
+# prefixes: round robin, vllm-router cache_aware / kv_aware, llmserve's policies, in one run
+# (bench/README.md): bench/results/routing-<date>.json and a TTFT CDF PNG per workload. Long on 2
+# cores; ARGS='--workloads ... --routers ... --requests N' runs a reduced one.
+bench-routing: install system-deps peers
+	$(PY) -m bench.routing $(ARGS)
 
 # Where the time goes under load: py-spy on each Python process of `llmserve run`, CPU ms per
 # request by process role (bench/results/profile/).
