@@ -25,6 +25,7 @@ from serve.model.route import (  # noqa: F401 (the configuration's route entries
     ShadowSpec,
     TierPrompt,
 )
+from serve.model.routing import RoutingSpec
 from serve.model.spec import (  # noqa: F401 (the configuration's model entries, imported from here too)
     Autoscaling,
     DeploymentSpec,
@@ -116,6 +117,8 @@ class GatewaySpec(StrictModel):
         description="Directories runtime adapter loading (POST /v1/llmserve/adapters) may load from; "
         "shared with the engines. Empty: only configured adapters' own paths.",
     )
+    routing: RoutingSpec = Field(
+        default_factory=lambda: RoutingSpec(), description="How a request's replica is chosen among a model's.")
 
 
 class CacheStoreSpec(StrictModel):

@@ -35,13 +35,15 @@ class Dispatcher:
     async def send(self, model: str, path: str, body: bytes, stream: bool,
                    affinity: str | None) -> tuple[UpstreamResponse, str]:
         """Send to one replica of `model`; on a refused connection try another, since nothing was
-        sent yet. Requests sharing a prompt prefix prefer one replica (its prefix cache is warm)."""
+        sent yet. Requests sharing a prompt prefix prefer one replica (its prefix cache is warm), and
+        requests for a LoRA adapter the replicas it was sent to last."""
         spec = self.catalog.spec(model)
         assert spec is not None, model  # routes only name known models (config validation)
         tried: set[str] = set()
         while True:
             ep = self.backends.pick(spec.name, exclude=tried, affinity=affinity,
-                                    max_in_flight=spec.deployment.max_ongoing_requests)
+                                    max_in_flight=spec.deployment.max_ongoing_requests,
+                                    adapter=model if model != spec.name else None)
             if ep is None:
                 if tried:
                     raise APIError(503, f"No replica of model `{spec.name}` could be reached.",

@@ -67,7 +67,7 @@ class GatewayParts:
         self.runs_background = runs_background if runs_background is not None else (
             config.cache.redis_url is None or not config.batch.enabled)
         self.fetch = fetch
-        self.backends = backends or Backends()
+        self.backends = backends or Backends(routing=config.gateway.routing)
         # Engines answer only holders of the engine secret (serve/contract/secret.py).
         self.upstream = upstream or HttpUpstream(connect_timeout_s=config.gateway.connect_timeout_s,
                                                  secret=engine_secret())

@@ -12,11 +12,14 @@ from typing import Any
 def prefix_key(payload: dict[str, Any], chars: int = 256) -> str | None:
     """The first `chars` characters of the prompt as the model sees it (system + first turns)."""
     if isinstance(payload.get("messages"), list):
-        parts = []
+        parts, size = [], 0
         for m in payload["messages"]:
             if isinstance(m, dict):
                 c = m.get("content")
                 parts.append(f"{m.get('role')}:{c if isinstance(c, str) else ''}")
+                size += len(parts[-1]) + 1
+                if size >= chars:  # a long conversation is not joined whole for its first characters
+                    break
         text = "\n".join(parts)
     elif isinstance(payload.get("prompt"), str):
         text = payload["prompt"]
