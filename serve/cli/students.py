@@ -185,6 +185,9 @@ def add_commands(sub: Any) -> None:
     from serve.cli.train import add_train_command
 
     add_train_command(ss)
+    from serve.cli.students_curate import add_curate_commands
+
+    add_curate_commands(ss, common)
     p = ss.add_parser("label", help="teacher answers for a sample of logged queries (Batch API)")
     p.add_argument("--log", required=True)
     p.add_argument("--teacher", required=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from serve.students.data import LabelError, file_sha256, read_batch, read_labels
@@ -15,11 +16,21 @@ def _fmt(scores: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in scores.items()) or "(nothing held out)"
 
 
+def golden_set(path: str) -> dict[str, Any]:
+    """The labels' golden-set version (serve/students/curate.py: a content digest that any review's
+    correction changes) and how many labels a review corrected or confirmed, for the manifest."""
+    from serve.students.curate import version
+
+    rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    return {"golden_version": version(rows),
+            "reviewed": {k: sum(1 for r in rows if r.get("reviewed") == k) for k in ("corrected", "confirmed")}}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     try:
         if args.labels:
             examples, skipped = read_labels(args.labels), 0
-            sources = [{"path": args.labels, "sha256": file_sha256(args.labels)}]
+            sources = [{"path": args.labels, "sha256": file_sha256(args.labels), **golden_set(args.labels)}]
         else:
             examples, skipped = read_batch(args.batch_output, args.batch_input)
             sources = [{"path": args.batch_output, "sha256": file_sha256(args.batch_output), "role": "batch output"},
