@@ -294,6 +294,16 @@ def check_pod_references(cluster_spec: dict[str, Any], names: dict[str, set[str]
                 assert v["persistentVolumeClaim"]["claimName"] in names["PersistentVolumeClaim"], v
 
 
+def gateway_service(objs: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> dict[str, Any]:
+    """The gateway's API Service as KubeRay creates it from the RayService's serveService
+    (common/service.go BuildServeService): its name, labels and ports kept, its selector the active
+    RayCluster's pods with ray.io/serve=true (`<active>` stands for the cluster's generated name)."""
+    svc = copy.deepcopy(one(objs, "RayService")["spec"]["serveService"])
+    svc["kind"] = "Service"
+    svc["spec"]["selector"] = {"ray.io/cluster": "<active>", "ray.io/serve": "true"}
+    return svc
+
+
 def check_gateway_wiring(objs: tuple[dict[str, Any], ...] | list[dict[str, Any]], serve_config_v2: dict[str, Any],
                          config: Any) -> None:
     """The Service reaches the gateway: it selects exactly the pods whose Ray nodes declare the
@@ -301,11 +311,12 @@ def check_gateway_wiring(objs: tuple[dict[str, Any], ...] | list[dict[str, Any]]
     (llmserve_gateway_host), on serve.gateway.port, and there are enough of them."""
     from ray.autoscaler._private.kuberay.autoscaling_config import _get_custom_resources
 
-    svc = next(s for s in by_kind(objs, "Service") if "gateway" in s["metadata"]["name"]
-               or s["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "gateway")
-    selector = svc["spec"]["selector"]
+    svc = gateway_service(objs)
     [port] = svc["spec"]["ports"]
-    assert port["targetPort"] in (config.gateway.port, "serve")
+    # KubeRay keeps a user port only under a `serve*` name; the named target reaches only the pods
+    # that declare it (engine-only workers wear ray.io/serve=true too).
+    assert port["name"] == "serve" and port["targetPort"] == "serve"
+    exclude_head = bool(one(objs, "RayService")["spec"].get("excludeHeadPodFromServeSvc"))
     cluster = one(objs, "RayService")["spec"]["rayClusterConfig"]
     gateway_app = next(a for a in serve_config_v2["applications"] if a["name"] == "gateway")
     overrides = {d["name"]: d for d in gateway_app["deployments"]}
@@ -321,8 +332,8 @@ def check_gateway_wiring(objs: tuple[dict[str, Any], ...] | list[dict[str, Any]]
     asked = [o["ray_actor_options"]["resources"] for o in overrides.values()]
     hosts = 0
     for group, tpl in pod_templates(cluster):
-        pod_labels = tpl["metadata"].get("labels", {})
-        selected = all(pod_labels.get(k) == v for k, v in selector.items())
+        names = {p.get("name"): p["containerPort"] for p in tpl["spec"]["containers"][0].get("ports", [])}
+        selected = "serve" in names and not ("groupName" not in group and exclude_head)
         declared = _get_custom_resources({}, group.get("rayStartParams") or {}, group.get("groupName", "head"))
         pinned = all(all(declared.get(k, 0) >= n for k, n in res.items()) for res in asked)
         assert selected == pinned, f"group {group.get('groupName', 'head')}: Service and gateway placement differ"

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.k8s.support import CHART, ROOT, SCHEMAS, by_kind, helm_template, one
+from tests.k8s.support import CHART, ROOT, SCHEMAS, by_kind, helm_template, one, pod_templates
 
 OPS = ROOT / "docs" / "operations.md"
 RELEASE = "rel"
@@ -265,11 +265,16 @@ def test_install_commands_render_and_create_every_secret_they_need() -> None:
             assert need <= made[(ns, name)], f"Secret {name} is created without keys {need - made[(ns, name)]}"
         installed.add((release, ns))
         waits = [a for a in commands if _plain(a)[:2] == ["kubectl", "wait"] and _namespace(a) == ns]
-        service = next(s for s in by_kind(objs, "Service")
-                       if s["metadata"]["labels"].get("app.kubernetes.io/component") == "gateway")
+        # The gateway pods are those the API Service reaches: they declare its named target port.
+        cluster = one(objs, "RayService")["spec"]["rayClusterConfig"]
+        gateway_labels = [{**tpl["metadata"].get("labels", {}), "app.kubernetes.io/instance": release}
+                          for _, tpl in pod_templates(cluster)
+                          if "serve" in [p.get("name") for p in tpl["spec"]["containers"][0].get("ports", [])]
+                          and tpl["metadata"].get("labels", {}).get("llmserve.io/gateway") == "true"]
+        assert gateway_labels
         for wait in waits:
             selector = dict(kv.split("=") for kv in wait[wait.index("-l") + 1].split(","))
-            assert selector.items() <= service["spec"]["selector"].items(), (selector, service["spec"]["selector"])
+            assert all(selector.items() <= labels.items() for labels in gateway_labels), (selector, gateway_labels)
         assert waits, f"Install: no `kubectl wait` for the gateway pods of {release} in {ns}"
         for policy in by_kind(objs, "NetworkPolicy"):
             for match in re.findall(r"'namespaceSelector': \{'matchLabels': \{'([^']+)': '([^']+)'\}", str(policy)):

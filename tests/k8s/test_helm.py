@@ -22,6 +22,7 @@ from tests.k8s.support import (
     check_gateway_wiring,
     check_pod_references,
     check_serve_config_v2,
+    gateway_service,
     helm_template,
     one,
     pod_templates,
@@ -147,7 +148,7 @@ def test_api_keys_are_hashed_into_the_secret() -> None:
     pod = one(objs, "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     script = pod["spec"]["containers"][0]["args"][0]
-    [svc] = [s for s in by_kind(objs, "Service") if s["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
+    svc = gateway_service(objs)
     assert 'base="http://{}:{}"'.format(svc["metadata"]["name"], svc["spec"]["ports"][0]["port"]) in script
     assert re.search(r"grep -q '\"id\": \*\"tiny-a\"'", script)  # what it checks: tests/k8s/test_helm_test.py
 
@@ -278,7 +279,8 @@ def test_metrics_are_served_only_on_a_cluster_internal_service() -> None:
     and the ServiceMonitor scrapes the ClusterIP metrics Service on serve.gateway.metrics_port."""
     objs = helm_template(*CASES["production"])
     services = {s["metadata"]["labels"]["app.kubernetes.io/component"]: s for s in by_kind(objs, "Service")}
-    assert [p["name"] for p in services["gateway"]["spec"]["ports"]] == ["http"]
+    assert "gateway" not in services, "the API Service is KubeRay's, from the RayService's serveService"
+    assert [p["name"] for p in gateway_service(objs)["spec"]["ports"]] == ["serve"]
     metrics = services["gateway-metrics"]["spec"]
     assert metrics["type"] == "ClusterIP" and [p["port"] for p in metrics["ports"]] == [9464]
     [monitor] = by_kind(objs, "ServiceMonitor")

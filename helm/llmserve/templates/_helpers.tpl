@@ -255,7 +255,7 @@ spec:
       readiness probe greps Serve's proxy /-/healthz for "success" on the serve port, which engine
       pods do not listen on and the gateway never answers, so those pods would stay NotReady.
       Liveness is the Ray node (raylet, and GCS on the head) on the dashboard agent. Readiness of a
-      worker that hosts a gateway is the gateway's /health (200 once a model has a ready replica),
+      worker that hosts a gateway is the gateway's /health (200 once every model kept at >= 1 replica has one),
       so the Service sends clients only to gateways that can route. The head is Ready by its Ray
       node alone, even with head.gateway: KubeRay submits serveConfigV2 only once the head pod is
       Ready (RayServiceReconciler.reconcileServe), so a head gated on the gateway would wait forever.
@@ -277,7 +277,7 @@ spec:
         {{- toYaml $v.probes.readiness | nindent 8 }}
       {{- if $gatewayProbed }}
       # Holds liveness and readiness off while the models load (image pull, weights, warm-up): the
-      # gateway's /health answers 503 until one model has a ready replica.
+      # gateway's /health answers 503 until every model kept at >= 1 replica has a ready one.
       startupProbe:
         httpGet:
           path: /health
