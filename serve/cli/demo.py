@@ -38,31 +38,12 @@ from typing import Any
 
 import yaml
 
+from serve.cli.demo_parts import FAQ, MAX_TOKENS, faq_labels, show_provenance  # noqa: F401 (FAQ: tests read it)
 from serve.config import Config
+from serve.policies.tier_prompt import prompt_for
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
 ROUTE = "assistant"
-MAX_TOKENS = 24  # every FAQ answer fits, with its end of turn
-# What the demo's teacher is taught to answer: one answer per topic of `cache synth-log`'s queries.
-FAQ = {
-    "order": "Open your orders page and choose the order.",
-    "refund": "A refund is paid back within three days.",
-    "password": "Open the settings page and follow the reset link.",
-    "delivery": "Your order is on its way and should arrive soon.",
-    "invoice": "Open the billing page to download the invoice.",
-    "warranty": "The warranty covers two years.",
-    "address": "Open the settings page and change the address there.",
-    "payment": "Open the billing page and add a new card.",
-    "login": "Use the reset link on the login page.",
-    "account": "Open the settings page and choose account.",
-    "shipping": "Shipping is free and takes three days.",
-    "return": "Send it back within thirty days.",
-    "subscription": "Open the billing page to change your plan.",
-    "coupon": "Enter the coupon code when you pay.",
-    "store hours": "We are open Monday to Friday, nine to five.",
-}
-
-
 class DemoError(RuntimeError):
     """A step failed; the message says which and why."""
 
@@ -190,27 +171,6 @@ def _sigterm_is_interrupt() -> None:
 
 
 # ---- the loop ----------------------------------------------------------------------------------
-def faq_labels(n: int, seed: int = 7) -> list[dict[str, Any]]:
-    """What the teacher is taught: `n` FAQ questions, phrased as the query log phrases them (case
-    numbers it does not use, doubled spaces in some), each with its topic's answer, in the label
-    format `students train` reads. Pure."""
-    import random
-
-    from serve.cache.pipeline import TOPICS
-
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        topic = TOPICS[i % len(TOPICS)]
-        text = f"How do I change my {topic} (case {rng.randrange(10_000, 100_000)})?"
-        if rng.random() < 0.3:  # as synth_log varies whitespace: the teacher learns it does not matter
-            text = "  " + text.replace(" ", "  ") + " "
-        rows.append({"id": f"faq-{i}", "request": {"messages": [{"role": "user", "content": text}], "temperature": 0,
-                                                   "max_tokens": MAX_TOKENS},
-                     "teacher": FAQ[topic], "finish_reason": "stop"})
-    return rows
-
-
 def _load_adapter(url: str, key: str, name: str, path: str, base: str) -> dict[str, Any]:
     import httpx
 
@@ -243,9 +203,11 @@ def run_loop(demo: Demo) -> int:
 
     raw = yaml.safe_load(Path(a.config).read_text())
     taught = [(m["source"], ad["name"]) for m in raw["models"] for ad in m.get("adapters", [])]
+    route0 = Config.model_validate(raw).route(ROUTE)
+    teacher_prompt = prompt_for(route0, route0.cascade.teacher) if route0 and route0.cascade else None
     with demo.step("teach the teacher: random weights know nothing, so it learns a 15-topic FAQ first"):
         faq = out / "faq.jsonl"
-        faq.write_text("".join(json.dumps(r) + "\n" for r in faq_labels(a.faq)))
+        faq.write_text("".join(json.dumps(r) + "\n" for r in faq_labels(a.faq, prompt=teacher_prompt)))
         print(f"{a.faq} FAQ questions with their answers -> {faq} (a real teacher needs no such step)")
         for source, name in taught:
             demo.llmserve("students", "train", "--labels", str(faq), "--base", source, "-o",
@@ -274,8 +236,10 @@ def run_loop(demo: Demo) -> int:
             demo.llmserve("cache", "build", "--log", str(earlier), "--top", str(a.top), "--model", teacher,
                           "--route", ROUTE, *remote)
         with demo.step(f"label a tail sample: the teacher answers {a.labels} tail queries (Batch API)"):
+            # --route: the teacher is asked with the route's teacher prompt; the student learns the
+            # client's input alone (the route's student prompt, if it has one).
             demo.llmserve("students", "label", "--log", str(tail), "--teacher", teacher, "--sample",
-                          str(a.labels), "-o", str(labels), *remote)
+                          str(a.labels), "-o", str(labels), "--route", ROUTE, *remote)
         with demo.step("students train: a LoRA adapter for the student base on the teacher's labels"):
             _, stdout = demo.llmserve("students", "train", "--labels", str(labels), "--base", student_base.source,
                                       "-o", str(adapter), "--holdout", str(a.holdout), "--epochs", str(a.epochs),
@@ -319,6 +283,13 @@ def run_loop(demo: Demo) -> int:
             print(demo.notes[-1], flush=True)
             # The running gateway picks the promotion (student and threshold) up from Redis: no restart.
             time.sleep(2 * config.gateway.discovery_interval_s)
+        if not code_p and a.student_fill:
+            with demo.step(f"cache build with the student: it answers the next {a.student_fill} queries offline, "
+                           f"at its own price"):
+                demo.llmserve("cache", "build", "--log", str(earlier), "--skip", str(a.top), "--top",
+                              str(a.student_fill), "--model", a.adapter, "--route", ROUTE, *remote)
+                demo.notes.append(show_provenance(url, demo.key, config, ROUTE, earlier, a.top))
+                print(demo.notes[-1], flush=True)
         with demo.step(f"replay the later {n_late} requests through route {ROUTE!r}: the economics report"):
             notes = [x for n in demo.notes for x in ("--note", n)]
             calibration = out / "calibration" / "calibration.json"
@@ -381,6 +352,8 @@ def add_command(sub: Any) -> None:
     p.add_argument("--distinct", type=int, default=1000, help="distinct queries in the log")
     p.add_argument("--s", type=float, default=1.1, help="Zipf exponent of the log")
     p.add_argument("--top", type=int, default=100, help="head queries the teacher answers into the cache")
+    p.add_argument("--student-fill", type=int, default=400,
+                   help="queries after the head the promoted student answers into the cache offline (0: none)")
     p.add_argument("--faq", type=int, default=600, help="FAQ questions the tiny teacher is taught first")
     p.add_argument("--teacher-epochs", type=int, default=10, help="epochs of teaching the teacher")
     p.add_argument("--labels", type=int, default=600, help="tail queries the teacher labels for the student")

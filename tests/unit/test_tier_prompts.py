@@ -305,3 +305,29 @@ def test_labels_ask_the_teacher_with_its_prompt_and_keep_the_students_request_to
     assert label["request"]["messages"] == STUDENT_LED and label["input"]["messages"] == USER
     assert label["teacher_mean_logprob"] == pytest.approx(-1.0)
     assert label["teacher_prompt"] == digest(config().routes[0])
+
+
+def test_the_demos_teacher_prompt_is_long_fits_the_context_and_is_what_the_teacher_is_taught_with():
+    from pathlib import Path
+
+    from serve.cli.demo import DEFAULT_CONFIG
+    from serve.cli.demo_parts import MAX_TOKENS, faq_labels
+    from serve.config import load_config
+    from serve.model.tiny import train_tokenizer
+
+    cfg = load_config(str(DEFAULT_CONFIG))
+    route = cfg.route("assistant")
+    assert route is not None and route.cascade is not None and Path(DEFAULT_CONFIG).is_file()
+    teacher, student = prompt_for(route, route.cascade.teacher), prompt_for(route, route.cascade.student)
+    assert teacher is not None and teacher.examples and student is None  # the student: the client's input alone
+    tok = train_tokenizer()
+    [row] = faq_labels(1, prompt=teacher)
+    led = row["request"]["messages"]
+    assert led[:-1] == [{"role": m.role, "content": m.content} for m in [*([] if not teacher.system else [
+        type(teacher.examples[0])(role="system", content=teacher.system)]), *teacher.examples]]
+    n_teacher = sum(len(tok.encode(m["content"]).ids) for m in led)
+    n_student = len(tok.encode(led[-1]["content"]).ids)
+    assert n_teacher >= 10 * n_student  # the prompt ratio the student's short input buys
+    # Room for the chat template's markers and the answer in the tiny models' context.
+    teacher_model = next(m for m in cfg.models if any(a.name == route.cascade.teacher for a in m.adapters))
+    assert n_teacher + 4 * len(led) + MAX_TOKENS < teacher_model.engine.max_model_len
