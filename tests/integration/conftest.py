@@ -24,6 +24,16 @@ PRICE_A = {"input_per_million": 0.1, "output_per_million": 0.2}
 PRICE_B = {"input_per_million": 1.0, "output_per_million": 2.0}
 
 
+TIER_PROMPTS = {
+    "teacher": {"system": "You are the support desk of Example Co. Answer in one short sentence, politely, and "
+                          "name the policy that applies: returns within 30 days, refunds in 5 days, delivery "
+                          "in 2 to 4 working days.",
+                "examples": [{"role": "user", "content": "Can I return shoes?"},
+                             {"role": "assistant", "content": "Yes, within 30 days of delivery (returns policy)."}]},
+    "student": {"system": "Support."},
+}
+
+
 def stack_config(port: int, redis_url: str, lora_dir: str, batch_dir: str) -> Config:
     """Student tiny-a (two replicas, with a LoRA adapter) and teacher tiny-b, an embedding model,
     and routes that force each policy outcome."""
@@ -55,6 +65,14 @@ def stack_config(port: int, redis_url: str, lora_dir: str, batch_dir: str) -> Co
             # The Responses API on a cascade with the head cache on (always confident: accepted).
             {"name": "cascade-cached", "cascade": {"student": "tiny-a", "teacher": "tiny-b", "min_mean_logprob": -1000,
                                                    "escalate_on_length": False}, "cache": {"ttl_s": 600}},
+            # Per-tier prompts (test_tier_prompts.py): the teacher gets long instructions and an example,
+            # the student a short one; accepted on `tiered` (cached), escalated on `tiered-escalate`.
+            {"name": "tiered", "prompts": TIER_PROMPTS, "cache": {"ttl_s": 600},
+             "cascade": {"student": "tiny-a", "teacher": "tiny-b", "min_mean_logprob": -1000,
+                         "escalate_on_length": False}},
+            {"name": "tiered-escalate", "prompts": TIER_PROMPTS,
+             "cascade": {"student": "tiny-a", "teacher": "tiny-b", "min_mean_logprob": 1.0,
+                         "escalate_on_length": False}},
         ],
         "cache": {"redis_url": redis_url},
         "batch": {"db_path": f"{batch_dir}/batch.db", "storage_dir": f"{batch_dir}/files", "concurrency": 4},
