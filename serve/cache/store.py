@@ -20,7 +20,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 from urllib.parse import quote
 
@@ -51,7 +51,11 @@ class CacheEntry:
 
     @classmethod
     def loads(cls, raw: str | bytes) -> CacheEntry:
-        return cls(**json.loads(raw))
+        # Fields a newer writer added are ignored: during a rolling upgrade an older gateway still
+        # reads the entries a newer `cache build` wrote (the price and cost of a fill, say).
+        data = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 class LRU:

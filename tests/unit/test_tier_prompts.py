@@ -331,3 +331,11 @@ def test_the_demos_teacher_prompt_is_long_fits_the_context_and_is_what_the_teach
     # Room for the chat template's markers and the answer in the tiny models' context.
     teacher_model = next(m for m in cfg.models if any(a.name == route.cascade.teacher for a in m.adapters))
     assert n_teacher + 4 * len(led) + MAX_TOKENS < teacher_model.engine.max_model_len
+
+
+def test_an_entry_with_fields_a_newer_writer_added_still_loads():
+    from serve.cache.store import CacheEntry
+
+    raw = json.dumps({"response": {}, "model": "student", "created_at": 1.0, "cost_usd": 2e-6, "filled_by_v9": 1})
+    entry = CacheEntry.loads(raw)
+    assert (entry.model, entry.cost_usd) == ("student", 2e-6)
