@@ -69,7 +69,13 @@ def test_adapter_files_and_manifest(trained):
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 8, 16)
     assert config["target_modules"] == sorted(ATTENTION + MLP)  # sorted: the digest does not vary by run
     assert manifest["digest"] == summary["digest"] == adapter_digest(out)
-    assert manifest["labels"] == [{"path": labels, "sha256": file_sha256(labels)}]
+    from pathlib import Path
+
+    from serve.students.curate import version
+
+    golden = [json.loads(x) for x in Path(labels).read_text().splitlines() if x.strip()]
+    assert manifest["labels"] == [{"path": labels, "sha256": file_sha256(labels), "golden_version": version(golden),
+                                   "reviewed": {"corrected": 0, "confirmed": 0}}]
     ids = [qid for qid, _ in QUESTIONS]
     assert manifest["split"]["held_out"] == [i for i in ids if held_out(i, 0.25, 3)]
     assert manifest["split"]["train"] == [i for i in ids if not held_out(i, 0.25, 3)]
