@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 REGISTRY_NAME = "llmserve-endpoint-registry"
 
@@ -44,20 +45,32 @@ class EndpointTable:
         return {m: sorted(v) for m, v in out.items()}
 
 
+# A registry that starts while engines already serve (restarted on a new head after the old one
+# was lost, with GCS fault tolerance) knows none of them until their next heartbeats (every 2 s,
+# serve/engine/direct.py). Until WARMUP_S has passed its snapshot is None, "nothing known yet", and
+# the gateways keep the replicas they last knew instead of dropping live ones (503s).
+WARMUP_S = 5.0
+
+
 class EndpointRegistry:
     """The Ray actor around EndpointTable (wrapped with ray.remote by ``get_registry``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = time.monotonic) -> None:
         self._table = EndpointTable()
+        self._clock = clock
+        self._started = clock()
 
     def register(self, model: str, replica_id: str, url: str, ttl_s: float) -> None:
-        self._table.register(model, replica_id, url, ttl_s, time.monotonic())
+        self._table.register(model, replica_id, url, ttl_s, self._clock())
 
     def unregister(self, replica_id: str) -> None:
         self._table.unregister(replica_id)
 
-    def snapshot(self) -> dict[str, list[tuple[str, str]]]:
-        return self._table.snapshot(time.monotonic())
+    def snapshot(self) -> dict[str, list[tuple[str, str]]] | None:
+        now = self._clock()
+        if now - self._started < WARMUP_S:
+            return None
+        return self._table.snapshot(now)
 
 
 HEAD_NODE_RESOURCE = "node:__internal_head__"

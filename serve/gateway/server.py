@@ -33,19 +33,22 @@ Snapshot = dict[str, list[tuple[str, str]]]
 T = TypeVar("T")
 
 
-def ray_snapshot_source(registry: Any) -> Callable[[], Awaitable[Snapshot]]:
+def ray_snapshot_source(registry: Any) -> Callable[[], Awaitable[Snapshot | None]]:
     """Discovery through the registry actor (ObjectRefs are awaitable)."""
 
-    async def fetch() -> Snapshot:
+    async def fetch() -> Snapshot | None:
         return await registry.snapshot.remote()
 
     return fetch
 
 
-async def discovery_loop(fetch: Callable[[], Awaitable[Snapshot]], backends: Backends, interval_s: float) -> None:
+async def discovery_loop(fetch: Callable[[], Awaitable[Snapshot | None]], backends: Backends,
+                         interval_s: float) -> None:
     while True:
         try:
-            backends.update(await fetch())
+            snapshot = await fetch()
+            if snapshot is not None:  # None: a registry just (re)started, still learning the replicas
+                backends.update(snapshot)
         except asyncio.CancelledError:
             raise
         except Exception:  # keep the last known set: a registry hiccup must not empty the pool
@@ -58,7 +61,7 @@ class GatewayParts:
     HTTP gateway (`llmserve run`, `llmserve gateway`, the Serve deployment, tests) and the batch
     worker, which runs batch lines through the same Gateway.handle without HTTP."""
 
-    def __init__(self, config: Config, fetch: Callable[[], Awaitable[Snapshot]],
+    def __init__(self, config: Config, fetch: Callable[[], Awaitable[Snapshot | None]],
                  upstream: Upstream | None = None, backends: Backends | None = None,
                  runs_background: bool | None = None) -> None:
         self.config = config
@@ -86,7 +89,9 @@ class GatewayParts:
         then every client closed."""
         config, gw = self.config, self.gateway
         with contextlib.suppress(Exception):  # start with the replicas known, not an empty pool
-            self.backends.update(await self.fetch())
+            snapshot = await self.fetch()
+            if snapshot is not None:
+                self.backends.update(snapshot)
         loop = asyncio.get_running_loop()
         interval = config.gateway.discovery_interval_s
         tasks = [loop.create_task(discovery_loop(self.fetch, self.backends, interval)),
@@ -112,7 +117,7 @@ class GatewayParts:
 
 def build_gateway(
     config: Config,
-    fetch: Callable[[], Awaitable[Snapshot]],
+    fetch: Callable[[], Awaitable[Snapshot | None]],
     upstream: Upstream | None = None,
     backends: Backends | None = None,
 ) -> Starlette:

@@ -52,3 +52,20 @@ def test_registry_table_expires_entries():
     assert t.snapshot(now=6) == {"m": [("r2", "http://b")]}
     t.unregister("r2")
     assert t.snapshot(now=6) == {}
+
+
+def test_a_restarted_registry_answers_nothing_known_until_the_engines_beat_again():
+    """A registry started while engines serve (a new head after the old one was lost) knows none of
+    them yet: it answers None until their heartbeats are in, so gateways keep the replicas they knew
+    rather than drop live ones (issue 28: a lost head survived)."""
+    from serve.contract.registry import WARMUP_S, EndpointRegistry
+
+    now = [100.0]
+    reg = EndpointRegistry(clock=lambda: now[0])
+    assert reg.snapshot() is None
+    now[0] += 1
+    reg.register("m", "r1", "http://a", ttl_s=8)
+    assert reg.snapshot() is None
+    now[0] = 100.0 + WARMUP_S
+    assert reg.snapshot() == {"m": [("r1", "http://a")]}
+
