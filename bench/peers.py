@@ -175,7 +175,8 @@ def phase(replicas: int, a: argparse.Namespace, fleet: Fleet, bare_urls: list[st
     cfg_path = Path(a.workdir) / f"llmserve-{replicas}.yaml"
     cfg_path.write_text(yaml.safe_dump(llmserve_config(base_cfg, replicas, hash_key(KEY))))
     gw_port = free_port()
-    env = {**fleet.env, "LLMSERVE__GATEWAY__METRICS_PORT": str(free_port())}
+    env = {**fleet.env, "LLMSERVE__GATEWAY__METRICS_PORT": str(free_port()),
+           **({"CUDA_VISIBLE_DEVICES": a.llmserve_gpus} if a.llmserve_gpus else {})}
     if wanted("llmserve"):
         fleet.start("llmserve", [sys.executable, "-m", "serve.cli", "run", "--config", str(cfg_path), "--port",
                                  str(gw_port)], f"http://127.0.0.1:{gw_port}/v1", env)
@@ -249,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-requests", type=int, default=40)
     p.add_argument("--max-requests", type=int, default=192)
     p.add_argument("--systems", nargs="*", help="only these systems (debugging)")
+    p.add_argument("--bare-gpus", nargs="*", default=[], help="GPU: CUDA_VISIBLE_DEVICES of each bare vLLM, in order")
+    p.add_argument("--llmserve-gpus", help="GPU: CUDA_VISIBLE_DEVICES of `llmserve run` (its Ray's GPUs)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = p.parse_args(argv)
     if not (PEERS_BIN / "litellm").exists() or not (PEERS_BIN / "vllm-router").exists():
@@ -296,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
             for replicas in sorted(a.replicas):
                 while len(bare_urls) < replicas:  # started here, waited on beside llmserve's start
                     port = free_port()
+                    gpu = a.bare_gpus[len(bare_urls)] if len(a.bare_gpus) > len(bare_urls) else None
                     fleet.start(f"bare-{len(bare_urls) + 1}", bare_vllm_cmd(model_path, port, engine),
-                                f"http://127.0.0.1:{port}/v1")
+                                f"http://127.0.0.1:{port}/v1", {**env, "CUDA_VISIBLE_DEVICES": gpu} if gpu else None)
                     bare_urls.append(f"http://127.0.0.1:{port}")
                 phase(replicas, a, fleet, bare_urls, base_cfg, results["runs"], results)
         finally:
