@@ -94,7 +94,7 @@ class PromptsSpec(StrictModel):
     teacher: TierPrompt | None = Field(
         None, description="Sent to the teacher, the route's target and its fallbacks (any model but the student).")
     student: TierPrompt | None = Field(
-        None, description="Sent to the cascade's student (None: the client's input alone).")
+        None, description="Sent to the cascade's student and its shadow candidate (None: the client's input alone).")
 
 
 class RouteSpec(StrictModel):

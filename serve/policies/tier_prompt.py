@@ -3,9 +3,9 @@
 A teacher needs long instructions and worked examples; a student trained on the teacher's answers
 to the client's input needs only that input. The route configures both (`prompts:`), and the
 gateway applies the one of the model it sends to, in one place (`RequestContext.sent_to`, through
-the dialect's `with_prompt`): the cascade's student gets the student's prompt, every other model
-(the teacher, a target, fallbacks, a shadow) the teacher's, since only the trained student can do
-without the instructions.
+the dialect's `with_prompt`): the cascade's student (and the candidate shadowing it) gets the
+student's prompt, every other model (the teacher, a target, fallbacks) the teacher's, since only a
+trained student can do without the instructions.
 
 Both prompts are part of the head-cache key (`digest`): an answer cached under one prompt is never
 served after the prompt changes. The offline paths (cache build, labels, the economics report's
@@ -35,8 +35,12 @@ def as_served(route: RouteSpec, override: dict[str, str] | None) -> RouteSpec:
 
 
 def tier_of(route: RouteSpec, model: str) -> str:
-    """`student` for the route's cascade student, `teacher` for any other model it sends to."""
-    return "student" if route.cascade is not None and model == route.cascade.student else "teacher"
+    """`student` for the route's cascade student and, on a cascade, its shadow (a candidate for the
+    student's place, asked as the student is asked); `teacher` for any other model it sends to."""
+    if route.cascade is None:
+        return "teacher"
+    candidate = route.shadow.model if route.shadow is not None else None
+    return "student" if model in (route.cascade.student, candidate) else "teacher"
 
 
 def prompt_for(route: RouteSpec | None, model: str) -> TierPrompt | None:

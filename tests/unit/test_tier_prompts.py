@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from serve.cache.pipeline import batch_entries, batch_lines, select_head
 from serve.cache.store import HeadCache
-from serve.config import Config
+from serve.config import Config, ShadowSpec
 from serve.gateway.backends import Backends
 from serve.gateway.service import Gateway
 from serve.policies.cache_key import cache_key
@@ -94,6 +94,11 @@ def test_only_the_cascades_student_gets_the_student_prompt():
     promoted = as_served(route, {"student": "student-v2"})
     assert tier_of(promoted, "student-v2") == "student" and tier_of(promoted, "student") == "teacher"
     assert prompt_for(config(None).routes[0], "teacher") is None
+    # A candidate shadowing a cascade's student is asked as the student; on a plain target, as the teacher.
+    shadowed = route.model_copy(update={"shadow": ShadowSpec(model="student-v3")})
+    assert tier_of(shadowed, "student-v3") == "student"
+    plain = config().routes[1].model_copy(update={"shadow": ShadowSpec(model="student-v3")})
+    assert tier_of(plain, "student-v3") == "teacher"
 
 
 def test_each_api_gets_the_prompt_before_the_clients_input_and_the_client_body_is_left_alone():
