@@ -39,6 +39,9 @@ class OneOff:
     model: str | None = None
     detail: str = ""
     cache_fill: bool = False  # the teacher behind the same cache pays it too
+    # What the teacher behind the same cache would pay for this fill instead (None: the same): a
+    # fill the student made is, for that baseline, the teacher's work at the teacher's price.
+    teacher_usd: float | None = None
 
 
 def tokens_cost(usages: Sequence[tuple[int, int]], price: Price, factor: float = 1.0) -> float:
@@ -75,7 +78,7 @@ def _per_1k(usd: float, n: int) -> float:
 
 def attribute(t: Traffic, one_offs: Sequence[OneOff], horizon: int) -> dict[str, Any]:
     """The three baselines per 1,000 requests (online, one-off amortised over `horizon`, total)."""
-    fills = sum(o.usd for o in one_offs if o.cache_fill)
+    fills = sum(o.usd if o.teacher_usd is None else o.teacher_usd for o in one_offs if o.cache_fill)
     every = sum(o.usd for o in one_offs)
     cache_hits_req = t.tier_usd.get("cache", 0.0) / t.requests if t.requests else 0.0
     behind = (1 - t.cache_share) * t.teacher_missed_req + t.cache_share * cache_hits_req
@@ -93,7 +96,7 @@ def attribute(t: Traffic, one_offs: Sequence[OneOff], horizon: int) -> dict[str,
 
     return {"per_1k_usd": rows, "horizon_requests": horizon,
             "one_off": [{"name": o.name, "usd": o.usd, "model": o.model, "detail": o.detail,
-                         "cache_fill": o.cache_fill} for o in one_offs],
+                         "cache_fill": o.cache_fill, "teacher_usd": o.teacher_usd} for o in one_offs],
             "one_off_usd": every,
             "saving": {"route_vs_teacher_only": ratio(total["teacher_only"], total["route"]),
                        "cache_vs_teacher_only": ratio(total["teacher_only"], total["teacher_behind_cache"]),

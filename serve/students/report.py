@@ -199,18 +199,24 @@ async def _pairs(caller: Caller, model: str, items: Iterable[tuple[str, dict[str
 
 def one_off_costs(args: argparse.Namespace, price: dict[str, Price],
                   fills: list[tuple[str, int, int, float | None]], train_labels: list[dict[str, Any]],
-                  student: str | None) -> list[OneOff]:
+                  student: str | None, teacher: str | None = None, teacher_req: float = 0.0) -> list[OneOff]:
     """Every cost paid once for the route: cache fills and labels at the batch price of the model
     that made them (a fill at the cost its build recorded, when it did), the student's evaluation
     and calibration at its price (the Batch API's for the evaluation), and training time at
-    --train-hour-usd."""
+    --train-hour-usd. A fill another model than `teacher` made is, for the teacher-behind-the-cache
+    baseline, `teacher_req` (the teacher's cost per request, with its prompt) at the batch price per entry."""
     f = args.batch_price_factor
     fill_usd = by_model([(m, p, c) for m, p, c, usd in fills if usd is None], price, f)
     for m, _, _, usd in fills:
         if usd is not None:
             fill_usd[m] = fill_usd.get(m, 0.0) + usd
-    out = [OneOff("cache fill", usd, model, f"{sum(1 for x in fills if x[0] == model)} entries, batch price",
-                  cache_fill=True) for model, usd in sorted(fill_usd.items())]
+    entries = {model: sum(1 for x in fills if x[0] == model) for model in fill_usd}
+    out = []
+    for model, usd in sorted(fill_usd.items()):
+        instead = None if teacher is None or model == teacher else entries[model] * teacher_req * f
+        out.append(OneOff("cache fill", usd, model, f"{entries[model]} entries, batch price" + (
+            f" (the teacher, for the teacher-behind-cache baseline: {instead:.6f})" if instead is not None else ""),
+            cache_fill=True, teacher_usd=instead))
     labelled = [(lab.get("teacher_model") or "?", *usage_tokens(lab.get("usage"))) for lab in train_labels]
     if any(p or c for _, p, c in labelled):
         out += [OneOff("teacher labels", usd, model, f"{len(labelled)} labels, batch price")
@@ -303,7 +309,7 @@ async def economics(args: argparse.Namespace, config: Config, log: list[dict[str
                             tokens_cost(teacher_usage, tp) / n_t if n_t else 0.0),
         student_req=tokens_cost(student_usage, price.get(student or "", Price())) / n_s if n_s else None,
         student_at_teacher_price_req=tokens_cost(student_usage, tp) / n_s if n_s else None)
-    costs = one_off_costs(args, price, fills, train_labels, student)
+    costs = one_off_costs(args, price, fills, train_labels, student, teacher, traffic.teacher_req)
     horizon = args.horizon or len(records)
     att = attribute(traffic, costs, horizon)
     tm = terms(traffic, att["one_off_usd"], horizon, args.target_saving)

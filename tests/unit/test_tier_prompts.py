@@ -344,3 +344,23 @@ def test_an_entry_with_fields_a_newer_writer_added_still_loads():
     raw = json.dumps({"response": {}, "model": "student", "created_at": 1.0, "cost_usd": 2e-6, "filled_by_v9": 1})
     entry = CacheEntry.loads(raw)
     assert (entry.model, entry.cost_usd) == ("student", 2e-6)
+
+
+def test_the_teacher_behind_the_cache_pays_the_teachers_price_for_fills_the_student_made():
+    import argparse
+
+    from serve.students.attribution import Traffic, attribute
+    from serve.students.report import one_off_costs
+
+    args = argparse.Namespace(batch_price_factor=0.5, eval_record=None, calibration_record=None, manifest=None)
+    prices = {"student": Price(0.3, 1.2), "teacher": Price(2.5, 10.0)}
+    fills = [("student", 100, 10, 0.00001), ("student", 100, 10, 0.00001), ("teacher", 1000, 10, 0.002)]
+    offs = one_off_costs(args, prices, fills, [], "student", "teacher", teacher_req=0.003)
+    by = {o.model: o for o in offs}
+    assert by["student"].usd == pytest.approx(0.00002) and by["student"].teacher_usd == pytest.approx(2 * 0.003 * 0.5)
+    assert by["teacher"].teacher_usd is None  # the teacher's own fill costs that baseline what it cost the route
+    t = Traffic(requests=1000, route_online_usd=1.0, tier_usd={"cache": 0.0}, cache_share=0.5, escalation_rate=0.1,
+                teacher_req=0.003, teacher_missed_req=0.003, student_req=0.0001, student_at_teacher_price_req=0.001)
+    att = attribute(t, offs, horizon=1000)
+    assert att["per_1k_usd"]["teacher_behind_cache"]["one_off"] == pytest.approx(0.003 + 0.002)
+    assert att["per_1k_usd"]["route"]["one_off"] == pytest.approx(0.00002 + 0.002)
