@@ -24,6 +24,7 @@ from serve.gateway.ratelimit import LimitResult, RateLimiter
 from serve.gateway.validate import default_model
 from serve.policies.cache_key import apply_cache_salt
 from serve.policies.ratelimit import reserve_tokens
+from serve.policies.tier_prompt import revealing
 
 ANONYMOUS = "anonymous"  # the key name when auth is off
 
@@ -97,6 +98,9 @@ class Admission:
             raise model_not_found(route.name)
         self.check_task(route, dialect)
         self.check_engine_support(route, payload)
+        if (field := revealing(route, payload)) is not None:
+            raise bad_request(f"`{field}` is not served on route `{route.name}`: its answer would show the prompt "
+                              "the route sends with the request.", param=field)
         stream = payload.get("stream", False)
         if stream is not None and not isinstance(stream, bool):
             raise bad_request("`stream` must be a boolean.", param="stream")

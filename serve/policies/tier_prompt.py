@@ -57,6 +57,22 @@ def digest(route: RouteSpec | None) -> str | None:
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
+# Request fields whose answer would show the client the prompt its tier was sent: the prompt's text
+# echoed back (completions' `echo`), its tokens' logprobs (`prompt_logprobs`) or ids
+# (`return_token_ids`: vLLM's `prompt_token_ids`). A route's instructions are the operator's.
+REVEALING = ("prompt_logprobs", "return_token_ids")
+
+
+def revealing(route: RouteSpec, payload: dict[str, Any]) -> str | None:
+    """The first field of `payload` that would show a tier's prompt to the client (None: none, or
+    the route sends no prompt)."""
+    if route.prompts is None or (route.prompts.teacher is None and route.prompts.student is None):
+        return None
+    if "prompt" in payload and payload.get("echo"):
+        return "echo"
+    return next((f for f in REVEALING if payload.get(f) not in (None, False)), None)
+
+
 def messages(prompt: TierPrompt) -> list[dict[str, str]]:
     """The prompt as chat messages: the instructions as a system message, then the examples."""
     head = [{"role": "system", "content": prompt.system}] if prompt.system else []

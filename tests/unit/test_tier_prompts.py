@@ -364,3 +364,18 @@ def test_the_teacher_behind_the_cache_pays_the_teachers_price_for_fills_the_stud
     att = attribute(t, offs, horizon=1000)
     assert att["per_1k_usd"]["teacher_behind_cache"]["one_off"] == pytest.approx(0.003 + 0.002)
     assert att["per_1k_usd"]["route"]["one_off"] == pytest.approx(0.00002 + 0.002)
+
+
+async def test_fields_that_would_show_the_tiers_prompt_are_refused_on_a_route_with_prompts():
+    engine = FakeUpstream()
+    gw = gateway(config(), engine)
+    for path, extra in ((COMPLETIONS, {"prompt": "Where?", "echo": True}), (CHAT, {"prompt_logprobs": 1}),
+                        (CHAT, {"return_token_ids": True})):
+        answer = await ask(gw, path, route="plain", **extra)
+        field = next(k for k in extra if k != "prompt")
+        assert answer.status == 400 and answer.body["error"]["param"] == field, answer.body
+    assert engine.calls == []
+    # Without prompts, and for chat's `echo` (it repeats the client's own last message), nothing is refused.
+    answer = await ask(gateway(config(None), FakeUpstream()), COMPLETIONS, route="plain", prompt="Where?", echo=True)
+    assert answer.status == 200
+    assert (await ask(gw, CHAT, route="plain", echo=True)).status == 200
