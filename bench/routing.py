@@ -40,8 +40,6 @@ from serve.engine.deployments import CPU_ENV
 
 SHAPE = "num_hidden_layers=8&hidden_size=256&intermediate_size=512&num_attention_heads=4&num_key_value_heads=4" \
         "&max_position_embeddings=4096"
-# KV bytes per token of that shape in float32: K and V x 8 layers x 256 x 4 bytes.
-KV_BYTES_PER_TOKEN = 2 * 8 * 256 * 4
 BLOCK = 128  # vLLM's CPU default block size: what its prefix cache keys
 BARE_ROUTERS = {"round_robin": "round_robin", stats.VR_CACHE: "cache_aware", stats.VR_KV: "kv_aware"}
 LLMSERVE_ROUTERS = ("llmserve prefix_affinity", "llmserve cache_aware", "llmserve round_robin",
@@ -68,7 +66,7 @@ def build(name: str, a: argparse.Namespace) -> tuple[list[wl.Request], float]:
         reqs = wl.zipf(a.requests, a.seed, rate=2 * a.rate)
         return reqs, reqs[-1].at + a.drain_s
     if name == "uniform":
-        reqs = wl.uniform(a.requests, a.seed)
+        reqs = wl.uniform(a.uniform_requests, a.seed, rate=a.uniform_rate)
         return reqs, reqs[-1].at + a.drain_s
     raise ValueError(f"unknown workload {name}")
 
@@ -120,6 +118,7 @@ def probe_slo(base: str, tokenizer_words: int, seed: int) -> dict[str, float]:
 
 def run_cells(router: str, base: str, names: list[str], files: dict[str, Path], deadlines: dict[str, float],
               counters: Any, results: dict[str, dict[str, Any]], slo_s: float, salt_seed: int, flush_s: float) -> None:
+    time.sleep(flush_s)  # what came before (a readiness request) reaches the counters first
     before = counters()
     for name in names:
         # Fixed length, different for every (router, workload): same token counts, no shared blocks.
@@ -159,10 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workloads", nargs="+", default=ALL_WORKLOADS, choices=ALL_WORKLOADS)
     p.add_argument("--routers", nargs="+", default=ALL_ROUTERS, choices=ROUTERS)
-    p.add_argument("--requests", type=int, default=160, help="requests of the tenants, zipf and uniform workloads")
+    p.add_argument("--requests", type=int, default=320, help="requests of the tenants and zipf workloads")
+    p.add_argument("--uniform-requests", type=int, default=160)
+    p.add_argument("--uniform-rate", type=float, default=8.0,
+                   help="arrivals per second of the uniform workload (enough to saturate: it measures throughput)")
     p.add_argument("--conversations", type=int, default=32)
     p.add_argument("--turns", type=int, default=6)
-    p.add_argument("--rate", type=float, default=1.0,
+    p.add_argument("--rate", type=float, default=4.0,
                    help="Poisson arrivals per second (chat starts for conversations)")
     p.add_argument("--kv-tokens", type=int, default=24_576, help="KV cache of each replica, in tokens")
     p.add_argument("--drain-s", type=float, default=90, help="how long after its last send a replay may run on")
@@ -189,20 +191,22 @@ def main(argv: list[str] | None = None) -> int:
         files[name] = out / f"routing-{stamp}-{name}.requests.json"
         files[name].write_text(json.dumps([r.__dict__ for r in reqs]))
         sizes[name] = {"requests": len(reqs), **distinct_prefix_tokens(reqs, tokenizer),
-                       "kv_tokens_per_replica": a.kv_tokens}
+                       "kv_tokens_per_replica": a.kv_tokens - a.kv_tokens % BLOCK}
         sizes[name]["distinct_over_one_replica"] = round(sizes[name]["tokens"] / a.kv_tokens, 2)
         print(f"workload {name}: {sizes[name]}", flush=True)
     lora = "tenants+lora" in a.workloads
     adapters = fleet.make_adapters(model_path, Path(os.path.expanduser("~/.cache/llmserve/adapters")), ADAPTERS) \
         if lora else {}
+    # VLLM_CPU_KVCACHE_SPACE (llmserve's CPU engines get 1) takes whole GiB only, 65,536 tokens of this
+    # shape, and replaces --kv-cache-memory-bytes when set (vllm/platforms/cpu.py); an empty value
+    # fails vLLM's env parsing. So every engine keeps that 1 GiB and vLLM's own block-count override
+    # caps the cache at --kv-tokens (vllm/v1/core/kv_cache_utils.py), bare and llmserve alike.
     engine: dict[str, Any] = {"dtype": "float32", "max_model_len": 4096, "enforce_eager": True,
                               "enable_prefix_caching": True, "max_num_seqs": 64,
-                              "kv_cache_memory_bytes": a.kv_tokens * KV_BYTES_PER_TOKEN}
+                              "num_gpu_blocks_override": a.kv_tokens // BLOCK}
     if lora:
         engine.update(enable_lora=True, max_lora_rank=8)
-    # VLLM_CPU_KVCACHE_SPACE takes whole GiB (65,536 tokens of this shape) and, when set, replaces
-    # --kv-cache-memory-bytes (vllm/platforms/cpu.py); empty, vLLM takes the exact byte count.
-    engine_env = {"VLLM_CPU_KVCACHE_SPACE": ""}
+    engine_env: dict[str, str] = {}
     env = {**os.environ, **CPU_ENV, **engine_env, "LLMSERVE_ENGINE_SECRET": secrets.token_urlsafe(32)}
     results: dict[str, dict[str, Any]] = {}
     meta: dict[str, Any] = {
@@ -234,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                 stop(rproc, 20)
         for rp in reps:
             stop(rp, 60)
-        ours = [r for r in a.routers if r in LLMSERVE_ROUTERS]
+        # The router the goals are about first, on `llmserve run`'s own gateway; others join it.
+        ours = sorted((r for r in a.routers if r in LLMSERVE_ROUTERS), key=lambda r: r != stats.GOAL_ROUTER)
         if ours:
             run_llmserve(ours, source, engine, engine_env, adapters, env, out, a, files, deadlines, results,
                          slo_s, meta, running)
@@ -278,9 +283,13 @@ def run_llmserve(ours: list[str], source: str, engine: dict[str, Any], engine_en
         extra = None
         try:
             if router != ours[0]:
+                gcs = fleet.ray_port(since, "gcs_server")
                 cfg2 = fleet.llmserve_config(source, engine, engine_env, router.split()[1], adapters, free_port(),
-                                             address="auto")
-                extra, base2 = fleet.start_llmserve(cfg2, out, router.replace(" ", "-"), env, command="gateway")
+                                             address=f"127.0.0.1:{gcs}" if gcs else "auto")
+                # The head `llmserve run` started has Ray's token auth on (serve/engine/head.py); a
+                # process joining it says so, and reads the token from ~/.ray/auth_token.
+                extra, base2 = fleet.start_llmserve(cfg2, out, router.replace(" ", "-"),
+                                                    {**env, "RAY_AUTH_MODE": "token"}, command="gateway")
                 running.append(extra)
                 fleet.wait_replicas(base2, extra, 2, 180)
             else:

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -91,7 +92,8 @@ def llmserve_config(model_source: str, engine: dict[str, Any], env: dict[str, st
 
 def start_llmserve(cfg: dict[str, Any], logs: Path, name: str, env: dict[str, str], command: str = "run"
                    ) -> tuple[subprocess.Popen, str]:
-    path = logs / f"routing-{name}.yaml"
+    # Not beside the logs: the results directory keeps only what is committed or ignored.
+    path = Path(tempfile.mkdtemp(prefix="bench-routing-")) / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with open(logs / f"routing-{name}.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "serve.cli", command, "--config", str(path)], cwd=ROOT,
@@ -126,18 +128,24 @@ def bare_counters(urls: list[str]) -> dict[str, dict[str, float]]:
     return {u: stats.engine_counters(get(u + "/metrics")).get("", {}) for u in urls}
 
 
-def ray_metrics_url(since: float) -> str | None:
-    """Ray's metrics export endpoint of the newest local Ray session started after `since` (the
-    session directory holds a file named after the port). A local Ray only: a joined cluster
-    has Prometheus of its own."""
+def ray_port(since: float, kind: str) -> str | None:
+    """A port of the newest local Ray session started after `since`, from the file Ray names after
+    it in the session directory (`metrics_export_port_<node>`, `gcs_server_port_<node>`)."""
     root = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray"))
     sessions = sorted((p for p in root.glob("session_2*") if p.stat().st_mtime >= since - 5),
                       key=lambda p: p.stat().st_mtime)
     for s in reversed(sessions):
-        ports = list(s.glob("metrics_export_port_*"))
+        ports = list(s.glob(f"{kind}_port_*"))
         if ports:
-            return f"http://127.0.0.1:{ports[0].read_text().strip()}/metrics"
+            return ports[0].read_text().strip()
     return None
+
+
+def ray_metrics_url(since: float) -> str | None:
+    """Ray's metrics export endpoint (vLLM's counters of engines in Ray) of the local Ray started
+    after `since`. A local Ray only: a joined cluster has Prometheus of its own."""
+    port = ray_port(since, "metrics_export")
+    return f"http://127.0.0.1:{port}/metrics" if port else None
 
 
 def ray_counters(url: str | None) -> dict[str, dict[str, float]]:
