@@ -1,19 +1,32 @@
 """`make bench-routing`'s pure parts: the seeded workloads (bench/workloads.py: sizes, reuse
 structure, arrivals), what a run computes (bench/routing_stats.py: goodput, percentiles, vLLM's
-counters per replica, issue 27 §3's goals) and the distinct-prefix count (bench/routing.py)."""
+counters per replica, issue 27 §3's goals), the distinct-prefix count (bench/routing.py) and the
+open-loop replayer (bench/routing_load.py) against a small streaming server on a thread."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import statistics
 from collections import Counter
+from typing import Any
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
 
+from bench import routing_load
 from bench import routing_stats as stats
 from bench import workloads as wl
 from bench.routing import BLOCK, distinct_prefix_tokens
+from serve.config import Config
+from serve.gateway.server import serving_on_thread
+
+CONFIG = Config.model_validate({"models": [{"name": "m", "source": "builtin://tiny", "accelerator": "cpu"}],
+                                "gateway": {"port": 0, "metrics_port": 0, "drain_timeout_s": 1}})
 
 
 def test_workloads_are_seeded() -> None:
@@ -203,3 +216,36 @@ def test_goals_compare_our_router_with_each_peer() -> None:
     assert lora["met"] and lora["measured"] == 1.0
     results["uniform"][ours] = cell(1, rps=1.94)
     assert {g["name"]: g for g in stats.goals(results)}["uniform: throughput / round robin's"]["met"]
+
+
+async def slow_chat(request: Request) -> StreamingResponse:
+    """First token after the `max_tokens` the request asks for, in tenths of a second."""
+    body = await request.json()
+    delay = body["max_tokens"] / 10
+
+    async def events() -> Any:
+        await asyncio.sleep(delay)
+        yield b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+        yield b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"x-llmserve-replica": "tiny#r1"})
+
+
+def test_the_replayer_waits_for_the_previous_turn_and_fails_what_the_deadline_cuts() -> None:
+    reqs = [wl.Request(0, (("user", "a"),), 0.0, "c", max_tokens=3),  # first token after 0.3 s
+            wl.Request(1, (("user", "a"), ("assistant", "x"), ("user", "b")), 0.2, "c", after=0, max_tokens=1),
+            wl.Request(2, (("user", "z"),), 0.1, "u", max_tokens=1),
+            wl.Request(3, (("user", "late"),), 0.0, "l", max_tokens=30)]  # 3 s: past the deadline
+    app = Starlette(routes=[Route("/v1/chat/completions", slow_chat, methods=["POST"])])
+    with serving_on_thread(app, CONFIG) as server:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        out = asyncio.run(routing_load.replay(f"http://127.0.0.1:{port}/v1", reqs, "[s]", deadline_s=1.5))
+    rows = {r["id"]: r for r in out["requests"]}
+    assert [rows[i]["ok"] for i in range(4)] == [True, True, True, False]
+    assert rows[3]["status"] == "deadline" and out["wall_s"] < 2.5
+    assert rows[0]["ttft_s"] == pytest.approx(0.3, abs=0.15)
+    # Turn 2 left 0.2 s (its think time) after turn 1 had finished; the open-loop one at its time.
+    assert rows[1]["sent_s"] >= rows[0]["end_s"] + 0.2
+    assert rows[2]["sent_s"] == pytest.approx(0.1, abs=0.1)
+    assert rows[0]["replica"] == "tiny#r1" and rows[0]["prompt_tokens"] == 3
