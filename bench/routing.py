@@ -73,8 +73,9 @@ def build(name: str, a: argparse.Namespace) -> tuple[list[wl.Request], float]:
 
 def distinct_prefix_tokens(reqs: list[wl.Request], tokenizer: Any) -> dict[str, int]:
     """What a workload can put in prefix caches: distinct full blocks of its prompts (as vLLM
-    hashes them, per model) times the block size; and its largest prompt."""
-    seen: set[tuple[str, int]] = set()
+    hashes them, per model) times the block size (`tokens`); of those, the ones two requests or
+    more share, which a cache can turn into hits (`shared_tokens`); and its largest prompt."""
+    seen: dict[tuple[str, int], int] = {}
     longest = 0
     for r in reqs:
         ids = tokenizer.apply_chat_template([{"role": ro, "content": c} for ro, c in r.messages],
@@ -82,8 +83,10 @@ def distinct_prefix_tokens(reqs: list[wl.Request], tokenizer: Any) -> dict[str, 
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         longest = max(longest, len(ids))
         for k in range(1, len(ids) // BLOCK + 1):
-            seen.add((r.model, hash(tuple(ids[: k * BLOCK]))))
-    return {"tokens": len(seen) * BLOCK, "longest_prompt": longest, "groups": len({r.group for r in reqs})}
+            key = (r.model, hash(tuple(ids[: k * BLOCK])))
+            seen[key] = seen.get(key, 0) + 1
+    return {"tokens": len(seen) * BLOCK, "shared_tokens": sum(1 for n in seen.values() if n > 1) * BLOCK,
+            "longest_prompt": longest, "groups": len({r.group for r in reqs})}
 
 
 def replay(base: str, reqs_file: Path, salt: str, deadline_s: float) -> dict[str, Any]:
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         files[name].write_text(json.dumps([r.__dict__ for r in reqs]))
         sizes[name] = {"requests": len(reqs), **distinct_prefix_tokens(reqs, tokenizer),
                        "kv_tokens_per_replica": a.kv_tokens - a.kv_tokens % BLOCK}
-        sizes[name]["distinct_over_one_replica"] = round(sizes[name]["tokens"] / a.kv_tokens, 2)
+        sizes[name]["shared_over_one_replica"] = round(sizes[name]["shared_tokens"] / a.kv_tokens, 2)
         print(f"workload {name}: {sizes[name]}", flush=True)
     lora = "tenants+lora" in a.workloads
     adapters = fleet.make_adapters(model_path, Path(os.path.expanduser("~/.cache/llmserve/adapters")), ADAPTERS) \

@@ -129,10 +129,12 @@ def test_distinct_prefix_tokens_counts_each_shared_full_block_once() -> None:
             for i in range(3)]
     out = distinct_prefix_tokens(reqs, WordTokenizer())
     # 1 + 2*BLOCK + 10 tokens each: the first two blocks are the same in all three.
-    assert out == {"tokens": 2 * BLOCK, "longest_prompt": 2 * BLOCK + 11, "groups": 3}
-    # The same prompts on another model are other blocks (vLLM keys them by adapter too).
+    assert out == {"tokens": 2 * BLOCK, "shared_tokens": 2 * BLOCK, "longest_prompt": 2 * BLOCK + 11, "groups": 3}
+    # The same prompts on another model are other blocks (vLLM keys them by adapter too), and a
+    # block one request alone makes is distinct but shared by none.
     other = [wl.Request(9, reqs[0].messages, 0.0, "g9", model="lora")]
-    assert distinct_prefix_tokens([*reqs, *other], WordTokenizer())["tokens"] == 4 * BLOCK
+    out = distinct_prefix_tokens([*reqs, *other], WordTokenizer())
+    assert (out["tokens"], out["shared_tokens"]) == (4 * BLOCK, 2 * BLOCK)
 
 
 def rows(ttfts: list[float | None]) -> list[dict]:
