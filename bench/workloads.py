@@ -109,7 +109,7 @@ def zipf_weights(n: int, s: float) -> list[float]:
     return [1 / (k ** s) for k in range(1, n + 1)]
 
 
-def zipf(requests: int, seed: int = 0, distinct: int = 1000, s: float = 1.1, query_words: int = 110,
+def zipf(requests: int, seed: int = 0, distinct: int = 1000, s: float = 1.1, query_words: int = 400,
          rate: float = 2.0, max_tokens: int = 16) -> list[Request]:
     """(iii) `requests` draws, Zipf(`s`) over `distinct` queries of ~`query_words` words (rank 1
     most frequent), Poisson arrivals at `rate`."""
