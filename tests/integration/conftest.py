@@ -184,6 +184,7 @@ def stack(tmp_path_factory, redis_server):
     finally:
         stop_stack(config)
 
+
 # The SDK client, raw HTTP client and tokenizer most integration modules ask for, once for all of them.
 @pytest.fixture(scope="module")
 def client(stack):
