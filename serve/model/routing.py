@@ -20,9 +20,11 @@ class RoutingSpec(StrictModel):
                     "`slack` more requests in flight; round_robin; least_loaded: fewest in flight.",
     )
     block_chars: int = Field(
-        128, gt=0, description="cache_aware: characters of prompt per hashed block (vLLM caches 16-token blocks).")
+        256, gt=0,
+        description="cache_aware: characters of prompt per hashed block (some 64-90 tokens; vLLM caches "
+                    "16-token blocks, but a coarser index costs less per request and routes as well).")
     max_blocks: int = Field(
-        64, gt=0, description="cache_aware: most blocks of a prompt hashed and matched (bounds per-request work).")
+        32, gt=0, description="cache_aware: most blocks of a prompt hashed and matched (bounds per-request work).")
     capacity_tokens: int = Field(
         262_144, gt=0,
         description="cache_aware: tokens of prompt each replica's prefix cache is assumed to keep (its KV "

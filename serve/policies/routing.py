@@ -54,7 +54,7 @@ class _Replica:
 
 
 class CacheAwareRouter:
-    def __init__(self, block_chars: int = 128, max_blocks: int = 64, capacity_chars: int = 1 << 20,
+    def __init__(self, block_chars: int = 256, max_blocks: int = 32, capacity_chars: int = 1 << 20,
                  min_match: float = 0.5, load_weight: float = 0.25, lora_weight: float = 0.5,
                  lora_slots: int = 1, slack: int = 4) -> None:
         self.block_chars = block_chars

@@ -202,7 +202,7 @@ def test_prefix_affinity_is_the_rendezvous_of_256_characters_with_slack():
 
 def test_cache_aware_backends_follow_where_a_prefix_was_sent():
     b = backends("cache_aware")
-    assert b.affinity_chars == 8 * 64
+    assert b.affinity_chars == 8 * 32
     eps = {e.replica_id: e for e in b.endpoints("m")}
     system = "you are a helpful shop assistant. " * 4
     first = b.pick("m", affinity=system + "where is my order?")
