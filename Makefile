@@ -144,7 +144,7 @@ $(PEERS_VENV)/.installed:
 peers: $(PEERS_VENV)/.installed
 
 # llmserve (keys, limits, cost on) beside bare vLLM, LiteLLM proxy and vllm-router on the same tiny
-# engines, one replica then two: bench/results/peers-<date>.json and .png (about 12 minutes on 2 cores).
+# engines, one replica then two: bench/results/peers-<date>.json and .png (6-12 minutes on 2 cores).
 bench-peers: install system-deps peers
 	$(PY) -m bench.peers $(ARGS)
 
