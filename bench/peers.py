@@ -101,6 +101,19 @@ def prisma_client(workdir: Path) -> tuple[bool, str]:
     return True, ""
 
 
+def litellm_virtual_key(base: str) -> str:
+    """A LiteLLM virtual key with per-key rpm/tpm limits, made with the master key (`/key/generate`,
+    LiteLLM's documented call; it needs the database). Not exercised here: offline, the database
+    client cannot be generated (module docstring)."""
+    import urllib.request
+
+    body = json.dumps({"models": ["tiny"], "rpm_limit": KEY_RPM, "tpm_limit": KEY_TPM}).encode()
+    req = urllib.request.Request(f"{base.removesuffix('/v1')}/key/generate", data=body, headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return str(json.loads(r.read())["key"])
+
+
 def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float, name: str, interval_s: float = 1.0) -> float:
     """Ready: a real completion through it with the bench's key (an open port is not enough); the
     seconds from this call."""
@@ -206,17 +219,20 @@ def phase(replicas: int, a: argparse.Namespace, fleet: Fleet, bare_urls: list[st
         if s != "bare":
             ready[f"{s} ({replicas})"] = fleet.ready(s, 900)  # from its launch, beside the others
     print(f"[{replicas} replica(s)] ready: {ready}", flush=True)
+    keys = {s: KEY for s in systems}
+    if "litellm" in systems and info.get("litellm_database_url"):
+        keys["litellm"] = litellm_virtual_key(fleet.bases["litellm"])
     bases = {**fleet.bases, "bare": f"{bare_urls[0]}/v1"}
     handles = {s: psutil.Process(fleet.procs["bare-1" if s == "bare" else s].pid) for s in systems}
     for s in systems:  # warm-up, not measured
-        loadgen(bases[s], "tiny", 32, 16, a.max_tokens, 999, "--api-key", KEY)
+        loadgen(bases[s], "tiny", 32, 16, a.max_tokens, 999, "--api-key", keys[s])
     for r in range(a.rounds):
         for conc in a.concurrency:
             n = max(a.min_requests, min(a.max_requests, a.requests_per_stream * conc))
             order = systems if r % 2 == 0 else systems[::-1]
             for s in order:
                 role = "vLLM API server" if s == "bare" else "gateway" if s == "llmserve" else s
-                res = loadgen(bases[s], "tiny", n, conc, a.max_tokens, r * 100 + conc, "--api-key", KEY,
+                res = loadgen(bases[s], "tiny", n, conc, a.max_tokens, r * 100 + conc, "--api-key", keys[s],
                               server=handles[s], role=role)
                 cpu, rss = routing_figures(s, res, handles[s])
                 res.update(system=s, replicas=replicas, round=r, routing_cpu_ms=cpu, routing_rss_mb=rss)

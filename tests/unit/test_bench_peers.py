@@ -177,3 +177,36 @@ def test_start_table_shows_bare_and_the_gap_per_run() -> None:
     assert rows["bare vllm serve ready"].split()[-4:] == ["20.0", "s", "30.0", "s"]
     assert rows["llmserve minus bare"].split()[3:] == ["60.0", "s", "15.0", "s", "warm", "<=", "15", "s"]
     assert "bare vllm serve ready" not in start.table([start_run("warm", 45.0)])
+
+
+def test_litellm_virtual_key_asks_key_generate_with_the_limits() -> None:
+    """The database path cannot run here (no Prisma engine offline): its one HTTP call, against a stand-in."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[tuple[str, str, dict]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers["Authorization"], body))
+            out = json.dumps({"key": "sk-virtual"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        key = peers.litellm_virtual_key(f"http://127.0.0.1:{server.server_address[1]}/v1")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert key == "sk-virtual"
+    assert seen == [("/key/generate", f"Bearer {peers.KEY}",
+                     {"models": ["tiny"], "rpm_limit": peers.KEY_RPM, "tpm_limit": peers.KEY_TPM})]
