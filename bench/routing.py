@@ -144,6 +144,17 @@ def run_cells(router: str, base: str, names: list[str], files: dict[str, Path], 
               f"  ({time.monotonic() - t:.0f} s)", flush=True)
 
 
+def git_state() -> dict[str, Any]:
+    """The commit measured, and the paths of serve/ that differed from it (a router being edited)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(),
+            "serve_changed": [line[3:] for line in git("status", "--porcelain", "serve").splitlines()]}
+
+
 def table(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| workload | router | TTFT p50 ms | p90 ms | p99 ms | req/s | goodput req/s | within SLO | "
              "hit rate per replica | busiest replica's share |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -216,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "model": source,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "engine_args": engine, "block_size": BLOCK,
         "kv_tokens_per_replica": a.kv_tokens, "workloads": sizes, "args": vars(a), "errors": {},
+        "git": git_state(),
     }
     running: list[subprocess.Popen] = []
     try:
