@@ -38,9 +38,17 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope["path"])
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             await _answer_413(send, limit)
+            return
+        if declared.isdigit() and b"transfer-encoding" not in headers:
+            # A declared length within the limit: the server hands the app that many bytes and no
+            # more (HTTP/1.1 framing; its parser refuses a body framed both ways), so there is
+            # nothing to count, and no wrapper on each message the app sends: a streamed answer
+            # sends one a chunk (issue 27).
+            await self.app(scope, receive, send)
             return
 
         received = 0
