@@ -25,10 +25,16 @@ print(reply.choices[0].message.content)
 """
 
 
-def _probe(base: str, model: str, timeout_s: float = 30) -> bool:
-    """Readiness is a real completion, not a 200 on /v1/models (which answers before engines load)."""
-    body = json.dumps({"model": model, "prompt": "ready?", "max_tokens": 1}).encode()
-    req = urllib.request.Request(f"{base}/completions", data=body, headers={"Content-Type": "application/json"})
+def _probe(base: str, model: str, keys_on: bool = False, timeout_s: float = 30) -> bool:
+    """Readiness is a real completion, not a 200 on /v1/models (which answers before engines load).
+    With API keys on the probe has none, and a completion is a 401 whatever the engines' state: it
+    asks /health then (200 once every model has a replica the gateway sends to). Otherwise it
+    would probe four times a second for the gateway's life, a fifth of its idle CPU (issue 27)."""
+    if keys_on:
+        req = urllib.request.Request(base.removesuffix("/v1") + "/health")
+    else:
+        body = json.dumps({"model": model, "prompt": "ready?", "max_tokens": 1}).encode()
+        req = urllib.request.Request(f"{base}/completions", data=body, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return resp.status == 200
@@ -67,7 +73,7 @@ async def _watch_startup(config: Config, registry: object, base: str, server: ob
     model = next((m.name for m in config.models if m.task == "generate"), None)
     # The gateway learns of a new replica within its discovery interval (1 s by default): probe
     # again soon, since each wasted second counts against the start (a failing probe is one 503).
-    while model is not None and not await asyncio.to_thread(_probe, base, model):
+    while model is not None and not await asyncio.to_thread(_probe, base, model, config.auth.enabled):
         await asyncio.sleep(0.25)
     print(f"llmserve: ready after {phases.elapsed():.0f}s: {base}", flush=True)
     return 0
