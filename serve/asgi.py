@@ -37,8 +37,11 @@ async def start_in_loop(app: Any, sock: socket.socket | list[socket.socket], gra
     """Start uvicorn on `sock` in the running loop; returns (server, task) once it accepts."""
     import uvicorn
 
+    # log_config=None: uvicorn's default applies logging.config.dictConfig, which closes every
+    # handler of the process, Serve's replica log handler too; Serve's controller, recovering after
+    # a lost head, reads that handler from each live replica and replaces every replica it cannot.
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=300,
-                            timeout_graceful_shutdown=graceful_s, loop="none", **uvicorn_kw)
+                            timeout_graceful_shutdown=graceful_s, loop="none", log_config=None, **uvicorn_kw)
     server = uvicorn.Server(config)
     # The replica already handles signals; uvicorn must not install its own.
     server.install_signal_handlers = lambda: None

@@ -191,6 +191,10 @@ def uvicorn_config(app: Starlette, config: Config) -> Any:
         app,
         log_level="warning",
         access_log=False,
+        # None: uvicorn's default log config (logging.config.dictConfig) closes every handler of
+        # the process, Serve's replica log handler too, and Serve's controller recovering from a
+        # lost head then replaces every replica whose handler it cannot read (serve/asgi.py).
+        log_config=None,
         timeout_keep_alive=75,
         # Graceful drain: on SIGTERM stop accepting and give in-flight streams this long.
         timeout_graceful_shutdown=config.gateway.drain_timeout_s,
