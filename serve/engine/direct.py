@@ -95,6 +95,10 @@ class EngineLoad(AggregateStatLoggerBase):
         self._kv: dict[int, float] = {}
         self._ttft: deque[tuple[float, float]] = deque()  # (monotonic time, seconds)
         self._last_ttft = 0.0
+        # vLLM's own prefix-cache counts (tokens), as its Prometheus logger adds them to
+        # vllm:prefix_cache_queries/_hits, which Ray's stat logger keeps off the replica's /metrics.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
                engine_idx: int = 0) -> None:
@@ -102,6 +106,8 @@ class EngineLoad(AggregateStatLoggerBase):
             # Deferred ("skipped") requests wait too: vLLM's own log counts them as waiting.
             self._waiting[engine_idx] = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
             self._kv[engine_idx] = float(scheduler_stats.kv_cache_usage)
+            self.prefix_queries += scheduler_stats.prefix_cache_stats.queries
+            self.prefix_hits += scheduler_stats.prefix_cache_stats.hits
         if iteration_stats is not None and iteration_stats.time_to_first_tokens_iter:
             now = time.monotonic()
             self._ttft.extend((now, t) for t in iteration_stats.time_to_first_tokens_iter)
@@ -296,8 +302,15 @@ class DirectLLMServer(LLMServer):
         client = self._engine_client()
         unfinished = client.get_num_unfinished_requests() if client is not None else -1
         autoscaling = await self.record_autoscaling_stats() if client is not None else {}
+        load = self._engine_load(client) if client is not None else None
+        prefix = {"queries": load.prefix_queries, "hits": load.prefix_hits} if load is not None else None
+        # The KV cache's size in tokens (what vLLM's cache_config_info reports): how much of what
+        # the gateway routes here the prefix cache can still hold (serve/policies/routing.py).
+        cache = client.vllm_config.cache_config if client is not None else None
+        kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size if cache is not None else 0
         return {"replica": self._replica_id, "model": self._model_name, "unfinished_requests": unfinished,
-                "autoscaling": autoscaling, "pid": os.getpid()}
+                "autoscaling": autoscaling, "prefix_cache_tokens": prefix, "kv_cache_tokens": kv_tokens,
+                "pid": os.getpid()}
 
     def _runtime_adapters(self) -> list[dict[str, str]]:
         """Adapters promoted while the service ran (registered in Redis for this base model), if

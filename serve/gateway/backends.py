@@ -28,6 +28,7 @@ class Endpoint:
     url: str
     in_flight: int = 0
     down_until: float = 0.0
+    engine_load: int = 0  # requests its engine held at the last stats read (every gateway's)
 
 
 class Backends:
@@ -46,6 +47,7 @@ class Backends:
         self._clock = clock
         self._rng = rng or random.Random()
         self._turn: dict[str, int] = {}  # round_robin: requests picked per model
+        self._chars_per_token = routing.chars_per_token
         self.router = CacheAwareRouter(
             block_chars=routing.block_chars, max_blocks=routing.max_blocks,
             capacity_chars=int(routing.capacity_tokens * routing.chars_per_token),
@@ -66,6 +68,9 @@ class Backends:
             }
         self._by_model = fresh
         self.router.retain({model: set(eps) for model, eps in fresh.items()})
+
+    def models(self) -> list[str]:
+        return list(self._by_model)
 
     def endpoints(self, model: str) -> list[Endpoint]:
         return list(self._by_model.get(model, {}).values())
@@ -98,8 +103,10 @@ class Backends:
         policy = self.policy
         if policy == "cache_aware" and affinity is not None and len(self._by_model[model]) > 1:
             # Even with one replica left to choose, what it is sent is what its cache will hold.
-            return live[self.router.choose(model, [e.replica_id for e in live], [e.in_flight for e in live],
-                                           affinity, adapter)]
+            # Load: what this gateway has in flight there, or what the engine last reported if more
+            # (other gateways' requests; a second old at most).
+            loads = [max(e.in_flight, e.engine_load) for e in live]
+            return live[self.router.choose(model, [e.replica_id for e in live], loads, affinity, adapter)]
         if policy == "prefix_affinity" and affinity is not None and len(live) > 1:
             least = min(e.in_flight for e in live)
             by_id = {e.replica_id: e for e in live}
@@ -112,6 +119,13 @@ class Backends:
             return sorted(live, key=lambda e: e.replica_id)[turn % len(live)]
         least = min(e.in_flight for e in live)
         return self._rng.choice([e for e in live if e.in_flight == least])
+
+    def engine_report(self, endpoint: Endpoint, unfinished: int, kv_cache_tokens: int) -> None:
+        """What a replica's engine says of itself (serve/gateway/server.py engine_stats_loop): the
+        requests it holds and its KV cache's size, which bounds what its prefix cache can keep."""
+        endpoint.engine_load = max(0, unfinished)
+        if kv_cache_tokens > 0:
+            self.router.set_capacity(endpoint.model, endpoint.replica_id, int(kv_cache_tokens * self._chars_per_token))
 
     def mark_down(self, endpoint: Endpoint) -> None:
         """Stop sending to a replica that refused a connection, until discovery or time says otherwise."""

@@ -20,7 +20,7 @@ from serve.config import Config
 from serve.contract.secret import engine_secret
 from serve.gateway.app import app_for, create_metrics_app
 from serve.gateway.auth import KeyStore
-from serve.gateway.backends import Backends
+from serve.gateway.backends import Backends, Endpoint
 from serve.gateway.lifecycle import lifecycle_loop
 from serve.gateway.ratelimit import RateLimiter
 from serve.gateway.service import Gateway
@@ -54,6 +54,30 @@ async def discovery_loop(fetch: Callable[[], Awaitable[Snapshot | None]], backen
         except Exception:  # keep the last known set: a registry hiccup must not empty the pool
             logger.warning("engine discovery failed; keeping the last known replicas", exc_info=True)
         await asyncio.sleep(interval_s)
+
+
+async def engine_stats_loop(backends: Backends, interval_s: float, timeout_s: float = 2.0) -> None:
+    """cache_aware routing's view of each engine, refreshed beside discovery: the requests it holds
+    (other gateways' too) and its KV cache's size (GET /llmserve/stats on the replica: open, a few
+    hundred bytes of JSON). Only models with several replicas, where a choice is made."""
+    import aiohttp
+
+    async def read(session: aiohttp.ClientSession, ep: Endpoint) -> None:
+        try:
+            async with session.get(ep.url + "/llmserve/stats") as r:
+                stats = await r.json()
+            backends.engine_report(ep, int(stats["unfinished_requests"]), int(stats.get("kv_cache_tokens") or 0))
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a replica that does not answer: dispatch marks it down when it matters
+            ep.engine_load = 0
+            logger.debug("engine stats of %s unreadable", ep.replica_id, exc_info=True)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        while True:
+            several = [eps for eps in map(backends.endpoints, backends.models()) if len(eps) > 1]
+            await asyncio.gather(*(read(session, ep) for eps in several for ep in eps))
+            await asyncio.sleep(interval_s)
 
 
 class GatewayParts:
@@ -97,6 +121,8 @@ class GatewayParts:
         tasks = [loop.create_task(discovery_loop(self.fetch, self.backends, interval)),
                  # `llmserve cache invalidate` on any host reaches this gateway's LRU within a second.
                  loop.create_task(self.cache.follow_invalidations())]
+        if self.backends.policy == "cache_aware" and isinstance(self.upstream, HttpUpstream):
+            tasks.append(loop.create_task(engine_stats_loop(self.backends, interval)))
         lifecycle = self.lifecycle
         if lifecycle is not None:
             tasks.append(loop.create_task(lifecycle_loop(gw, lifecycle, interval)))

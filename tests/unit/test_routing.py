@@ -227,3 +227,19 @@ def test_one_replica_costs_no_index():
     b = backends("cache_aware", n=1)
     assert b.pick("m", affinity="x" * 200).replica_id == "r0"
     assert b.router.held_blocks("m", "r0") == 0
+
+
+def test_an_engines_own_load_and_cache_size_count():
+    b = backends("cache_aware", n=2)
+    eps = {e.replica_id: e for e in b.endpoints("m")}
+    system = "shared system prompt of some length " * 4
+    home = b.pick("m", affinity=system + "one").replica_id
+    away = ({"r0", "r1"} - {home}).pop()
+    # Other gateways' requests on `home`, as its engine reports them: the prefix moves.
+    b.engine_report(eps[home], unfinished=6, kv_cache_tokens=0)
+    assert b.pick("m", affinity=system + "two").replica_id == away
+    b.engine_report(eps[home], unfinished=0, kv_cache_tokens=0)
+    b.engine_report(eps[away], unfinished=0, kv_cache_tokens=0)
+    # A reported KV cache of 4 tokens holds 16 characters: the index forgets all but 2 blocks.
+    b.engine_report(eps[away], unfinished=0, kv_cache_tokens=4)
+    assert b.router.held_blocks("m", away) == 2
