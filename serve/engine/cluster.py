@@ -158,7 +158,7 @@ def wait_for_engines(registry: Any, models: list[str], timeout_s: float = 600,
     deadline = time.monotonic() + timeout_s
     built: set[str] = set()
     while True:
-        snap = ray.get(registry.snapshot.remote())
+        snap = ray.get(registry.snapshot.remote()) or {}  # None: a registry still warming up
         missing = [m for m in models if not snap.get(m)]
         apps = _serve_apps()
         for m in models:

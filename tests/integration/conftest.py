@@ -109,7 +109,7 @@ class Stack:
     def replicas(self, model: str) -> list[tuple[str, str]]:
         import ray
 
-        return ray.get(self.registry.snapshot.remote()).get(model, [])
+        return (ray.get(self.registry.snapshot.remote()) or {}).get(model, [])
 
     def engine_unfinished(self, model: str) -> int:
         """Requests still held by the model's engines (vLLM's own count)."""
