@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,6 +112,9 @@ class ServiceProxies:
         self._thread = threading.Thread(target=self._loop.run_forever, name="kube-proxy", daemon=True)
         self._thread.start()
         self._servers: list[asyncio.base_events.Server] = []
+        # (monotonic time, service IP, port, endpoint IP) of every connection forwarded: where
+        # the clients' connections went, for a test to check (e.g. never to a cluster not yet active).
+        self.picks: list[tuple[float, str, int, str]] = []
 
     def add(self, ip: str, port: int, endpoints: Callable[[], list[tuple[str, int]]]) -> None:
         turn = [0]
@@ -122,6 +126,7 @@ class ServiceProxies:
                 return
             host, target = eps[turn[0] % len(eps)]
             turn[0] += 1
+            self.picks.append((time.monotonic(), ip, port, host))
             try:
                 up_reader, up_writer = await asyncio.open_connection(host, target)
             except OSError:
