@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.kuberay import expand
+from tests.cluster.kubelet import expand
 from tests.k8s.support import (
     CASES,
     CHART,
