@@ -26,7 +26,7 @@ from ray.serve._private import replica as ray_replica
 from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
 from ray.serve.config import AutoscalingConfig
 from vllm.v1.metrics.loggers import StatLoggerBase, StatLoggerManager
-from vllm.v1.metrics.stats import IterationStats, SchedulerStats
+from vllm.v1.metrics.stats import IterationStats, PrefixCacheStats, SchedulerStats
 
 from serve.config import ModelSpec
 from serve.engine import direct
@@ -48,6 +48,8 @@ class FakeAsyncLLM:
     def __init__(self) -> None:
         self.unfinished = 0
         self.logger_manager = self.new_logger_manager()
+        # The KV cache's size as vLLM's CacheConfig holds it once the engine profiled it.
+        self.vllm_config = SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=192, block_size=16))
 
     @staticmethod
     def new_logger_manager() -> StatLoggerManager:
@@ -59,7 +61,7 @@ class FakeAsyncLLM:
         return self.unfinished
 
     def step(self, *, running: int, waiting: int, skipped: int = 0, kv: float = 0.0,
-             ttfts: Iterable[float] = (), engine_idx: int = 0) -> None:
+             ttfts: Iterable[float] = (), engine_idx: int = 0, prefix: tuple[int, int] = (0, 0)) -> None:
         """One engine step's stats, passed as AsyncLLM's output handler passes them (vllm 0.32,
         v1/engine/async_llm.py, output_handler)."""
         iteration = IterationStats()
@@ -67,7 +69,8 @@ class FakeAsyncLLM:
         self.logger_manager.record(
             engine_idx=engine_idx, iteration_stats=iteration, mm_cache_stats=None,
             scheduler_stats=SchedulerStats(num_running_reqs=running, num_waiting_reqs=waiting,
-                                           num_skipped_waiting_reqs=skipped, kv_cache_usage=kv))
+                                           num_skipped_waiting_reqs=skipped, kv_cache_usage=kv,
+                                           prefix_cache_stats=PrefixCacheStats(queries=prefix[0], hits=prefix[1])))
 
 
 async def inference_app(scope: Any, receive: Any, send: Any) -> None:
@@ -243,9 +246,14 @@ async def test_the_stats_route_shows_what_the_replica_reports():
     await replica.record_autoscaling_stats()
     await call(replica.app, "POST", "/v1/completions")
     engine.unfinished = 2
-    engine.step(running=1, waiting=1, kv=0.25, ttfts=[0.5])
+    engine.step(running=1, waiting=1, kv=0.25, ttfts=[0.5], prefix=(100, 64))
+    engine.step(running=1, waiting=1, kv=0.25, prefix=(40, 32))
     stats = await replica._stats()
     assert stats["unfinished_requests"] == 2
+    # What cache_aware routing reads (serve/gateway/server.py): vLLM's prefix-cache token counts,
+    # summed over steps, and the KV cache's size in tokens (192 blocks of 16).
+    assert stats["prefix_cache_tokens"] == {"queries": 140, "hits": 96}
+    assert stats["kv_cache_tokens"] == 192 * 16
     assert stats["autoscaling"] == {slo.REQUESTS: 1.0, slo.ONGOING: 2.0, slo.WAITING: 1.0, slo.KV_USAGE: 0.25,
                                     slo.TTFT: 0.5}
 
