@@ -106,6 +106,16 @@ class Stack:
 
         return OpenAI(base_url=self.base_url, api_key=api_key, **{"max_retries": 0, "timeout": 120, **kw})
 
+    def config_file(self, directory) -> str:
+        """The stack's configuration as a YAML file, for CLI commands that read `--config` (a
+        route's prompts, normalisation and prices are the operator's, never guessed)."""
+        import yaml
+
+        path = os.path.join(str(directory), "config.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(self.config.model_dump(mode="json", exclude_none=True), f)
+        return path
+
     def replicas(self, model: str) -> list[tuple[str, str]]:
         import ray
 

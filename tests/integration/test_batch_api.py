@@ -188,7 +188,8 @@ def test_cache_build_makes_head_query_a_hit(stack, tmp_path):
                     "--seed", "5", "--max-tokens", "6", "--model", "head"], check=True, timeout=60)
     env_args = ["--url", stack.base_url, "--api-key", "test", "--redis-url", stack.redis.url, "--timeout", "300"]
     built = subprocess.run([*cli, "cache", "build", "--log", str(log), "--top", "5", "--model", "tiny-b",
-                            "--route", "head", *env_args], capture_output=True, text=True, timeout=400)
+                            "--route", "head", "--config", stack.config_file(tmp_path), *env_args],
+                           capture_output=True, text=True, timeout=400)
     assert built.returncode == 0, built.stdout + built.stderr
     assert "loaded 5 answers" in built.stdout
     top = json.loads(log.read_text().splitlines()[0])  # the log's first line; check it is in the head

@@ -10,7 +10,6 @@ import uuid
 from typing import Any
 
 import pytest
-import yaml
 
 from serve.policies.tier_prompt import apply_chat, prompt_for
 from tests.integration.conftest import PRICE_A
@@ -50,8 +49,7 @@ def test_the_student_gets_the_short_input_and_the_teacher_the_long_prompt(stack,
 def test_a_cache_the_student_filled_answers_as_the_students_at_its_batch_price(stack, client, tmp_path):
     from serve.cli import main
 
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(stack.config.model_dump(mode="json", exclude_none=True)))
+    config = stack.config_file(tmp_path)
     tag = uuid.uuid4().hex[:6]
     queries = [f"Refund for order {tag}-{i}?" for i in range(3)]
     log = tmp_path / "log.jsonl"
@@ -60,7 +58,7 @@ def test_a_cache_the_student_filled_answers_as_the_students_at_its_batch_price(s
     log.write_text("".join(json.dumps({"model": "tiered", "messages": _msgs(q), "temperature": 0,
                                        "max_tokens": 4}) + "\n" for q in rows))
     rc = main(["cache", "build", "--log", str(log), "--top", "1", "--skip", "1", "--model", "tiny-a",
-               "--route", "tiered", "--config", str(config), "--url", stack.base_url, "--api-key", "test",
+               "--route", "tiered", "--config", config, "--url", stack.base_url, "--api-key", "test",
                "--redis-url", stack.redis.url, "--timeout", "120"])
     assert rc == 0
 
