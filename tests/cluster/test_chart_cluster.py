@@ -163,6 +163,39 @@ def test_chart_runs_as_kuberay_runs_it(cluster: Cluster) -> None:
     times["new_replica_serving_adapter_s"] = round(time.monotonic() - t_scale, 1)
 
 
+def test_a_gateway_drain_goes_through_the_pdb(cluster: Cluster) -> None:
+    """A drain of a gateway pod's node goes through the gateways' PDB (minAvailable 1 of 2): the
+    eviction is allowed, a second one refused until the replacement pod KubeRay creates is Ready;
+    the evicted pod leaves the Service, pauses (preStop), stops; no request fails meanwhile."""
+    k, times = cluster.k, cluster.times
+    gateway = {"llmserve.io/gateway": "true"}
+    gateways = [g for g in k.select(gateway) if g.ready and not g.terminating]
+    assert len(gateways) == 2 and all(g.kind == "worker" for g in gateways)
+    assert sorted(ip for ip, _ in k.endpoints(k.serve_svc_selector(), "serve")) == sorted(g.ip for g in gateways), \
+        "the Service reaches exactly the gateway pods"
+    load = Load(cluster.base, "sk-llmserve-dev", model="tiny-b", retry=False)
+    load.start(clients=2, pause_s=0.5)
+    try:
+        k.wait(lambda: load.ok >= 4, 60, lambda: f"requests under load: {load.failures[:3]}")
+        ok_at_drain, t_drain = load.ok, time.monotonic()
+        assert k.evict(gateways[0])
+        assert not k.evict(gateways[1]), "the PDB must refuse a second gateway while one is out"
+        k.wait(lambda: gateways[0].killed and len([g for g in k.select(gateway) if g.ready and not g.terminating]) == 2,
+               300, lambda: f"a replacement gateway pod Ready: {k.unready()}", 2)
+        times["drain_to_replacement_ready_s"] = round(time.monotonic() - t_drain, 1)
+        times["evicted_pod_stopped_after_s"] = gateways[0].stopped_after_s
+        assert k.pdb_allows(gateways[1])
+        assert load.ok > ok_at_drain + 10, (ok_at_drain, load.ok)
+    finally:
+        load.stop()
+    assert load.failures == [] and load.retried == [], (load.failures[:5], load.retried[:5])
+    times["drain_requests_ok"] = load.ok
+
+
+# Opt-in, as the upgrade below: it fails today (strict xfail) and costs ~90 s of CI's 25 minutes,
+# and the engine replicas it loses leave the cluster unready for the tests after it.
+@pytest.mark.skipif(not os.environ.get("LLMSERVE_CLUSTER_LOST_HEAD"), reason=(
+    "a known failure (xfail below) that costs ~90 s of the CI budget; LLMSERVE_CLUSTER_LOST_HEAD=1 runs it"))
 @pytest.mark.xfail(strict=True, reason=(
     "a lost head still costs every engine replica: Serve's recovering controller calls is_allocated on "
     "each live replica, which reads the replica's Serve log handler, closed in engine processes by "
@@ -197,35 +230,6 @@ def test_a_lost_head_with_gcs_fault_tolerance(cluster: Cluster) -> None:
     assert load.failures == [] and load.retried == [], (load.failures[:5], load.retried[:5])
     assert set(load.engines) == engines_before, (engines_before, dict(load.engines))
     times["head_lost_requests_ok"] = load.ok
-
-
-def test_a_gateway_drain_goes_through_the_pdb(cluster: Cluster) -> None:
-    """A drain of a gateway pod's node goes through the gateways' PDB (minAvailable 1 of 2): the
-    eviction is allowed, a second one refused until the replacement pod KubeRay creates is Ready;
-    the evicted pod leaves the Service, pauses (preStop), stops; no request fails meanwhile."""
-    k, times = cluster.k, cluster.times
-    gateway = {"llmserve.io/gateway": "true"}
-    gateways = [g for g in k.select(gateway) if g.ready and not g.terminating]
-    assert len(gateways) == 2 and all(g.kind == "worker" for g in gateways)
-    assert sorted(ip for ip, _ in k.endpoints(k.serve_svc_selector(), "serve")) == sorted(g.ip for g in gateways), \
-        "the Service reaches exactly the gateway pods"
-    load = Load(cluster.base, "sk-llmserve-dev", model="tiny-b", retry=False)
-    load.start(clients=2, pause_s=0.5)
-    try:
-        k.wait(lambda: load.ok >= 4, 60, lambda: f"requests under load: {load.failures[:3]}")
-        ok_at_drain, t_drain = load.ok, time.monotonic()
-        assert k.evict(gateways[0])
-        assert not k.evict(gateways[1]), "the PDB must refuse a second gateway while one is out"
-        k.wait(lambda: gateways[0].killed and len([g for g in k.select(gateway) if g.ready and not g.terminating]) == 2,
-               300, lambda: f"a replacement gateway pod Ready: {k.unready()}", 2)
-        times["drain_to_replacement_ready_s"] = round(time.monotonic() - t_drain, 1)
-        times["evicted_pod_stopped_after_s"] = gateways[0].stopped_after_s
-        assert k.pdb_allows(gateways[1])
-        assert load.ok > ok_at_drain + 10, (ok_at_drain, load.ok)
-    finally:
-        load.stop()
-    assert load.failures == [] and load.retried == [], (load.failures[:5], load.retried[:5])
-    times["drain_requests_ok"] = load.ok
 
 
 @pytest.mark.skipif(not os.environ.get("LLMSERVE_CLUSTER_UPGRADE"), reason=(
