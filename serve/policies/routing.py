@@ -15,12 +15,15 @@ The score of a replica is its matched-prefix share (matched blocks / blocks hash
 to one replica) minus ``load_weight`` per request it has in flight beyond the least busy replica,
 plus ``lora_weight`` when the request's adapter was recently routed there (vLLM batches few
 adapters at once: ``max_loras``). A prefix no replica is known to hold goes to the rendezvous
-replica of its first 256 characters among those within ``slack`` requests of the least loaded
-(as ``prefix_affinity`` does).
+replica of its *key* among those within ``slack`` requests of the least loaded: the first
+``min_match`` share of its hashed text, the part another request must share to count as holding
+the same prefix. Not a fixed number of characters: requests sharing only an app's system prompt
+(chats that each open with their own material) would all hash alike and pile onto one replica,
+which is what ``prefix_affinity``'s first 256 characters do.
 
 Several gateways: each keeps its own index from its own traffic; nothing is shared. A *new*
-prefix goes to the same replica from every gateway (the rendezvous hash of its first characters
-is the same everywhere, only differing load views can tell them apart), so the prefix's first
+prefix goes to the same replica from every gateway (the rendezvous hash of its key is the same
+everywhere, only differing load views can tell them apart), so the prefix's first
 requests, from whichever gateway, warm one replica, and each gateway then learns it holds the
 prefix from its own requests there. What one gateway cannot see is another's traffic: a prefix
 another gateway moved elsewhere under load, or blocks another gateway's requests evicted. So an
@@ -34,15 +37,22 @@ request. The gateway's Backends holds one router and feeds it the loads it count
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from serve.policies.affinity import rendezvous
 
-# The rendezvous key of a new prefix: as many characters as prefix_affinity hashes, so both
-# policies place a new prefix on the same replica.
+# prefix_affinity's rendezvous key: the prompt's first characters (serve/gateway/backends.py).
 RENDEZVOUS_CHARS = 256
+
+
+def prefix_digest(prefix: str) -> str:
+    """A new prefix's rendezvous key: one digest, so the per-replica rendezvous hashes 16
+    characters instead of up to 4 KB each. blake2b, not Python's salted hash: every gateway
+    process must compute the same."""
+    return hashlib.blake2b(prefix.encode(), digest_size=8).hexdigest()
 
 
 @dataclass
@@ -78,6 +88,15 @@ class CacheAwareRouter:
             out.append(h)
         return out
 
+    def new_prefix_key(self, text: str) -> str:
+        """What a new prefix's replica is hashed by, alike on every gateway: the first `min_match`
+        share of the text's hashed blocks (at least one block; all of a text shorter than one).
+        Requests that share it are the ones that would match each other's blocks."""
+        size = self.block_chars
+        blocks = min(len(text) // size, self.max_blocks)
+        chars = max(1, int(blocks * self.min_match)) * size if blocks else len(text)
+        return prefix_digest(text[:chars])
+
     def choose(self, model: str, replica_ids: Sequence[str], loads: Sequence[float], text: str,
                adapter: str | None = None) -> int:
         """Index (into `replica_ids`) of the replica for a request with prompt `text`, recorded
@@ -108,7 +127,7 @@ class CacheAwareRouter:
             best = self._new_prefix(replica_ids, loads, least, text, adapter, index)
         elif scores.count(best_score) > 1:  # equals everywhere: the choice every gateway makes
             ties = [rid for rid, s in zip(replica_ids, scores, strict=True) if s == best_score]
-            best = replica_ids.index(rendezvous(text[:RENDEZVOUS_CHARS], ties))
+            best = replica_ids.index(rendezvous(self.new_prefix_key(text), ties))
         self._record(index, replica_ids[best], hashes, adapter)
         return best
 
@@ -120,7 +139,7 @@ class CacheAwareRouter:
         if adapter is not None:
             with_adapter = [rid for rid in near if rid in index and adapter in index[rid].adapters]
             near = with_adapter or near
-        return replica_ids.index(rendezvous(text[:RENDEZVOUS_CHARS], near))
+        return replica_ids.index(rendezvous(self.new_prefix_key(text), near))
 
     def _record(self, index: dict[str, _Replica], rid: str, hashes: list[int], adapter: str | None) -> None:
         rep = index.get(rid)

@@ -5,7 +5,7 @@ import random
 from serve.gateway.backends import Backends
 from serve.model.routing import RoutingSpec
 from serve.policies.affinity import rendezvous
-from serve.policies.routing import CacheAwareRouter
+from serve.policies.routing import CacheAwareRouter, prefix_digest
 
 IDS = ["a", "b"]
 
@@ -15,11 +15,12 @@ def router(**kw) -> CacheAwareRouter:
 
 
 def prompt_whose_rendezvous_is(replica: str, ids=IDS, seed: int = 0) -> str:
-    """A prompt (four 8-char blocks and some) whose new-prefix replica is `replica`."""
+    """A prompt (four 8-char blocks and some) whose new-prefix replica is `replica`, with a suffix
+    of up to four more blocks too: a new prefix's key is its first half of blocks (min_match)."""
     rng = random.Random(seed)
     while True:
         text = "".join(rng.choice("abcdefgh") for _ in range(36))
-        if rendezvous(text, ids) == replica:
+        if all(rendezvous(prefix_digest(text[:k]), ids) == replica for k in (8, 16, 24, 32)):
             return text
 
 
@@ -143,7 +144,7 @@ def test_equal_scores_go_to_the_rendezvous_replica_on_every_gateway():
             for i in (range(4) if r is one else reversed(range(4))):
                 r.choose("m", ids, [0 if j == i else 9 for j in range(4)], text)
         assert one.choose("m", ids, [1] * 4, text) == two.choose("m", ids, [1] * 4, text) \
-            == ids.index(rendezvous(text, ids))
+            == ids.index(rendezvous(one.new_prefix_key(text), ids))
 
 
 def test_a_new_prefix_skips_a_rendezvous_replica_beyond_the_slack():
@@ -243,3 +244,21 @@ def test_an_engines_own_load_and_cache_size_count():
     # A reported KV cache of 4 tokens holds 16 characters: the index forgets all but 2 blocks.
     b.engine_report(eps[away], unfinished=0, kv_cache_tokens=4)
     assert b.router.held_blocks("m", away) == 2
+
+
+def test_chats_sharing_only_a_short_system_prompt_spread_and_a_long_shared_header_stays_together():
+    """A new prefix is placed by its first min_match share of blocks, not by fixed first characters:
+    chats whose shared app prompt is under half of their first turn are different prefixes and
+    spread (by the first 256 characters all 40 went to one replica in bench-routing's
+    conversations); a tenant's long system prompt with short questions is one prefix."""
+    ids = [f"r{i}" for i in range(4)]
+    r = CacheAwareRouter(block_chars=64, max_blocks=32)
+    system = "assistant rules: " + "be brief and polite. " * 12  # ~270 characters, 4 blocks
+    chats = [system + f"chat {c}: " + " ".join(f"word{c}x{w}" for w in range(90)) for c in range(40)]
+    placed = [ids[r.choose("m", ids, [0] * 4, text)] for text in chats]
+    assert min(placed.count(i) for i in ids) >= 5  # every replica takes a share (40 over 4)
+    tenant = "tenant seven's instructions: " + "answer from the manual. " * 60  # ~1,450 characters
+    fresh = CacheAwareRouter(block_chars=64, max_blocks=32)
+    first = fresh.choose("m", ids, [0] * 4, tenant + "question one?")
+    other = CacheAwareRouter(block_chars=64, max_blocks=32)  # another gateway, no history
+    assert other.choose("m", ids, [0] * 4, tenant + "and a different question") == first
