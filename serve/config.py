@@ -24,6 +24,8 @@ from serve.model.route import (  # noqa: F401 (the configuration's route entries
     RouteSpec,
     ShadowSpec,
     TierPrompt,
+    models_of,
+    prompts_refusal,
 )
 from serve.model.routing import RoutingSpec
 from serve.model.spec import (  # noqa: F401 (the configuration's model entries, imported from here too)
@@ -271,12 +273,13 @@ class Config(StrictModel):
             seen.add(r.name)
         models = {n for m in self.models for n in [m.name, *(a.name for a in m.adapters)]}
         for r in self.routes:
-            refs = [*r.fallback, *([r.target] if r.target else []),
-                    *([r.cascade.student, r.cascade.teacher] if r.cascade else []),
-                    *([r.shadow.model] if r.shadow else [])]
-            for ref in refs:
+            for ref in models_of(r):
                 if ref not in models:
                     raise ValueError(f"route {r.name!r} names unknown model {ref!r}")
+        tasks = {n: m.task for m in self.models for n in [m.name, *(a.name for a in m.adapters)]}
+        refused = next((why for r in self.routes if (why := prompts_refusal(r, tasks))), None)
+        if refused:
+            raise ValueError(refused)
         return self
 
     @model_validator(mode="after")

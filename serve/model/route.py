@@ -4,6 +4,7 @@ configuration (serve/config.py exports every name here too)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -117,3 +118,31 @@ class RouteSpec(StrictModel):
         if (self.target is None) == (self.cascade is None):
             raise ValueError("a route needs exactly one of `target` or `cascade`")
         return self
+
+
+def models_of(route: RouteSpec) -> list[str]:
+    """Every model or adapter the route may send to: its target or cascade, fallbacks and shadow."""
+    return [*([route.target] if route.target else []),
+            *([route.cascade.student, route.cascade.teacher] if route.cascade else []),
+            *route.fallback, *([route.shadow.model] if route.shadow else [])]
+
+
+def prompts_refusal(route: RouteSpec, tasks: Mapping[str, str]) -> str | None:
+    """Why the route's per-tier prompts cannot be configured (None: they can). `tasks`: model or
+    adapter name -> its model's task.
+
+    An embedding (or score, or rerank) request's answer is a function of its input alone: an
+    instruction put before that input would change every vector and score it returns, silently
+    (no field of the answer shows it), and the gateway applies tier prompts to chat, completions and
+    Responses only. So a route with prompts that can reach an embedding model is refused at load,
+    where its operator reads why, rather than served with prompts that either do nothing or move
+    every vector. (An instruction-tuned embedder's query prefix is part of the client's input.)"""
+    if route.prompts is None:
+        return None
+    embed = [m for m in dict.fromkeys(models_of(route)) if tasks.get(m) == "embed"]
+    if not embed:
+        return None
+    return (f"route {route.name!r} has per-tier `prompts`, but {', '.join(repr(m) for m in embed)} "
+            f"{'is an embedding model' if len(embed) == 1 else 'are embedding models'} (task: embed): embeddings "
+            f"and scores are computed on the client's input alone, and a prompt before it would change every "
+            f"vector silently; remove `prompts` from this route, or give the embedding model a route of its own")

@@ -379,3 +379,32 @@ async def test_fields_that_would_show_the_tiers_prompt_are_refused_on_a_route_wi
     answer = await ask(gateway(config(None), FakeUpstream()), COMPLETIONS, route="plain", prompt="Where?", echo=True)
     assert answer.status == 200
     assert (await ask(gw, CHAT, route="plain", echo=True)).status == 200
+
+
+# ---- embeddings and scoring: refused at load --------------------------------------------------
+def _embed_config(route: dict[str, Any]) -> dict[str, Any]:
+    return {"models": [{"name": "chat", "source": "x"},
+                       {"name": "embedder", "source": "e", "task": "embed",
+                        "adapters": [{"name": "embedder-domain", "path": "/adapters/d"}]}],
+            "routes": [route]}
+
+
+@pytest.mark.parametrize(("route", "embedder"), [
+    ({"name": "search", "target": "embedder"}, "embedder"),  # an embeddings and scoring route
+    ({"name": "search", "target": "embedder-domain"}, "embedder-domain"),  # an embedding model's adapter
+    ({"name": "search", "target": "chat", "fallback": ["embedder"]}, "embedder"),  # reached as a fallback
+    ({"name": "search", "target": "chat", "shadow": {"model": "embedder"}}, "embedder"),
+])
+def test_a_route_with_prompts_that_reaches_an_embedding_model_is_refused_at_load(route, embedder):
+    """An instruction before an embedding's (or a score's) input changes every vector it returns and
+    no field of the answer shows it, and the gateway applies tier prompts to chat, completions and
+    Responses only: prompts on such a route are a configuration error, said at load."""
+    with pytest.raises(ValidationError) as e:
+        Config.model_validate(_embed_config({**route, "prompts": PROMPTS}))
+    msg = str(e.value)
+    assert (f"route 'search' has per-tier `prompts`, but '{embedder}' is an embedding model (task: embed)"
+            in msg and "remove `prompts` from this route" in msg)
+    # The same route without prompts loads, and so does a route with prompts on generate models only.
+    assert Config.model_validate(_embed_config(route)).route("search") is not None
+    assert Config.model_validate(_embed_config({"name": "search", "target": "chat", "prompts": PROMPTS})).route(
+        "search").prompts is not None
