@@ -35,7 +35,7 @@ from typing import Any
 import psutil
 import yaml
 
-from bench import peers_report, procs
+from bench import peers_report, procs, run
 from bench.run import ROOT, free_port, loadgen, stop
 
 PEERS_BIN = ROOT / ".venv-peers" / "bin"
@@ -115,26 +115,12 @@ def litellm_virtual_key(base: str) -> str:
 
 
 def wait_ready(base: str, proc: subprocess.Popen, timeout_s: float, name: str, interval_s: float = 1.0) -> float:
-    """Ready: a real completion through it with the bench's key (an open port is not enough); the
-    seconds from this call."""
-    import urllib.request
-
-    started = time.monotonic()
-    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}; see its log")
-        try:
-            req = urllib.request.Request(f"{base}/chat/completions", data=body, headers={
-                "Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
-            with urllib.request.urlopen(req, timeout=10) as r:
-                if r.status == 200:
-                    return time.monotonic() - started
-        except OSError:
-            pass
-        if time.monotonic() - started > timeout_s:
-            raise TimeoutError(f"{name} not ready after {timeout_s:.0f}s")
-        time.sleep(interval_s)
+    """Ready: a real chat completion through it with the bench's key (an open port is not enough;
+    LiteLLM's proxy answers none without its master key, the others ignore it); the seconds from
+    this call."""
+    return run.wait_ready(base, "tiny", proc, timeout_s, name, path="/chat/completions",
+                          headers={"Authorization": f"Bearer {KEY}"}, interval_s=interval_s,
+                          body={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
 
 
 class Fleet:

@@ -42,16 +42,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(base: str, model: str, proc: subprocess.Popen, timeout_s: float, name: str) -> float:
-    """Ready means a real completion went through (not just an open port)."""
+def wait_ready(base: str, model: str, proc: subprocess.Popen, timeout_s: float, name: str, *,
+               path: str = "/completions", headers: dict[str, str] | None = None,
+               body: dict[str, Any] | None = None, interval_s: float = 1.0) -> float:
+    """Ready means a real request went through (not just an open port); the seconds from this call.
+    The probe: POST `body` (default: a one-token completion of `model`) to `base` + `path`, JSON,
+    with `headers` besides (a key, for a server that wants one), every `interval_s`."""
     started = time.monotonic()
-    body = json.dumps({"model": model, "prompt": "hi", "max_tokens": 1}).encode()
+    data = json.dumps(body if body is not None else {"model": model, "prompt": "hi", "max_tokens": 1}).encode()
+    sent = {"Content-Type": "application/json", **(headers or {})}
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with {proc.returncode}; see its log")
         try:
-            req = urllib.request.Request(f"{base}/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(f"{base}{path}", data=data, headers=sent)
             with urllib.request.urlopen(req, timeout=10) as r:
                 if r.status == 200:
                     return time.monotonic() - started
@@ -59,7 +63,7 @@ def wait_ready(base: str, model: str, proc: subprocess.Popen, timeout_s: float, 
             pass
         if time.monotonic() - started > timeout_s:
             raise TimeoutError(f"{name} not ready after {timeout_s:.0f}s")
-        time.sleep(1)
+        time.sleep(interval_s)
 
 
 # bench.loadgen, its imports done first, then held until told to go: the load (and any window

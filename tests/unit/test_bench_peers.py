@@ -179,34 +179,84 @@ def test_start_table_shows_bare_and_the_gap_per_run() -> None:
     assert "bare vllm serve ready" not in start.table([start_run("warm", 45.0)])
 
 
+class StandIn:
+    """A local HTTP server that answers every POST with `reply` and records (path, Authorization,
+    Content-Type, JSON body) of each: what a bench sends, seen from the other end."""
+
+    def __init__(self, reply: dict) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen: list[tuple[str, str | None, str | None, dict]] = []
+        self.seen = seen
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                seen.append((self.path, self.headers["Authorization"], self.headers["Content-Type"], body))
+                out = json.dumps(reply).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Running:
+    """A process that has not exited (wait_ready polls it before each probe)."""
+
+    returncode = None
+
+    def poll(self) -> None:
+        return None
+
+
 def test_litellm_virtual_key_asks_key_generate_with_the_limits() -> None:
     """The database path cannot run here (no Prisma engine offline): its one HTTP call, against a stand-in."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    seen: list[tuple[str, str, dict]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append((self.path, self.headers["Authorization"], body))
-            out = json.dumps({"key": "sk-virtual"}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = StandIn({"key": "sk-virtual"})
     try:
-        key = peers.litellm_virtual_key(f"http://127.0.0.1:{server.server_address[1]}/v1")
+        key = peers.litellm_virtual_key(server.base)
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
     assert key == "sk-virtual"
-    assert seen == [("/key/generate", f"Bearer {peers.KEY}",
-                     {"models": ["tiny"], "rpm_limit": peers.KEY_RPM, "tpm_limit": peers.KEY_TPM})]
+    assert [(path, auth, body) for path, auth, _, body in server.seen] == [
+        ("/key/generate", f"Bearer {peers.KEY}", {"models": ["tiny"], "rpm_limit": peers.KEY_RPM,
+                                                  "tpm_limit": peers.KEY_TPM})]
+
+
+def test_each_readiness_probe_is_the_request_its_caller_sent(tmp_path: Path) -> None:
+    """One wait_ready (bench/run.py), two probes: `make bench`'s (and bench-routing's, -soak's,
+    -profile's, batch-throughput's) a one-token completion with no key; bench-peers' for every
+    system it starts (LiteLLM's proxy, which refuses a request without its master key, among them)
+    and bench-start's bare vLLM a one-token chat completion with the bench's key."""
+    import subprocess
+    import time
+    from typing import cast
+
+    from bench import run as bench_run
+
+    server = StandIn({"choices": []})
+    alive = cast(subprocess.Popen, Running())
+    try:
+        assert bench_run.wait_ready(server.base, "tiny", alive, 5, "llmserve") >= 0
+        assert peers.wait_ready(server.base, alive, 5, "bare vLLM (warm)", interval_s=0.25) >= 0
+        fleet = peers.Fleet(tmp_path, {})
+        fleet.procs["litellm"], fleet.bases["litellm"], fleet.launched["litellm"] = alive, server.base, time.monotonic()
+        assert fleet.ready("litellm", 5) >= 0
+    finally:
+        server.close()
+    completion = ("/v1/completions", None, "application/json", {"model": "tiny", "prompt": "hi", "max_tokens": 1})
+    chat = ("/v1/chat/completions", f"Bearer {peers.KEY}", "application/json",
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    assert server.seen == [completion, chat, chat]
