@@ -31,10 +31,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import logging.handlers
 import os
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from ray.serve.llm import LLMServer
@@ -183,6 +185,33 @@ def in_core(environ: Any, world_size: int) -> bool:
     return environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and world_size == 1
 
 
+@contextlib.contextmanager
+def log_handlers_kept() -> Iterator[None]:
+    """Buffering log handlers that the block closes get their targets back when it ends.
+
+    vLLM applies its logging config while the engine is built in this process (AsyncLLM's and
+    EngineArgs.create_engine_config's configure_logging_if_needed, vllm/logger.py), with a
+    non-incremental logging.config.dictConfig, which closes every handler of the process first
+    (_clearExistingHandlers). Serve's replica log handler is a MemoryHandler: closed, its target is
+    None, so the replica's own log records pile up unwritten, and after a lost head Serve's
+    recovering controller calls is_allocated on each live replica, which reads that target's file
+    name (get_component_logger_file_path), raises, and the replica is replaced: every engine
+    reloaded its model despite GCS fault tolerance (issue 28). vLLM's config itself is kept as vLLM
+    applies it (so are its logs, here and in its engine cores, which apply it again themselves); only
+    what it closed is given back. A closed FileHandler reopens its file (append) on its next record.
+    Generic, not Serve's logger by name: no private Serve name is needed for it."""
+    loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(x, logging.Logger))]
+    targets = {h: h.target for lg in loggers for h in lg.handlers
+               if isinstance(h, logging.handlers.MemoryHandler) and h.target is not None}
+    try:
+        yield
+    finally:
+        for handler, target in targets.items():
+            if handler.target is None:
+                handler.setTarget(target)
+
+
 class DirectLLMServer(LLMServer):
     """LLMServer that also listens for HTTP itself and registers its address for the gateway."""
 
@@ -197,7 +226,8 @@ class DirectLLMServer(LLMServer):
         self._secret = secret
         # Before the engine starts: its engine core must not outlive this replica (lifeline.py).
         tie_engine_cores_to_replica()
-        await super().__init__(llm_config, engine_cls=kwargs.pop("engine_cls", None) or InCoreEngine, **kwargs)
+        with log_handlers_kept():  # vLLM configures its logging while the engine is built: see there
+            await super().__init__(llm_config, engine_cls=kwargs.pop("engine_cls", None) or InCoreEngine, **kwargs)
         self._model_name: str = llm_config.model_id
         self._namespace = os.environ.get("LLMSERVE_NAMESPACE", "llmserve")
         bind_host = os.environ.get("LLMSERVE_BIND_HOST", "127.0.0.1")
