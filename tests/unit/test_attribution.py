@@ -11,35 +11,9 @@ import json
 import httpx
 import pytest
 
-from serve.cache.store import HeadCache
-from serve.config import Config
-from serve.gateway.app import create_app
-from serve.gateway.backends import Backends
-from serve.policies.cost import Price
 from serve.students.attribution import OneOff, Traffic, attribute, by_model, goals, holding_back, terms
 from serve.students.report import economics, label_key
-from tests.fakes import FakeUpstream
-
-TEACHER, STUDENT = Price(10.0, 20.0), Price(1.0, 2.0)
-PRICES = {"teacher": TEACHER, "student": STUDENT}
-CONFIG = Config.model_validate({
-    "auth": {"enabled": False},
-    "models": [{"name": "student", "source": "x", "price": {"input_per_million": 1, "output_per_million": 2}},
-               {"name": "teacher", "source": "y", "price": {"input_per_million": 10, "output_per_million": 20}}],
-    "routes": [{"name": "assistant", "cache": {"ttl_s": 60},
-                "cascade": {"student": "student", "teacher": "teacher", "min_mean_logprob": -1.0}}],
-})
-
-
-class SureOfSome(FakeUpstream):
-    """The student is confident (logprob -0.1) about prompts that say 'easy', unsure (-3) otherwise."""
-
-    async def post(self, base_url, path, body, *, stream, timeout_s):
-        prompt = json.loads(body)["messages"][0]["content"]
-        self.logprob = -0.1 if "easy" in prompt else -3.0
-        # The teacher says more about hard prompts: its cost on the cache's misses is not its mean.
-        self.text_by_model["teacher"] = "t1 t2 t3 t4 t5 t6" if "hard" in prompt else "t1 t2"
-        return await super().post(base_url, path, body, stream=stream, timeout_s=timeout_s)
+from tests.unit.economics_support import CONFIG, PRICES, SureOfSome, cascade_app
 
 
 def traffic(**kw) -> Traffic:
@@ -125,10 +99,9 @@ def test_goals_and_the_note_say_which_term_holds_the_saving_back():
 
 # ---- the report on a real gateway app: out-of-sample marking, one-off costs, goals -------------------
 def test_report_marks_training_prompts_counts_one_off_costs_and_lists_goals(tmp_path):
-    backends = Backends()
-    backends.update({m: [(f"{m}#1", f"http://{m}")] for m in ("student", "teacher")})
-    app = create_app(CONFIG, backends, SureOfSome(text_by_model={"student": "s1 s2", "teacher": "t1 t2 t3"}),
-                     cache=HeadCache(None))
+    # The teacher says more about hard prompts: its cost on the cache's misses is not its mean.
+    app = cascade_app(SureOfSome(text_by_model={"student": "s1 s2", "teacher": "t1 t2"},
+                                 teacher_on_hard="t1 t2 t3 t4 t5 t6"))
     log = [{"messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 8}
            for q in ("easy one", "hard one", "easy two", "easy one", "easy three")]
     labels = tmp_path / "labels.jsonl"

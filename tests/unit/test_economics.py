@@ -4,15 +4,11 @@ gateway's headers (serve/students/report.py, against a real gateway app on the f
 from __future__ import annotations
 
 import asyncio
-import json
 
 import httpx
 import pytest
 
-from serve.cache.store import HeadCache
 from serve.config import Config
-from serve.gateway.app import create_app
-from serve.gateway.backends import Backends
 from serve.policies.cost import Price
 from serve.students.economics import (
     Served,
@@ -28,11 +24,7 @@ from serve.students.economics import (
     table,
 )
 from serve.students.report import Caller, prices, replay
-from tests.fakes import FakeUpstream
-
-TEACHER = Price(10.0, 20.0)
-STUDENT = Price(1.0, 2.0)
-PRICES = {"teacher": TEACHER, "student": STUDENT}
+from tests.unit.economics_support import PRICES, STUDENT, TEACHER, SureOfSome, cascade_app
 
 
 def h(**kw: str) -> dict[str, str]:
@@ -178,29 +170,8 @@ def test_prices_of_runtime_adapters_are_their_bases():
 
 
 # ---- the replay, against a real gateway app (cache, cascade, cost) on the fake engine -------------
-CONFIG = Config.model_validate({
-    "auth": {"enabled": False},
-    "models": [{"name": "student", "source": "x", "price": {"input_per_million": 1, "output_per_million": 2}},
-               {"name": "teacher", "source": "y", "price": {"input_per_million": 10, "output_per_million": 20}}],
-    "routes": [{"name": "assistant", "cache": {"ttl_s": 60},
-                "cascade": {"student": "student", "teacher": "teacher", "min_mean_logprob": -1.0}}],
-})
-
-
-class SureOfSome(FakeUpstream):
-    """The student is confident (logprob -0.1) about prompts that say 'easy', unsure (-3) otherwise."""
-
-    async def post(self, base_url, path, body, *, stream, timeout_s):
-        payload = json.loads(body)
-        self.logprob = -0.1 if "easy" in payload["messages"][0]["content"] else -3.0
-        return await super().post(base_url, path, body, stream=stream, timeout_s=timeout_s)
-
-
 def test_replay_reads_tier_cost_and_answer_of_every_request():
-    backends = Backends()
-    backends.update({m: [(f"{m}#1", f"http://{m}")] for m in ("student", "teacher")})
-    up = SureOfSome(text_by_model={"student": "s1 s2", "teacher": "t1 t2 t3"})
-    app = create_app(CONFIG, backends, up, cache=HeadCache(None))
+    app = cascade_app(SureOfSome(text_by_model={"student": "s1 s2", "teacher": "t1 t2 t3"}))
     log = [{"messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": 8}
            for q in ("easy one", "hard one", "easy one", "hard one", "hard one")]
 
