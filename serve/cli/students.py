@@ -171,23 +171,23 @@ def cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: Any) -> None:
-    def common(p: argparse.ArgumentParser, remote: bool = True) -> None:
-        p.add_argument("--config")
-        p.add_argument("--redis-url")
-        if remote:
-            p.add_argument("--url", default=os.environ.get("LLMSERVE_URL", "http://127.0.0.1:8000/v1"))
-            p.add_argument("--api-key", help="default: $LLMSERVE_API_KEY")
-            p.add_argument("--timeout", type=float, default=3600)
+def _common(p: argparse.ArgumentParser, remote: bool = True) -> None:
+    """Every subcommand's last options: where the lifecycle's state is and, for one that asks the
+    gateway (`remote`), its address, key and timeout."""
+    p.add_argument("--config")
+    p.add_argument("--redis-url")
+    if remote:
+        p.add_argument("--url", default=os.environ.get("LLMSERVE_URL", "http://127.0.0.1:8000/v1"))
+        p.add_argument("--api-key", help="default: $LLMSERVE_API_KEY")
+        p.add_argument("--timeout", type=float, default=3600)
 
-    st = sub.add_parser("students", help="student lifecycle: label, eval, calibrate, promote, rollback")
-    ss = st.add_subparsers(dest="students_command", required=True)
-    from serve.cli.train import add_train_command
 
-    add_train_command(ss)
-    from serve.cli.students_curate import add_curate_commands
+def _finish(p: argparse.ArgumentParser, func: Any, remote: bool = True) -> None:
+    _common(p, remote)
+    p.set_defaults(func=func)
 
-    add_curate_commands(ss, common)
+
+def _add_label(ss: Any) -> None:
     p = ss.add_parser("label", help="teacher answers for a sample of logged queries (Batch API)")
     p.add_argument("--log", required=True)
     p.add_argument("--teacher", required=True)
@@ -199,14 +199,16 @@ def add_commands(sub: Any) -> None:
                         "(needs --route: its normalisation counts them), so the sample is the tail")
     p.add_argument("--route", help="the route whose head cache --exclude-head stands for, and whose per-tier "
                                    "prompts lead the teacher's request and the student's label")
-    common(p)
 
     def label(args: argparse.Namespace) -> int:
         if args.exclude_head < 0 or (args.exclude_head and not args.route):
-            p.error("--exclude-head takes N >= 0 and needs --route")
+            p.error("--exclude-head takes N >= 0 and needs --route")  # this parser's: `students label`'s usage
         return cmd_label(args)
 
-    p.set_defaults(func=label)
+    _finish(p, label)
+
+
+def _add_eval(ss: Any) -> None:
     p = ss.add_parser("eval", help="score an adapter against teacher labels and record it with the digest of "
                                    "its weights (refused unless the gateway serves the name from those weights)")
     p.add_argument("--adapter", required=True, help="the name the gateway serves the adapter under")
@@ -219,8 +221,10 @@ def add_commands(sub: Any) -> None:
                                              "(cosine through /v1/embeddings)")
     p.add_argument("--judge", help="a model (the teacher) that judges each answer against the label through the "
                                    "Batch API with a json_schema verdict: adds judge (share judged the same)")
-    common(p)
-    p.set_defaults(func=cmd_eval)
+    _finish(p, cmd_eval)
+
+
+def _add_calibrate(ss: Any) -> None:
     p = ss.add_parser("calibrate", help="pick the cascade threshold at which the student's own answers meet an "
                                         "agreement target; exits 1 when none does")
     p.add_argument("--student", required=True)
@@ -234,8 +238,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--out", default="calibration")
     p.add_argument("--route", help="the cascade route whose rules are simulated (length, schema, refusal, the first-k "
                                    "decision of streams); default: a cascade's default rules")
-    common(p)
-    p.set_defaults(func=cmd_calibrate)
+    _finish(p, cmd_calibrate)
+
+
+def _add_promote(ss: Any) -> None:
     p = ss.add_parser("promote", help="load exactly the evaluated weights and move a route to them, if the "
                                       "adapter's latest evaluation (of these weights) passes the route's gate")
     p.add_argument("adapter")
@@ -249,13 +255,29 @@ def add_commands(sub: Any) -> None:
                                                    "calibrated, and recorded, for these weights")
     p.add_argument("--uncalibrated", action="store_true",
                    help="accept a --threshold no calibration chose (recorded as such in the promotion)")
-    common(p)
-    p.set_defaults(func=cmd_promote)
-    p = ss.add_parser("rollback", help="undo a route's newest promotion still in force (again: the one before)")
+    _finish(p, cmd_promote)
+
+
+def _add_route_record(ss: Any, name: str, summary: str, func: Any) -> None:
+    """A command on one route's lifecycle record alone (rollback, history): no gateway asked."""
+    p = ss.add_parser(name, help=summary)
     p.add_argument("--route", required=True)
-    common(p, remote=False)
-    p.set_defaults(func=cmd_rollback)
-    p = ss.add_parser("history", help="every change of a route")
-    p.add_argument("--route", required=True)
-    common(p, remote=False)
-    p.set_defaults(func=cmd_history)
+    _finish(p, func, remote=False)
+
+
+def add_commands(sub: Any) -> None:
+    st = sub.add_parser("students", help="student lifecycle: label, eval, calibrate, promote, rollback")
+    ss = st.add_subparsers(dest="students_command", required=True)
+    from serve.cli.train import add_train_command
+
+    add_train_command(ss)
+    from serve.cli.students_curate import add_curate_commands
+
+    add_curate_commands(ss, _common)
+    _add_label(ss)
+    _add_eval(ss)
+    _add_calibrate(ss)
+    _add_promote(ss)
+    _add_route_record(ss, "rollback", "undo a route's newest promotion still in force (again: the one before)",
+                      cmd_rollback)
+    _add_route_record(ss, "history", "every change of a route", cmd_history)

@@ -169,7 +169,9 @@ def test_label_can_leave_out_the_head_the_cache_serves(tmp_path, monkeypatch, ca
     capsys.readouterr()
     with pytest.raises(SystemExit) as err:
         main([*label, "--exclude-head", "2"])
-    assert err.value.code == 2 and "needs --route" in capsys.readouterr().err
+    # The usage and the error are `students label`'s own, not those of the subcommand added last.
+    assert err.value.code == 2 and "llmserve students label: error: --exclude-head takes N >= 0 and needs --route" \
+        in capsys.readouterr().err
 
 
 # ---- adapter digests --------------------------------------------------------------------------
