@@ -13,7 +13,7 @@ from typing import Any
 
 from serve.config import load_config
 from serve.students.economics import plot, table
-from serve.students.report import BATCH_PRICE_FACTOR, economics
+from serve.students.report import BATCH_PRICE_FACTOR, Measures, economics
 
 
 def cmd_economics(args: argparse.Namespace) -> int:
@@ -27,7 +27,7 @@ def cmd_economics(args: argparse.Namespace) -> int:
         log = synth_log(args.requests, args.distinct, args.s, args.seed, args.max_tokens, args.route)
     if not log:
         raise SystemExit("llmserve: the log holds no chat requests")
-    report, records = asyncio.run(economics(args, config, log))
+    report, records = asyncio.run(economics(args, config, log, measures=_measures(args)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "replay.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in records))
@@ -38,6 +38,33 @@ def cmd_economics(args: argparse.Namespace) -> int:
     print(text)
     print(f"\nwrote {out / 'economics.json'}, {out / 'economics.txt'}, {out / 'economics.png'}")
     return 0 if report["tiers"]["error"]["requests"] < len(log) else 1
+
+
+def _measures(args: argparse.Namespace) -> Measures | None:
+    """The embedding similarity (--embedding-model, the gateway's /v1/embeddings) and the judge
+    (--judge, the Batch API with a json_schema verdict), bound to the gateway; None when neither."""
+    if not (args.embedding_model or args.judge):
+        return None
+    from serve.cli.students_common import _client, _run_batch
+    from serve.students.judges import JUDGE_INSTRUCTIONS, VERDICT_SCHEMA, embedding_similarity, judge_lines
+
+    client = _client(args)
+    record: dict[str, Any] = {}
+    embed = judge = None
+    if args.embedding_model:
+        def embed(pairs: list[tuple[str, str]]) -> list[float]:
+            return embedding_similarity(client, args.embedding_model, pairs)
+
+        record["embedding"] = {"model": args.embedding_model, "endpoint": "/v1/embeddings",
+                               "method": "cosine of the answer's and the teacher's embeddings, clamped to [0, 1]"}
+    if args.judge:
+        def judge(items: list[tuple[str, dict[str, Any], str, str]]) -> tuple[str, dict[str, Any]]:
+            return _run_batch(client, judge_lines(items, args.judge), args.timeout)
+
+        record["judge"] = {"model": args.judge, "endpoint": "Batch API, /v1/chat/completions",
+                           "instructions": JUDGE_INSTRUCTIONS, "schema": VERDICT_SCHEMA,
+                           "method": "share of same_meaning verdicts; an unreadable verdict counts as not the same"}
+    return Measures(embed, judge, record)
 
 
 def add_commands(sub: Any) -> None:
@@ -77,6 +104,13 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--horizon", type=int,
                    help="requests the one-off costs are amortised over (default: the replayed requests)")
     p.add_argument("--target-saving", type=float, default=100.0, help="the goal against teacher-only")
+    p.add_argument("--embedding-model", help="score each tier's answers by embedding similarity with the teacher's, "
+                                             "through this model on the gateway's /v1/embeddings")
+    p.add_argument("--judge", help="score each tier's answers by this model's verdict (same meaning as the teacher's "
+                                   "or not), asked through the Batch API with a json_schema")
+    p.add_argument("--quality-sample", type=int, default=50,
+                   help="answers per tier the embedding similarity and the judge score (the first of the tier's "
+                        "out-of-sample sample)")
     p.add_argument("--note", action="append", help="a line for the closing note (repeatable)")
     p.add_argument("--out", default="economics", help="directory for economics.json, .txt and .png")
     p.set_defaults(func=cmd_economics)

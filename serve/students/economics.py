@@ -198,20 +198,31 @@ def _fmt(v: float | None, spec: str, none: str = "-") -> str:
 
 def table(report: Mapping[str, Any]) -> str:
     """The plain-text summary: one row per tier, then the costs, the training and the closing note."""
-    lines = [f"{'tier':<9}{'requests':>9}{'share':>8}{'agreement':>11}{'exact':>7}{'(sample)':>9}{'trained':>8}"
-             f"{'p50 ms':>9}{'p95 ms':>9}"]
+    qm = report.get("quality_measures") or {}
+    # The free-text measures the report was asked for (`--embedding-model`, `--judge`), a column each.
+    free = [m for m, asked in (("embedding_similarity", "embedding"), ("judge", "judge")) if asked in qm]
+    heads = {"embedding_similarity": "embed", "judge": "judge"}
+    lines = [f"{'tier':<9}{'requests':>9}{'share':>8}{'agreement':>11}{'exact':>7}"
+             + "".join(f"{heads[m]:>7}" for m in free) + f"{'(sample)':>9}{'trained':>8}{'p50 ms':>9}{'p95 ms':>9}"]
     for t in TIERS:
         r = report["tiers"][t]
         if not r["requests"] and t in ("fallback", "error"):
             continue
         a, lat = r["agreement"], r["latency_ms"]
         lines.append(f"{t:<9}{r['requests']:>9}{r['share']:>8.1%}{_fmt(a['token_overlap'], '.3f'):>11}"
-                     f"{_fmt(a.get('exact_match'), '.3f'):>7}{a['sample']:>9}{r.get('in_training', 0):>8}"
-                     f"{_fmt(lat['p50'], '.1f'):>9}{_fmt(lat['p95'], '.1f'):>9}")
+                     f"{_fmt(a.get('exact_match'), '.3f'):>7}" + "".join(f"{_fmt(a.get(m), '.3f'):>7}" for m in free)
+                     + f"{a['sample']:>9}{r.get('in_training', 0):>8}{_fmt(lat['p50'], '.1f'):>9}"
+                     f"{_fmt(lat['p95'], '.1f'):>9}")
     lines.append(f"{'route':<9}{report['requests']:>9}{1:>8.1%}{_fmt(report['agreement']['route'], '.3f'):>11}")
     lines.append("(agreement: token overlap and exact match of out-of-sample answers only, against the teacher "
                  "asked directly; the teacher's own tier is not scored; trained: replayed requests whose prompt "
                  "the student was trained on)")
+    if free:
+        lines.append(f"(embed: mean cosine similarity of the answer's and the teacher's embeddings from "
+                     f"{(qm.get('embedding') or {}).get('model', '-')} through the gateway's /v1/embeddings; judge: "
+                     f"share of 'same meaning' verdicts of {(qm.get('judge') or {}).get('model', '-')} through the "
+                     f"Batch API with a json_schema, unreadable counted as not; both on the first "
+                     f"{qm.get('sample_per_tier')} of each tier's sample)")
     if report.get("attribution"):
         from serve.students.attribution import table as attribution_table
 
@@ -235,6 +246,10 @@ def table(report: Mapping[str, Any]) -> str:
     if train:
         lines.append(f"  students train (transformers): before {_fmt(train.get('before'), '.3f')} -> after "
                      f"{_fmt(train.get('after'), '.3f')}")
+        if train.get("golden_version"):
+            reviewed = train.get("reviewed") or {}
+            lines.append(f"  trained on golden set {train['golden_version']} ({reviewed.get('corrected', 0)} labels "
+                         f"corrected, {reviewed.get('confirmed', 0)} confirmed by review; the manifest records it)")
     lines += ["", "closing note:"] + [f"  - {n}" for n in report.get("notes", [])]
     return "\n".join(lines)
 

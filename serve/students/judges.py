@@ -11,9 +11,15 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+# The reason is bounded so that the whole verdict always fits the judge's max_tokens: a judge that
+# rambles (a small or random-weight one under a grammar does: its string ends only at maxLength)
+# would otherwise be cut mid-string, and a cut verdict is unreadable, which counts as a disagreement.
+# 120 characters are at most ~170 tokens of a byte-level vocabulary, with the JSON around them < 200.
+REASON_CHARS = 120
+JUDGE_MAX_TOKENS = 200
 VERDICT_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "properties": {"same_meaning": {"type": "boolean"}, "reason": {"type": "string", "maxLength": 300}},
+    "properties": {"same_meaning": {"type": "boolean"}, "reason": {"type": "string", "maxLength": REASON_CHARS}},
     "required": ["same_meaning", "reason"],
     "additionalProperties": False,
 }
@@ -55,7 +61,7 @@ def judge_lines(items: Sequence[tuple[str, dict[str, Any], str, str]], judge: st
     lines = []
     for label_id, request, student, teacher in items:
         asked = json.dumps(request.get("messages") or request.get("prompt"), ensure_ascii=False)
-        body = {"model": judge, "temperature": 0, "max_tokens": 200,
+        body = {"model": judge, "temperature": 0, "max_tokens": JUDGE_MAX_TOKENS,
                 "messages": [{"role": "system", "content": JUDGE_INSTRUCTIONS},
                              {"role": "user", "content": f"Request: {asked}\n\nReference answer: {teacher}\n\n"
                                                          f"Candidate answer: {student}"}],
@@ -83,3 +89,28 @@ def judge_score(ids: Sequence[str], answers: dict[str, dict[str, Any]]) -> tuple
     a disagreement, so a judge that fails cannot pass a student."""
     got = [verdict(answers.get(i)) for i in ids]
     return (sum(v or 0.0 for v in got) / len(got) if got else 0.0), sum(1 for v in got if v is None)
+
+
+def tier_quality(items: Sequence[tuple[str, dict[str, Any], str, str]], embed: Any = None, judge: Any = None
+                 ) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """The free-text measures of one tier's sample of (id, request, answer, teacher's answer):
+    ({"embedding_similarity": mean, "judge": mean verdict}, what the judge spent and could not read).
+    embed(pairs) -> similarities (`embedding_similarity` bound to a client and model); judge(items)
+    -> (batch id, custom_id -> answer body) (the Batch API run of `judge_lines`). A measure not
+    asked for, or with nothing to measure, is absent."""
+    from serve.policies.cost import usage_tokens
+
+    scores: dict[str, float | None] = {}
+    spent: dict[str, Any] = {}
+    if not items:
+        return scores, spent
+    if embed is not None:
+        sims = embed([(answer, teacher) for _, _, answer, teacher in items])
+        scores["embedding_similarity"] = sum(sims) / len(sims)
+    if judge is not None:
+        batch_id, answers = judge(items)
+        scores["judge"], unreadable = judge_score([i for i, *_ in items], answers)
+        usage = [usage_tokens(a.get("usage")) for a in answers.values()]
+        spent = {"batch_id": batch_id, "unreadable": unreadable, "prompt_tokens": sum(p for p, _ in usage),
+                 "completion_tokens": sum(c for _, c in usage)}
+    return scores, spent

@@ -12,8 +12,8 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, replace
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -238,8 +238,10 @@ def one_off_costs(args: argparse.Namespace, price: dict[str, Price],
     return out
 
 
-async def economics(args: argparse.Namespace, config: Config, log: list[dict[str, Any]], transport: Any = None
-                    ) -> tuple[dict[str, Any], list[Served]]:
+async def economics(args: argparse.Namespace, config: Config, log: list[dict[str, Any]], transport: Any = None,
+                    measures: Measures | None = None) -> tuple[dict[str, Any], list[Served]]:
+    """The report and the replayed records. measures: the free-text measures (embedding similarity,
+    the LLM judge) the CLI binds to the gateway, scored on each tier's out-of-sample answers."""
     route = config.route(args.route)
     if route is None:
         raise SystemExit(f"llmserve: route {args.route!r} is not in the configuration")
@@ -265,9 +267,11 @@ async def economics(args: argparse.Namespace, config: Config, log: list[dict[str
         wall = time.monotonic() - started
         rng = random.Random(args.seed)
         uniform = [log[i] for i in sorted(rng.sample(range(len(log)), min(args.sample, len(log))))]
+        by_tier = sample_by_tier(records, args.sample, args.seed)
         per_tier = {t: (await _pairs(caller, teacher, [(r.text or "", log[r.index]) for r in rs],
                                      f"teacher labels, {t} tier"))[0]
-                    for t, rs in sample_by_tier(records, args.sample, args.seed).items()}
+                    for t, rs in by_tier.items()}
+        quality = await _free_text(caller, measures, by_tier, log, teacher, getattr(args, "quality_sample", 0))
         # What the teacher costs on the traffic the cache missed (whichever tier then answered it):
         # the teacher-behind-the-cache baseline.
         missed = [r for r in records if r.tier not in ("cache", "error")]
@@ -286,9 +290,12 @@ async def economics(args: argparse.Namespace, config: Config, log: list[dict[str
         if args.labels:
             extra["held_out"] = await _held_out(caller, args.labels, [m for m in (student, args.base) if m])
         if args.manifest:
-            held = json.loads(Path(args.manifest).read_text())["agreement"]["held_out"]
+            manifest = json.loads(Path(args.manifest).read_text())
+            held = manifest["agreement"]["held_out"]
+            golden: dict[str, Any] = next((s for s in manifest.get("sources") or [] if s.get("golden_version")), {})
             extra["training"] = {"before": held["before"].get("token_overlap"),
-                                 "after": held["after"].get("token_overlap"), "manifest": args.manifest}
+                                 "after": held["after"].get("token_overlap"), "manifest": args.manifest,
+                                 "golden_version": golden.get("golden_version"), "reviewed": golden.get("reviewed")}
     finally:
         await caller.close()
     teacher_usage = [t[1] for t in t_ans if t is not None]
@@ -314,6 +321,11 @@ async def economics(args: argparse.Namespace, config: Config, log: list[dict[str
     att = attribute(traffic, costs, horizon)
     tm = terms(traffic, att["one_off_usd"], horizon, args.target_saving)
     report["attribution"], report["terms"], report["traffic"] = att, tm, asdict(traffic)
+    if measures is not None:
+        for t, (scores, _) in quality.items():
+            report["tiers"][t]["agreement"].update(scores)
+        report["quality_measures"] = {**measures.record, "sample_per_tier": getattr(args, "quality_sample", 0),
+                                      "judge_spent": {t: spent for t, (_, spent) in quality.items() if spent}}
     report["goals"] = goals(att, traffic.cache_share, args.target_saving)
     report["out_of_sample"] = {"method": "time split: the replayed log is later than the traffic the cache and "
                                          "the labels came from; answers to prompts the student trained on are "
@@ -323,6 +335,37 @@ async def economics(args: argparse.Namespace, config: Config, log: list[dict[str
     report["notes"] = (notes(report) + holding_back(tm, att["saving"]["route_vs_teacher_only"])
                        + list(args.note or []))
     return report, records
+
+
+@dataclass(frozen=True)
+class Measures:
+    """The free-text measures bound to a gateway: embed(pairs) -> similarities, judge(items) ->
+    (batch id, answers) (serve/students/judges.py, tier_quality), and what they are (the record)."""
+
+    embed: Callable[[list[tuple[str, str]]], list[float]] | None
+    judge: Callable[[list[tuple[str, dict[str, Any], str, str]]], tuple[str, dict[str, Any]]] | None
+    record: dict[str, Any]
+
+
+async def _free_text(caller: Caller, measures: Measures | None, by_tier: dict[str, list[Served]],
+                     log: list[dict[str, Any]], teacher: str, k: int
+                     ) -> dict[str, tuple[dict[str, float | None], dict[str, Any]]]:
+    """Each tier's embedding similarity and judge verdicts on the first k of its out-of-sample
+    sample, against the teacher asked directly (answers the tier's token overlap already asked for:
+    remembered, not asked again)."""
+    from serve.students.judges import tier_quality
+
+    out: dict[str, tuple[dict[str, float | None], dict[str, Any]]] = {}
+    if measures is None:
+        return out
+    for t, rs in by_tier.items():
+        items = []
+        for r in rs[:k]:
+            label = await caller.answer(teacher, log[r.index])
+            if label is not None:
+                items.append((f"{t}-{r.index}", log[r.index], r.text or "", label[0]))
+        out[t] = await asyncio.to_thread(tier_quality, items, measures.embed, measures.judge)
+    return out
 
 
 async def _held_out(caller: Caller, labels_path: str, models: list[str]) -> dict[str, Any]:
