@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from serve.cli.demo_parts import FAQ, MAX_TOKENS, faq_labels, show_provenance  # noqa: F401 (FAQ: tests read it)
+from serve.cli.demo_parts import FAQ, MAX_TOKENS, curate, faq_labels, show_provenance  # noqa: F401 (FAQ: tests)
 from serve.config import Config
 from serve.policies.tier_prompt import prompt_for
 
@@ -240,13 +240,17 @@ def run_loop(demo: Demo) -> int:
             # client's input alone (the route's student prompt, if it has one).
             demo.llmserve("students", "label", "--log", str(tail), "--teacher", teacher, "--sample",
                           str(a.labels), "-o", str(labels), "--route", ROUTE, *remote)
-        with demo.step("students train: a LoRA adapter for the student base on the teacher's labels"):
-            _, stdout = demo.llmserve("students", "train", "--labels", str(labels), "--base", student_base.source,
+        golden = out / "golden.jsonl"
+        with demo.step(f"curate the golden set: the {a.review:.0%} least confident labels out for review, the "
+                       f"corrections back in"):
+            demo.notes.append(curate(demo.llmserve, labels, golden, demo.out, a.review))
+        with demo.step("students train: a LoRA adapter for the student base on the curated golden set"):
+            _, stdout = demo.llmserve("students", "train", "--labels", str(golden), "--base", student_base.source,
                                       "-o", str(adapter), "--holdout", str(a.holdout), "--epochs", str(a.epochs),
                                       "--max-new-tokens", str(MAX_TOKENS))
             manifest_path = demo.last_json(stdout)["manifest"]
             manifest = json.loads(Path(manifest_path).read_text())
-            n_held = held_out_labels(labels, manifest, held)
+            n_held = held_out_labels(golden, manifest, held)
             print(f"{n_held} held-out labels (never trained on) -> {held}")
         with demo.step("eval: load the adapter into the student's engine, score it on the held-out labels"):
             print(f"POST {url}/llmserve/adapters {{name: {a.adapter}, path: {adapter}, base: {base}}}", flush=True)
@@ -298,6 +302,8 @@ def run_loop(demo: Demo) -> int:
                                       "--labels", str(held), "--base", base, "--manifest", manifest_path,
                                       "--train-labels", str(labels), "--eval-record", str(out / "eval.json"),
                                       *(["--calibration-record", str(calibration)] if calibration.is_file() else []),
+                                      *(["--embedding-model", a.embedding_model] if a.embedding_model else []),
+                                      "--judge", teacher, "--quality-sample", str(a.quality_sample),
                                       "--train-hour-usd", str(a.train_hour_usd), *horizon,
                                       "--out", str(out / "report"), "--concurrency", str(a.concurrency), *notes)
     return code_r
@@ -359,6 +365,12 @@ def add_command(sub: Any) -> None:
                         "is ~3 minutes of CPU)")
     p.add_argument("--teacher-epochs", type=int, default=10, help="epochs of teaching the teacher")
     p.add_argument("--labels", type=int, default=600, help="tail queries the teacher labels for the student")
+    p.add_argument("--review", type=float, default=0.25,
+                   help="share of the labels, least confident first, exported for review before training")
+    p.add_argument("--embedding-model", default="embedder",
+                   help="the configuration's embedding model the report's similarity asks ('' for none)")
+    p.add_argument("--quality-sample", type=int, default=40,
+                   help="answers per tier the report's embedding similarity and judge score")
     p.add_argument("--holdout", type=float, default=0.3, help="share of labels held out from training")
     p.add_argument("--epochs", type=int, default=8, help="epochs of training the student")
     p.add_argument("--adapter", default="student-v1", help="name the trained adapter is served under")

@@ -3,6 +3,7 @@ provenance: the pure and small parts of the loop, kept apart from the loop itsel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,86 @@ def show_provenance(url: str, key: str, config: Config, route: str, log: Path, s
     return (f"a student-filled query answered from the cache: x-llmserve-cache {r.headers.get('x-llmserve-cache')}, "
             f"served by {r.headers.get('x-llmserve-served-by')}; provenance: model {prov.get('model')}, batch "
             f"{prov.get('batch_id')}, price {prov.get('price')}, fill cost {prov.get('cost_usd')} USD")
+
+
+def topic_of(text: str) -> str | None:
+    """The FAQ topic a query log question asks about ("How do I change my <topic> (case N)?", spaced
+    in any way), or None."""
+    import re
+
+    m = re.search(r"change my (.+?) \(case", " ".join(text.split()))
+    return m.group(1) if m and m.group(1) in FAQ else None
+
+
+def faq_review(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """What stands in for the reviewer in the demo, where no person reads the export: the FAQ the
+    teacher was taught (the demo's ground truth, what a support agent reading the labels knows).
+    Each exported label is confirmed when it is its topic's answer, corrected to that answer when it
+    is not, dropped when its question has no FAQ topic. Returns the reviewed lines (the review file
+    format `students curate import` reads) and the counts. Pure."""
+    from serve.students.metrics import normalize
+
+    out, counts = [], {"confirmed": 0, "corrected": 0, "dropped": 0}
+    for row in rows:
+        asked = row.get("input") or {}
+        text = next((m.get("content") for m in reversed(asked.get("messages") or []) if m.get("role") == "user"), "")
+        topic = topic_of(str(text or ""))
+        if topic is None:
+            out.append({**row, "drop": True})
+            counts["dropped"] += 1
+        elif normalize(row["teacher"]) == normalize(FAQ[topic]):
+            out.append({**row, "correction": None})
+            counts["confirmed"] += 1
+        else:
+            out.append({**row, "correction": FAQ[topic]})
+            counts["corrected"] += 1
+    return out, counts
+
+
+def wrong_share(labels: list[dict[str, Any]]) -> float | None:
+    """Share of labels that are not their FAQ topic's answer (the demo's ground truth); None for none."""
+    from serve.students.metrics import normalize
+
+    judged = [(lab, topic_of(str(((lab.get("input") or lab["request"]).get("messages") or [{}])[-1].get("content"))))
+              for lab in labels]
+    judged = [(lab, t) for lab, t in judged if t is not None]
+    if not judged:
+        return None
+    return sum(1 for lab, t in judged if normalize(lab["teacher"]) != normalize(FAQ[str(t)])) / len(judged)
+
+
+def curate(llmserve: Callable[..., tuple[int, str]], labels: Path, golden: Path, out: Path, share: float) -> str:
+    """`students curate export` of the least confident `share` of the labels, the review (in the
+    demo: the FAQ the teacher was taught stands in for the person who reads them), `students curate
+    import` into `golden`. llmserve(*argv) runs one command (the demo's, printed); returns the note."""
+    import json
+    import statistics
+
+    rows = [json.loads(x) for x in labels.read_text().splitlines() if x.strip()]
+    lps = sorted(r["teacher_mean_logprob"] for r in rows if isinstance(r.get("teacher_mean_logprob"), (int, float)))
+    # The review budget: labels whose teacher confidence is in the lowest --review share, plus any cut off.
+    bound = lps[int(len(lps) * share)] if lps else 0.0
+    review, reviewed = out / "review.jsonl", out / "reviewed.jsonl"
+    llmserve("students", "curate", "export", "--labels", str(labels), "-o", str(review), "--min-logprob",
+             repr(bound))
+    suspects = [json.loads(x) for x in review.read_text().splitlines() if x.strip()]
+    done, counts = faq_review(suspects)
+    reviewed.write_text("".join(json.dumps(r) + "\n" for r in done))
+    flagged = {r["id"] for r in suspects}
+    wrong_in, wrong_out = (wrong_share([r for r in rows if (r["id"] in flagged) == side]) for side in (True, False))
+    print(f"no person reviews in the demo: the FAQ the teacher was taught (its ground truth) stands in for the "
+          f"reviewer: of {len(suspects)} exported labels {counts['confirmed']} confirmed, {counts['corrected']} "
+          f"corrected to their topic's answer, {counts['dropped']} dropped (no FAQ topic) -> {reviewed}")
+    print(f"how well the export points at wrong labels (the FAQ as the truth): {_pct(wrong_in)} of the exported ones "
+          f"were wrong, {_pct(wrong_out)} of those not exported (teacher mean logprob: median "
+          f"{statistics.median(lps) if lps else float('nan'):.3f}, exported below {bound:.3f})")
+    _, stdout = llmserve("students", "curate", "import", "--labels", str(labels), "--reviews", str(reviewed),
+                         "-o", str(golden))
+    version = json.loads(stdout.strip().splitlines()[-1]).get("golden_version")
+    return (f"golden set {version}: {counts['corrected']} of {len(rows)} teacher labels corrected and "
+            f"{counts['dropped']} dropped by the review's stand-in (the FAQ the teacher was taught); "
+            f"{_pct(wrong_in)} of the exported labels were wrong against {_pct(wrong_out)} of the rest")
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
