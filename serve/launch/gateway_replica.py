@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from typing import Any
 
 from ray import serve
@@ -33,6 +34,7 @@ from ray import serve
 from serve.asgi import start_in_loop
 from serve.config import GatewaySpec
 from serve.contract.registry import get_registry
+from serve.gateway.readiness import ready_hold_s, until_ready
 from serve.gateway.server import ByPort, build_gateway, listen, ray_snapshot_source
 from serve.launch.batch_worker import BatchWorkerServer, pod_config
 from serve.policies.autoscaling import ONGOING, REQUESTS
@@ -50,6 +52,11 @@ class GatewayServer:
         self._front = app
         self._server, self._task = await start_in_loop(app, listen(app, cfg), graceful_s=30)
         logger.info("gateway listening on %s:%s", cfg.gateway.host, cfg.gateway.port)
+        # Serve calls this replica RUNNING when __init__ returns; KubeRay switches an upgrade's
+        # Service on RUNNING: not before this pod's probes can have seen /health answer 200.
+        gw = app.state.gateway
+        await until_ready(lambda: gw.readiness({m.name: gw.backends.ready_count(m.name) for m in gw.config.models}),
+                          ready_hold_s(os.environ))
 
     async def check_health(self) -> None:
         if self._task.done():

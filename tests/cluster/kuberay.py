@@ -96,14 +96,24 @@ class KubeRay(Kubelet):
                 self._launch(self._ray_pod(g, "worker", g["groupName"], name, spec, cluster))
 
     def upgrade(self, objects: list[dict[str, Any]], suffix: str = "n3w9q", deletion_delay_s: float = 5) -> dict:
-        """`helm upgrade` with a change of the cluster spec, under upgradeStrategy NewCluster
-        (rayservice_controller.go): a pending RayCluster from the new RayService beside the active
-        one; serveConfigV2 PUT to its head once that pod is Ready; when every application there is
-        RUNNING (KubeRay polls every 2 s), the serve Service's selector moves to it, and the old
-        cluster is deleted rayClusterDeletionDelaySeconds later (KubeRay's default is 60 s; its pods
-        terminate as on an eviction: out of every Service, preStop, SIGTERM). The other objects of
-        the render are not applied (Secrets keep their values, as `helm upgrade` keeps them).
-        Returns the monotonic time of each step."""
+        """`helm upgrade` with a change of the cluster spec, under upgradeStrategy NewCluster, as
+        KubeRay 1.5-1.7 does it (ray-operator/controllers/ray/rayservice_controller.go):
+        - shouldPrepareNewCluster / createRayClusterInstance: a pending RayCluster from the new
+          RayService beside the active one (pods built by common/pod.go BuildPod: workers labelled
+          ray.io/serve=true from the start, the head "false" until updateHeadPodServeLabel);
+        - reconcileServe: nothing until the pending head pod is Ready (isHeadPodRunningAndReady),
+          then updateServeDeployment PUTs serveConfigV2 to its dashboard;
+        - Reconcile, every ServiceDefaultRequeueDuration (2 s): reconcileServe's isReady is
+          getAndCheckServeStatus, every application RUNNING and nothing else (no look at the
+          pending pods' readiness); in that same reconcile reconcileServicesToReadyCluster ->
+          reconcileServices rebuilds the serve Service (common/service.go BuildServeService:
+          selector ray.io/cluster=<pending>, ray.io/serve=true) and updates it, since the cluster
+          label changed: the switch; the endpoints are then the pending cluster's Ready pods only;
+        - reconcilePromotionAndServingStatus: the pending cluster is promoted, and the old one is
+          deleted rayClusterDeletionDelaySeconds later (default 60 s; its pods terminate as on an
+          eviction: out of every Service, preStop, SIGTERM).
+        The other objects of the render are not applied (Secrets keep their values, as `helm
+        upgrade` keeps them). Returns the monotonic time of each step."""
         rs = next(o for o in objects if o and o.get("kind") == "RayService")
         assert (rs["spec"].get("upgradeStrategy") or {}).get("type", "NewCluster") == "NewCluster"
         old, new = self.cluster, f"{rs['metadata']['name']}-{suffix}"
@@ -117,6 +127,7 @@ class KubeRay(Kubelet):
         self._put_serve_config(head, config)
         t["pending_submitted"] = time.monotonic()
         apps = [a["name"] for a in config["applications"]]
+        # getAndCheckServeStatus, polled every 2 s; RUNNING alone is the switch (see above).
         self.wait(lambda: all(self.serve_status(new).get(a) == "RUNNING" for a in apps), 900,
                   lambda: f"the pending cluster's applications RUNNING: {self.serve_status(new)}", 2)
         t["pending_running"] = time.monotonic()

@@ -122,5 +122,35 @@ def test_startup_allows_the_first_model_to_load(args: tuple[str, ...], minutes: 
     [c] = [c for node_type, group, c, _ in _ray_pods(helm_template(*args))
            if node_type == "worker" and _hosts_gateway(group)]
     startup = c["startupProbe"]
-    assert startup["periodSeconds"] == 10
+    assert startup["periodSeconds"] == 2  # short: it is part of the gateway's hold (below)
     assert startup["periodSeconds"] * startup["failureThreshold"] == minutes * 60
+
+
+def _hold(c: dict[str, Any]) -> float | None:
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    return float(env["LLMSERVE_GATEWAY_READY_HOLD_S"]) if "LLMSERVE_GATEWAY_READY_HOLD_S" in env else None
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_gateway_pod_is_ready_before_its_application_runs(case: str) -> None:
+    """KubeRay moves a NewCluster upgrade's Service in the reconcile that sees every application of
+    the new cluster RUNNING (rayservice_controller.go: reconcileServe, reconcileServicesToReadyCluster);
+    nothing there waits for the gateway pods' readiness. So the gateway replica holds its application
+    short of RUNNING, after its /health first answers 200, as long as the kubelet can take to see that
+    (a startup probe period, then a readiness one) and more: a pod whose readiness is /health carries
+    that hold; no other Ray container does (the head's membership is KubeRay's own label)."""
+    held = 0
+    for node_type, group, c, _ in _ray_pods(helm_template(*CASES[case])):
+        if c["readinessProbe"]["httpGet"]["path"] == "/health":
+            held += 1
+            hold = _hold(c)
+            assert hold is not None, group.get("groupName")
+            assert hold >= c["startupProbe"]["periodSeconds"] + c["readinessProbe"]["periodSeconds"] + 1
+        else:
+            assert _hold(c) is None, group.get("groupName", node_type)
+    assert held == (1 if case.startswith("production") else 0)
+
+
+def test_the_gateways_hold_follows_the_probe_timings() -> None:
+    objs = helm_template("-f", PRODUCTION, "--set", "probes.startup.periodSeconds=4,probes.readiness.periodSeconds=3")
+    assert [_hold(c) for _, group, c, _ in _ray_pods(objs) if _hosts_gateway(group)] == [9.0]

@@ -210,6 +210,14 @@ spec:
         - name: LLMSERVE_ADAPTER_ROOTS
           value: {{ join ":" . | quote }}
         {{- end }}
+        {{- if $gatewayProbed }}
+        # At most how long this pod's kubelet takes from the gateway's first 200 on /health to the
+        # pod Ready (a startup probe period, then a readiness one, 2 s for the status to reach the
+        # endpoints): the gateway replica holds its Serve application short of RUNNING that long,
+        # because KubeRay moves an upgrade's Service on RUNNING alone (serve/gateway/readiness.py).
+        - name: LLMSERVE_GATEWAY_READY_HOLD_S
+          value: {{ add $v.probes.startup.periodSeconds $v.probes.readiness.periodSeconds 2 | quote }}
+        {{- end }}
         - name: LLMSERVE_CACHE_DIR
           value: {{ printf "%s/llmserve" $v.modelCache.mountPath | quote }}
         - name: HF_HOME
