@@ -76,7 +76,11 @@ def verdict(body: dict[str, Any] | None) -> float | None:
     """1.0 (same meaning), 0.0 (not), or None when the judge's answer is not a schema-valid verdict."""
     try:
         text = body["choices"][0]["message"]["content"] if body else None
-        value = json.loads(text or "")
+        # strict=False: control characters inside the reason are read. xgrammar (0.2.8) builds a
+        # maxLength-bounded string from [^"\\\r\n], so a grammar-valid verdict can carry a raw
+        # control character that strict JSON refuses (seen from the integration stack's tiny teacher);
+        # the verdict is the boolean, whatever the reason's bytes.
+        value = json.loads(text or "", strict=False)
     except (KeyError, IndexError, TypeError, ValueError):
         return None
     if not isinstance(value, dict) or not isinstance(value.get("same_meaning"), bool):

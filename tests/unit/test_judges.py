@@ -58,6 +58,8 @@ def test_judge_lines_ask_for_a_json_schema_verdict_and_unreadable_verdicts_count
 
     assert verdict(said('{"same_meaning": true, "reason": "x"}')) == 1.0
     assert verdict(said('{"same_meaning": false, "reason": "x"}')) == 0.0
+    # A raw control character in the reason, as xgrammar's maxLength-bounded string lets through: read.
+    assert verdict(said('{"same_meaning":false,"reason":"gatew~\x18\x14dT"}')) == 0.0
     assert verdict(said('{"same_meaning": "yes"}')) is None and verdict(said("yes")) is None
     answers = {"a": said('{"same_meaning": true, "reason": ""}'), "b": said("garbled")}
     assert judge_score(["a", "b", "c"], answers) == (pytest.approx(1 / 3), 2)
