@@ -295,6 +295,10 @@ def run_loop(demo: Demo) -> int:
                 demo.notes.append(show_provenance(url, demo.key, config, ROUTE, earlier, a.top))
                 print(demo.notes[-1], flush=True)
         with demo.step(f"replay the later {n_late} requests through route {ROUTE!r}: the economics report"):
+            demo.notes.append(f"embed and judge columns: measured through the real stack ({a.embedding_model or 'no'} "
+                              f"embedding model on /v1/embeddings, the teacher judging through the Batch API), but "
+                              f"not quality here: the embedder has random weights and the tiny teacher was never "
+                              f"taught to judge (docs/distillation.md)")
             notes = [x for n in demo.notes for x in ("--note", n)]
             calibration = out / "calibration" / "calibration.json"
             horizon = ["--horizon", str(a.horizon)] if a.horizon else []
