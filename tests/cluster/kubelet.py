@@ -78,6 +78,7 @@ class Pod:
     spec: dict[str, Any]
     dir: Path
     containers: list[Container] = field(default_factory=list)
+    init: list[Container] = field(default_factory=list)  # initContainers, run in order before them
     ns: str = ""
     ip: str = ""
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -283,7 +284,11 @@ class Kubelet:
         for c in tmpl["spec"]["containers"]:
             probes = {k: c[f"{k}Probe"] for k in ("startup", "readiness", "liveness") if c.get(f"{k}Probe")}
             pod.containers.append(self._container(pod, c, self._argv(c), probes, {}))
+        pod.init = self._init_containers(pod)
         return pod
+
+    def _init_containers(self, pod: Pod) -> list[Container]:
+        return [self._container(pod, c, self._argv(c), {}, {}) for c in pod.spec.get("initContainers", [])]
 
     @staticmethod
     def _argv(c: dict[str, Any]) -> list[str]:
@@ -357,9 +362,15 @@ class Kubelet:
             out.append(("bind", str(src), m["mountPath"]))
         return out
 
-    def _launch(self, pod: Pod) -> None:
+    def _launch(self, pod: Pod, init_timeout_s: float = 300) -> None:
         self._n += 1
         pod.ns, pod.ip = self.net.add_pod(self._n)
+        # Init containers first, each to a zero exit, in order; the pod is not Running before.
+        for c in pod.init:
+            c.env = {k: v.replace("<pod-ip>", pod.ip) for k, v in c.env.items()}
+            c.argv = [expand(a, c.env) for a in c.argv]
+            rc = self._run(pod, c).wait(init_timeout_s)
+            assert rc == 0, f"{pod.name}: init container {c.name} exited {rc}: {pod.log(c.name)}"
         self.pods.append(pod)
         for c in pod.containers:
             c.env = {k: v.replace("<pod-ip>", pod.ip) for k, v in c.env.items()}

@@ -311,6 +311,9 @@ class KubeRay(Kubelet):
                     injected.append("readiness")
             pod.containers.append(self._container(pod, c, argv, probes, {**extra_env} if i == 0 else {}))
             pod.containers[-1].injected = injected
+        # The template's own (BuildPod keeps them; KubeRay adds wait-gcs-ready to workers, which
+        # _start_cluster stands in for by starting workers once the head's GCS answers).
+        pod.init = self._init_containers(pod)
         return pod
 
     def _reconcile(self) -> None:

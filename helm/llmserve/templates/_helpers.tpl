@@ -183,6 +183,30 @@ spec:
   {{- end }}
   # Long enough for the gateway's drain (in-flight streams) after SIGTERM.
   terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+  {{- if and (eq .nodeType "head") (eq .component "serve") $v.gcsFaultTolerance.enabled $v.redis.enabled }}
+  # GCS fault tolerance on the chart's Redis, created at the same time at install: a GCS that
+  # cannot reach Redis when it starts exits, and the head container restarts after the kubelet's
+  # back-off. The head waits for Redis to answer (through its Service: only once Ready) instead.
+  initContainers:
+    - name: wait-redis
+      image: {{ printf "%s:%s" $v.redis.image.repository (toString $v.redis.image.tag) }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      {{- with $v.securityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      env:
+        # redis-cli reads the password here: off the command line.
+        - name: REDISCLI_AUTH
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "llmserve.redisSecret" $root }}
+              key: redis-password
+      command: ["sh", "-c", {{ printf "until redis-cli -h %s -p 6379 ping | grep -q PONG; do echo waiting for redis; sleep 2; done" (include "llmserve.redisName" $root) | quote }}]
+      resources:
+        requests: {cpu: 10m, memory: 16Mi}
+        limits: {memory: 64Mi}
+  {{- end }}
   containers:
     - name: {{ ternary "ray-head" "ray-worker" (eq .nodeType "head") }}
       image: {{ include "llmserve.image" $root }}
