@@ -52,7 +52,7 @@ class Backends:
             block_chars=routing.block_chars, max_blocks=routing.max_blocks,
             capacity_chars=int(routing.capacity_tokens * routing.chars_per_token),
             min_match=routing.min_match, load_weight=routing.load_weight, lora_weight=routing.lora_weight,
-            lora_slots=routing.lora_slots, slack=routing.slack)
+            lora_slots=routing.lora_slots, slack=routing.new_prefix_slack)
         # How much of a prompt the gateway hands to pick (serve/policies/affinity.py prefix_key).
         self.affinity_chars = (routing.block_chars * routing.max_blocks if self.policy == "cache_aware"
                                else AFFINITY_CHARS)

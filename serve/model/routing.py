@@ -47,6 +47,13 @@ class RoutingSpec(StrictModel):
         1, gt=0, description="cache_aware: adapters a replica is assumed to keep active (vLLM's max_loras).")
     slack: int = Field(
         4, ge=0,
-        description="prefix_affinity, and cache_aware for a prefix no replica holds: the rendezvous replica "
-                    "is used while it has at most this many more requests in flight than the least busy one.",
+        description="prefix_affinity: the rendezvous replica is used while it has at most this many more "
+                    "requests in flight than the least busy one.",
+    )
+    new_prefix_slack: int = Field(
+        0, ge=0,
+        description="cache_aware, a prefix no replica holds: its rendezvous replica among those with at most "
+                    "this many more requests in flight than the least busy one (0: the least busy, the "
+                    "rendezvous only breaking ties). More keeps a new prefix on one replica across gateways "
+                    "whose load views differ, at the price of queueing unique prompts behind busier replicas.",
     )
