@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from serve.gateway.schema_check import DEFAULT_TIMEOUT_S
+
 pytestmark = pytest.mark.integration
 
 # The engines' grammar (from `enum`) makes both models answer exactly this JSON string; `re`
@@ -46,4 +48,7 @@ def test_a_catastrophic_pattern_escalates_unchecked_and_never_stalls_the_gateway
     # The student answered exactly the enum, but its check could not finish in time: the teacher answers.
     assert raw.headers["x-llmserve-escalated"] == "schema_unchecked"  # type: ignore[attr-defined]
     assert raw.headers["x-llmserve-served-by"] == "tiny-b"  # type: ignore[attr-defined]
-    assert slowest < 1.5, f"the gateway stalled for {slowest:.1f} s while checking the schema"
+    # A check on the event loop stalls it for the check's whole time limit (and a worker's restart):
+    # the limit itself is the bound (1.5 s let such a stall through).
+    print(f"slowest gateway answer while the schema was checked: {slowest:.3f} s")  # -rP shows it
+    assert slowest < DEFAULT_TIMEOUT_S, f"the gateway stalled for {slowest:.2f} s while checking the schema"
