@@ -235,11 +235,12 @@ def test_a_lost_head_with_gcs_fault_tolerance(cluster: Cluster) -> None:
     times["head_lost_requests_ok"] = load.ok
 
 
+# KubeRay switches the Service when the new cluster's applications are RUNNING, whatever its pods'
+# readiness; a gateway replica reaches RUNNING only after its pod can be Ready (serve/gateway/
+# readiness.py until_ready, the chart's LLMSERVE_GATEWAY_READY_HOLD_S): before that, 17 of 510
+# requests failed in the 2 s after the switch. Passes now (134.7 s on 2 cores), still opt-in: CI budget.
 @pytest.mark.skipif(not os.environ.get("LLMSERVE_CLUSTER_UPGRADE"), reason=(
     "a second cluster (~2.5 min on 2 cores) exceeds the CI budget; LLMSERVE_CLUSTER_UPGRADE=1 runs it"))
-@pytest.mark.xfail(strict=True, reason=(
-    "KubeRay switches the Service when the new cluster's applications are RUNNING, before its gateway "
-    "pods' readiness probes pass: for a few seconds the Service has no ready endpoint (connection errors)"))
 def test_a_new_cluster_upgrade_sends_traffic_only_to_the_active_cluster(cluster: Cluster) -> None:
     """A serve-config change that makes a new cluster (serve.gateway.adapter_roots reaches the pod
     template: upgradeStrategy NewCluster): every SDK request during the switch succeeds, and no
