@@ -292,7 +292,7 @@ async def economics(args: argparse.Namespace, config: Config, log: list[dict[str
         if args.manifest:
             manifest = json.loads(Path(args.manifest).read_text())
             held = manifest["agreement"]["held_out"]
-            golden: dict[str, Any] = next((s for s in manifest.get("sources") or [] if s.get("golden_version")), {})
+            golden: dict[str, Any] = next((s for s in manifest.get("labels") or [] if s.get("golden_version")), {})
             extra["training"] = {"before": held["before"].get("token_overlap"),
                                  "after": held["after"].get("token_overlap"), "manifest": args.manifest,
                                  "golden_version": golden.get("golden_version"), "reviewed": golden.get("reviewed")}

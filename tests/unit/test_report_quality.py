@@ -53,7 +53,7 @@ def test_the_report_scores_each_tiers_out_of_sample_answers_and_shows_the_golden
            for q in ("easy one", "easy two", "easy one", "hard one")]
     manifest = tmp_path / "m.json"
     manifest.write_text(json.dumps({"train_seconds": 1, "device": "cpu", "split": {"train": [], "held_out": []},
-                                    "sources": [{"path": "golden.jsonl", "golden_version": "sha256:abc",
+                                    "labels": [{"path": "golden.jsonl", "golden_version": "sha256:abc",
                                                  "reviewed": {"corrected": 3, "confirmed": 2}}],
                                     "agreement": {"held_out": {"before": {}, "after": {}}}}))
     judged: list = []
