@@ -9,16 +9,13 @@ live replica (is_allocated -> get_component_logger_file_path), replaced every en
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import logging.handlers
 from collections.abc import Iterator
-from types import SimpleNamespace
 
 import pytest
-from ray.llm._internal.serve.core.server.llm_server import LLMServer
 
-from serve.engine import direct
+from tests.unit.engine_replica_support import construct_until_engine_build
 
 
 @pytest.fixture()
@@ -43,11 +40,6 @@ def vllm_logger_restored() -> Iterator[None]:
     vllm.setLevel(saved[2])
 
 
-class _Replica(direct.DirectLLMServer):
-    def __del__(self) -> None:  # the real one unregisters and stops the port: neither exists here
-        pass
-
-
 def _configure_vllm_logging_as_the_engine_build_does() -> None:
     from vllm.config.logging import LoggingConfig
     from vllm.logger import configure_logging
@@ -62,18 +54,10 @@ def test_vllms_logging_config_closes_serves_replica_handler(serve_handler) -> No
 
 
 def test_the_replica_keeps_serves_log_handler_through_its_engine_build(monkeypatch, serve_handler, tmp_path) -> None:
-    class Built(Exception):
-        pass
-
-    async def init(self, llm_config, engine_cls=None, **kwargs):
+    async def build(self, llm_config, engine_cls=None, **kwargs):
         _configure_vllm_logging_as_the_engine_build_does()
-        raise Built
 
-    monkeypatch.setattr(LLMServer, "__init__", init)
-    monkeypatch.setattr(direct, "tie_engine_cores_to_replica", lambda: None)
-    monkeypatch.setenv(direct.SECRET_ENV, "unit-test-engine-secret-0123456789")
-    with pytest.raises(Built):
-        asyncio.run(_Replica.__init__(_Replica.__new__(_Replica), SimpleNamespace()))
+    construct_until_engine_build(monkeypatch, build)
     # What Serve's get_component_logger_file_path reads, and the replica's records still written.
     assert serve_handler.target is not None
     assert serve_handler.target.baseFilename == str(tmp_path / "replica.log")  # type: ignore[attr-defined]

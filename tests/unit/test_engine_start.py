@@ -30,6 +30,7 @@ from serve.config import ModelSpec
 from serve.engine import direct
 from serve.engine.deployments import llm_config_for
 from serve.engine.direct import DirectLLMServer, NodeInitOnlyToDownload, needs_node_init
+from tests.unit.engine_replica_support import construct_until_engine_build
 
 HERE = "node-a"
 
@@ -182,16 +183,8 @@ def test_rays_cpu_engines_still_ask_for_the_multiprocess_executor_and_the_cpu_en
 def test_the_replica_builds_its_engine_with_in_core_engine(monkeypatch):
     seen: dict[str, Any] = {}
 
-    class Built(Exception):
-        pass
-
-    async def init(self, llm_config, engine_cls=None, **kwargs):
+    async def build(self, llm_config, engine_cls=None, **kwargs):
         seen["engine_cls"] = engine_cls
-        raise Built
 
-    monkeypatch.setattr(LLMServer, "__init__", init)
-    monkeypatch.setattr(direct, "tie_engine_cores_to_replica", lambda: None)
-    monkeypatch.setenv(direct.SECRET_ENV, "unit-test-engine-secret-0123456789")
-    with pytest.raises(Built):
-        asyncio.run(_Replica.__init__(_Replica.__new__(_Replica), SimpleNamespace()))
+    construct_until_engine_build(monkeypatch, build)
     assert seen["engine_cls"] is direct.InCoreEngine
