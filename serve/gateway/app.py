@@ -221,19 +221,15 @@ class Edge:
         outage does not take every gateway out of the Service (and the others' traffic with it).
         Which models have no replica is shown to admin keys only (a caller without a key must not
         learn the model names); the metrics listener's /health always shows it, to the operator."""
-        status, ready = self.readiness()
+        status, ready = self.gw.health()
         body: dict[str, Any] = {"status": status}
         if not self.gw.keys.enabled or getattr(self.key_or_none(request), "admin", False):
             body["replicas"] = ready
         return JSONResponse(body, 503 if status == "starting" else 200)
 
     async def health_detail(self, request: Request) -> Response:
-        status, ready = self.readiness()
+        status, ready = self.gw.health()
         return JSONResponse({"status": status, "replicas": ready}, 503 if status == "starting" else 200)
-
-    def readiness(self) -> tuple[str, dict[str, int]]:
-        ready = {m.name: self.gw.backends.ready_count(m.name) for m in self.gw.config.models}
-        return self.gw.readiness(ready), ready
 
     def key_or_none(self, request: Request) -> Any:
         """The caller's key if it sent a valid one; None otherwise (a probe sends none)."""

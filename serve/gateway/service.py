@@ -160,6 +160,12 @@ class Gateway:
     async def delete_response(self, key: ApiKey | None, rid: str) -> None:
         await self.response_store.delete(rid, self.owner(key))
 
+    def health(self) -> tuple[str, dict[str, int]]:
+        """What /health answers (its status, and each model's ready replicas), and what a gateway
+        replica waits on before Serve calls it RUNNING (serve/launch/gateway_replica.py)."""
+        ready = {m.name: self.backends.ready_count(m.name) for m in self.config.models}
+        return self.readiness(ready), ready
+
     def model_entry(self, name: str) -> dict[str, Any] | None:
         """One `/v1/models` object: a route, a model, or an adapter (with its base as parent).
         `max_model_len` is the context of the model that answers (clients size prompts from it)."""

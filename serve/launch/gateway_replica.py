@@ -55,8 +55,7 @@ class GatewayServer:
         # Serve calls this replica RUNNING when __init__ returns; KubeRay switches an upgrade's
         # Service on RUNNING: not before this pod's probes can have seen /health answer 200.
         gw = app.state.gateway
-        await until_ready(lambda: gw.readiness({m.name: gw.backends.ready_count(m.name) for m in gw.config.models}),
-                          ready_hold_s(os.environ))
+        await until_ready(lambda: gw.health()[0], ready_hold_s(os.environ))
 
     async def check_health(self) -> None:
         if self._task.done():

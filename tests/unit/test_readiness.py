@@ -88,12 +88,14 @@ def test_the_gateway_replica_is_running_only_after_its_hold(monkeypatch) -> None
     """serve/launch/gateway_replica.py: GatewayServer.__init__ (what Serve waits for before RUNNING)
     listens first (the probes must reach /health), then waits for the gateway's own readiness and
     the chart's hold. Registry, uvicorn and discovery are stand-ins; the readiness is the real one."""
+    from serve.gateway.service import Gateway
     from serve.launch import gateway_replica
 
     cfg = config({})
     answers = iter([0, 0, 1])  # m0's ready replicas, each time readiness is asked
     gateway = SimpleNamespace(config=cfg, readiness=Readiness(cfg.models),
                               backends=SimpleNamespace(ready_count=lambda name: next(answers)))
+    gateway.health = lambda: Gateway.health(gateway)  # the real read of /health's status, on the stand-ins
     app = gateway_replica.ByPort.__new__(gateway_replica.ByPort)
     app.state = SimpleNamespace(gateway=gateway)
     listening: list[float] = []
