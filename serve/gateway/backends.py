@@ -16,8 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from serve.model.routing import RoutingSpec
-from serve.policies.affinity import rendezvous
-from serve.policies.routing import RENDEZVOUS_CHARS as AFFINITY_CHARS
+from serve.policies.affinity import AFFINITY_CHARS, rendezvous
 from serve.policies.routing import CacheAwareRouter
 
 

@@ -8,8 +8,11 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+# prefix_affinity's rendezvous key: the prompt's first characters (serve/gateway/backends.py).
+AFFINITY_CHARS = 256
 
-def prefix_key(payload: dict[str, Any], chars: int = 256) -> str | None:
+
+def prefix_key(payload: dict[str, Any], chars: int = AFFINITY_CHARS) -> str | None:
     """The first `chars` characters of the prompt as the model sees it (system + first turns)."""
     if isinstance(payload.get("messages"), list):
         parts, size = [], 0

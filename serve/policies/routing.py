@@ -46,9 +46,6 @@ from dataclasses import dataclass, field
 
 from serve.policies.affinity import rendezvous
 
-# prefix_affinity's rendezvous key: the prompt's first characters (serve/gateway/backends.py).
-RENDEZVOUS_CHARS = 256
-
 
 def prefix_digest(prefix: str) -> str:
     """A new prefix's rendezvous key: one digest, so the per-replica rendezvous hashes 16
