@@ -51,9 +51,10 @@ class RoutingSpec(StrictModel):
                     "requests in flight than the least busy one.",
     )
     new_prefix_slack: int = Field(
-        0, ge=0,
+        4, ge=0,
         description="cache_aware, a prefix no replica holds: its rendezvous replica among those with at most "
                     "this many more requests in flight than the least busy one (0: the least busy, the "
                     "rendezvous only breaking ties). More keeps a new prefix on one replica across gateways "
-                    "whose load views differ, at the price of queueing unique prompts behind busier replicas.",
+                    "whose load views differ, and absorbs a stale engine load (read once a discovery "
+                    "interval), at the price of queueing unique prompts behind busier replicas.",
     )

@@ -15,9 +15,10 @@ The score of a replica is its matched-prefix share (matched blocks / blocks hash
 to one replica) minus ``load_weight`` per request it has in flight beyond the least busy replica,
 plus ``lora_weight`` when the request's adapter was recently routed there (vLLM batches few
 adapters at once: ``max_loras``). A prefix no replica is known to hold goes to the rendezvous
-replica of its *key* among those within ``slack`` requests of the least loaded (by default 0: the
-least loaded, the rendezvous only breaking ties; a slack of 4 queued unique prompts behind busier
-replicas, bench-routing's uniform TTFT p50 620 ms against round robin's 299): the first
+replica of its *key* among those within ``slack`` requests of the least loaded (default 4; 0, the
+least loaded with the rendezvous only breaking ties, cut bench-routing's uniform TTFT, where a slack
+of 4 queued unique prompts behind a busier replica, but lets an engine load read up to a discovery
+interval ago send every new prefix to one replica until the next read): the first
 ``min_match`` share of its hashed text, the part another request must share to count as holding
 the same prefix. Not a fixed number of characters: requests sharing only an app's system prompt
 (chats that each open with their own material) would all hash alike and pile onto one replica,
@@ -65,7 +66,7 @@ class _Replica:
 class CacheAwareRouter:
     def __init__(self, block_chars: int = 256, max_blocks: int = 32, capacity_chars: int = 1 << 20,
                  min_match: float = 0.5, load_weight: float = 0.25, lora_weight: float = 0.5,
-                 lora_slots: int = 1, slack: int = 0) -> None:
+                 lora_slots: int = 1, slack: int = 4) -> None:
         self.block_chars = block_chars
         self.max_blocks = max_blocks
         self.capacity_chars = capacity_chars

@@ -264,15 +264,15 @@ def test_chats_sharing_only_a_short_system_prompt_spread_and_a_long_shared_heade
     assert other.choose("m", ids, [0] * 4, tenant + "and a different question") == first
 
 
-def test_a_new_prefix_goes_to_the_least_busy_replica_by_default():
-    """A unique prompt waits behind nothing it can reuse: with the default new_prefix_slack (0) it
-    goes to the least busy replica even where its rendezvous replica is busier by one request, and
-    only a tie falls to the rendezvous (what every gateway computes alike). A slack of 4 made
-    bench-routing's uniform prompts queue behind the busier replica (TTFT p50 620 ms against
-    round robin's 299)."""
+def test_a_new_prefix_goes_to_the_least_busy_replica_with_no_slack():
+    """new_prefix_slack 0: a unique prompt goes to the least busy replica even where its rendezvous
+    replica is busier by one request, and only a tie falls to the rendezvous (what every gateway
+    computes alike); the default (4) keeps the rendezvous replica that much busier. The spec's
+    field, not prefix_affinity's `slack`, reaches the router."""
     text = prompt_whose_rendezvous_is("a")
-    assert IDS[router().choose("m", IDS, [1, 0], text)] == "b"
-    assert IDS[router().choose("m", IDS, [0, 0], text)] == "a"
+    assert IDS[router(slack=0).choose("m", IDS, [1, 0], text)] == "b"
+    assert IDS[router(slack=0).choose("m", IDS, [0, 0], text)] == "a"
+    assert IDS[router().choose("m", IDS, [1, 0], text)] == "a"
     backends = Backends(routing=RoutingSpec(new_prefix_slack=1, slack=0))
     assert backends.router.slack == 1  # the spec's field reaches the router; prefix_affinity's does not
     assert IDS[backends.router.choose("m", IDS, [1, 0], text)] == "a"
