@@ -165,6 +165,16 @@ class KubeRay(Kubelet):
         apps = (json.loads(text) if text else {}).get("applications") or {}
         return {name: a.get("status", "") for name, a in apps.items()}
 
+    def serve_details(self, app: str) -> dict[str, Any]:
+        """One application's deployments as Serve reports them (status, message, replica states),
+        for a failure's message: what a timed-out wait was waiting on."""
+        text = self._http(self.pod(f"{self.cluster}-head").ip, 8265, "/api/serve/applications/")
+        a = ((json.loads(text) if text else {}).get("applications") or {}).get(app) or {}
+        return {"status": a.get("status"), "message": a.get("message"), "deployments": {
+            name: {"status": d.get("status"), "message": d.get("message"),
+                   "replicas": [(r.get("replica_id", "")[:8], r.get("state")) for r in d.get("replicas") or []]}
+            for name, d in (a.get("deployments") or {}).items()}}
+
     def rayservice_ready(self) -> bool:
         """KubeRay's condition: every Serve application RUNNING and serve-svc with a ready endpoint."""
         status = self.serve_status()
