@@ -32,13 +32,22 @@ def _alive(p: psutil.Process) -> bool:
 # process group (systemd's control-group kill, `kill -TERM -<pgid>`), SIGINT to the process, and
 # SIGINT to the group (Ctrl-C in a terminal). Exit codes: 0 for SIGTERM (a drained gateway did
 # what was asked), 130 for SIGINT (serve/cli/__init__.py main, the shell's convention).
-STOPS = [(signal.SIGTERM, "driver", 0), (signal.SIGTERM, "group", 0), (signal.SIGINT, "driver", 130),
-         (signal.SIGINT, "group", 130)]
+#
+# Every stop costs a fresh `llmserve run` (~70 s beside the shared stack on 2 cores), and CI's 25
+# minutes hold two: SIGTERM to the process (Kubernetes) and SIGINT to the group (Ctrl-C), which
+# between them take both handlers and both targets. The other two pairings run with
+# LLMSERVE_ALL_STOPS=1 (the CI at e3cb3a3 took ~23 minutes of its 25 with all four).
+_EVERY_STOP = pytest.mark.skipif(not os.environ.get("LLMSERVE_ALL_STOPS"), reason=(
+    "~70 s each of CI's 25 minutes; the CI pair covers both handlers and both targets; LLMSERVE_ALL_STOPS=1 runs it"))
+STOPS = [pytest.param(signal.SIGTERM, "driver", 0, id="SIGTERM-driver"),
+         pytest.param(signal.SIGTERM, "group", 0, id="SIGTERM-group", marks=_EVERY_STOP),
+         pytest.param(signal.SIGINT, "driver", 130, id="SIGINT-driver", marks=_EVERY_STOP),
+         pytest.param(signal.SIGINT, "group", 130, id="SIGINT-group")]
 STOP_S = 10.0  # issue 25: every stop ends everything it started within 10 s
 ERRORS = re.compile(r"Traceback|Error|ERROR|Failed to connect")
 
 
-@pytest.mark.parametrize(("sig", "target", "code"), STOPS, ids=[f"{s.name}-{t}" for s, t, _ in STOPS])
+@pytest.mark.parametrize(("sig", "target", "code"), STOPS)
 def test_llmserve_run_stops_every_process_it_started(tmp_path, stack, sig, target, code):
     from openai import OpenAI
 
