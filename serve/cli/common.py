@@ -1,19 +1,21 @@
 """What several command groups share: an OpenAI client for a running gateway, following a batch to
-its end, and the arguments naming a gateway."""
+its end, a Batch API run, and the arguments naming a gateway."""
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import time
 from typing import Any
 
 
-def openai_client(args: argparse.Namespace) -> Any:
+def openai_client(args: argparse.Namespace, timeout_s: float = 120) -> Any:
     from openai import OpenAI
 
     return OpenAI(base_url=args.url, api_key=args.api_key or os.environ.get("LLMSERVE_API_KEY", "none"),
-                  max_retries=2, timeout=120)
+                  max_retries=2, timeout=timeout_s)
 
 
 def wait_for_batch(client: Any, batch_id: str, timeout_s: float, quiet: bool = False) -> Any:
@@ -35,6 +37,21 @@ def wait_for_batch(client: Any, batch_id: str, timeout_s: float, quiet: bool = F
             if time.monotonic() > deadline:
                 raise TimeoutError(f"batch {batch_id} still {b.status} after {timeout_s:.0f}s")
             time.sleep(1)
+
+
+def run_batch(client: Any, lines: list[str], timeout_s: float) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Run lines through the gateway's Batch API; returns (batch id, custom_id -> response body)."""
+    f = client.files.create(file=("in.jsonl", io.BytesIO("\n".join(lines).encode())), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    b = wait_for_batch(client, b.id, timeout_s)
+    out: dict[str, dict[str, Any]] = {}
+    if b.output_file_id:
+        for raw in client.files.content(b.output_file_id).text.splitlines():
+            rec = json.loads(raw)
+            if (rec.get("response") or {}).get("status_code") == 200:
+                out[rec["custom_id"]] = rec["response"]["body"]
+    return b.id, out
+
 
 
 def add_remote_arguments(p: argparse.ArgumentParser) -> None:

@@ -45,10 +45,10 @@ def _measures(args: argparse.Namespace) -> Measures | None:
     (--judge, the Batch API with a json_schema verdict), bound to the gateway; None when neither."""
     if not (args.embedding_model or args.judge):
         return None
-    from serve.cli.students_common import _client, _run_batch
+    from serve.cli.common import openai_client, run_batch
     from serve.students.judges import JUDGE_INSTRUCTIONS, VERDICT_SCHEMA, embedding_similarity, judge_lines
 
-    client = _client(args)
+    client = openai_client(args, timeout_s=300)
     record: dict[str, Any] = {}
     embed = judge = None
     if args.embedding_model:
@@ -59,7 +59,7 @@ def _measures(args: argparse.Namespace) -> Measures | None:
                                "method": "cosine of the answer's and the teacher's embeddings, clamped to [0, 1]"}
     if args.judge:
         def judge(items: list[tuple[str, dict[str, Any], str, str]]) -> tuple[str, dict[str, Any]]:
-            return _run_batch(client, judge_lines(items, args.judge), args.timeout)
+            return run_batch(client, judge_lines(items, args.judge), args.timeout)
 
         record["judge"] = {"model": args.judge, "endpoint": "Batch API, /v1/chat/completions",
                            "instructions": JUDGE_INSTRUCTIONS, "schema": VERDICT_SCHEMA,

@@ -14,14 +14,13 @@ from typing import Any
 
 import httpx
 
+from serve.cli.common import openai_client, run_batch
 from serve.cli.students_common import (
-    _client,
-    _digest_or_exit,
-    _lines,
-    _run_batch,
-    _served,
-    _store,
-    _text,
+    answer_text,
+    batch_lines,
+    digest_or_exit,
+    lifecycle_store,
+    served_adapter,
 )
 from serve.cli.students_eval import cmd_calibrate, cmd_eval
 from serve.config import Config, GateSpec, load_config
@@ -60,7 +59,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     random.Random(args.seed).shuffle(keys)
     sample = {k: {x: v for x, v in distinct[k].items() if x not in ("model", "stream", "stream_options")}
               for k in keys[: args.sample]}
-    client = _client(args)
+    client = openai_client(args, timeout_s=300)
     # The teacher is asked as the route asks it (its instructions and examples), with logprobs for
     # curation's confidence signal; the label's `request` is what the route's student is asked (its
     # own short prompt and the client's input: what it trains and is evaluated on), `input` the
@@ -68,9 +67,9 @@ def cmd_label(args: argparse.Namespace) -> int:
     teacher_prompt = prompt_for(route, args.teacher)
     student_prompt = route.prompts.student if route is not None and route.prompts is not None else None
     asked = [{"id": k, "request": {**apply_any(r, teacher_prompt), "logprobs": True}} for k, r in sample.items()]
-    batch_id, answers = _run_batch(client, _lines(asked, args.teacher), args.timeout)
+    batch_id, answers = run_batch(client, batch_lines(asked, args.teacher), args.timeout)
     # finish_reason: a student must not learn to stop where the teacher was only cut off.
-    labels = [{"id": k, "request": apply_any(r, student_prompt), "input": r, "teacher": _text(answers[k]),
+    labels = [{"id": k, "request": apply_any(r, student_prompt), "input": r, "teacher": answer_text(answers[k]),
                "teacher_model": args.teacher, "teacher_prompt": digest(route),
                "teacher_mean_logprob": mean_logprob(answers[k]["choices"][0]),
                "finish_reason": answers[k]["choices"][0].get("finish_reason"), "batch_id": batch_id,
@@ -100,12 +99,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
     config, field, configured, gate = _route_field(args)
     if args.threshold is not None and field != "student":
         raise SystemExit(f"llmserve: route {args.route!r} has no cascade: --threshold is a cascade's threshold")
-    digest = _digest_or_exit(args.path, "refused")
+    digest = digest_or_exit(args.path, "refused")
 
     async def go() -> int:
-        async with _store(args) as store:
+        async with lifecycle_store(args) as store:
             latest = await store.latest_eval(args.adapter)
-            served = await _served(store, config, args.adapter)
+            served = await served_adapter(store, config, args.adapter)
             refusal = promote_refusal(args.adapter, args.path, digest, latest, gate, served)
             calibration = await store.latest_calibration(args.adapter)
             if refusal is None and args.threshold is not None and not args.uncalibrated:
@@ -117,7 +116,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
                 # The gateway checks the path against its adapter roots and the digest against the
                 # files, loads every replica, and registers {base, path, digest} for the others.
                 try:
-                    _client(args).post("/llmserve/adapters", cast_to=httpx.Response, body={
+                    openai_client(args, timeout_s=300).post("/llmserve/adapters", cast_to=httpx.Response, body={
                         "name": args.adapter, "path": args.path, "base": args.base, "digest": digest})
                 except OpenAIError as e:
                     print(f"refused: the gateway did not load {args.adapter}: {e}", file=sys.stderr)
@@ -150,7 +149,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     async def go() -> int:
-        async with _store(args) as store:
+        async with lifecycle_store(args) as store:
             undone = await store.rollback(args.route)
             if undone is None:
                 print(f"nothing to roll back on route {args.route}", file=sys.stderr)
@@ -164,7 +163,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     async def go() -> list[dict[str, Any]]:
-        async with _store(args) as store:
+        async with lifecycle_store(args) as store:
             return list(await store.history(args.route))
 
     print(json.dumps(asyncio.run(go()), indent=1))

@@ -8,18 +8,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from serve.cli.students_common import _client, _lines, _read_labels, _run_batch, _text
+from serve.cli.common import openai_client, run_batch
+from serve.cli.students_common import answer_text, batch_lines, read_labels
 from serve.students.curate import ReviewError, Thresholds, apply_reviews, suspects, version
 
 
 def cmd_curate_export(args: argparse.Namespace) -> int:
-    labels = _read_labels(args.labels)
+    labels = read_labels(args.labels)
     others: dict[str, str] = {}
     if args.model:
         # The second opinion: the model (the trained student) asked each label's request as its
         # tier is asked it, through the Batch API.
-        _, answers = _run_batch(_client(args), _lines(labels, args.model), args.timeout)
-        others = {k: _text(body) for k, body in answers.items()}
+        _, answers = run_batch(openai_client(args, timeout_s=300), batch_lines(labels, args.model), args.timeout)
+        others = {k: answer_text(body) for k, body in answers.items()}
     rows = suspects(labels, others, Thresholds(args.max_agreement, args.min_logprob), args.limit)
     Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in rows))
     why: dict[str, int] = {}
@@ -32,8 +33,8 @@ def cmd_curate_export(args: argparse.Namespace) -> int:
 
 
 def cmd_curate_import(args: argparse.Namespace) -> int:
-    golden = _read_labels(args.labels)
-    reviews = _read_labels(args.reviews)
+    golden = read_labels(args.labels)
+    reviews = read_labels(args.reviews)
     try:
         out, counts = apply_reviews(golden, reviews)
     except ReviewError as e:

@@ -15,15 +15,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from serve.cli.common import openai_client, run_batch
 from serve.cli.students_common import (
-    _client,
-    _digest_or_exit,
-    _lines,
-    _read_labels,
-    _run_batch,
-    _served,
-    _store,
-    _text,
+    answer_text,
+    batch_lines,
+    digest_or_exit,
+    lifecycle_store,
+    read_labels,
+    served_adapter,
 )
 from serve.config import load_config
 from serve.policies.cost import usage_tokens
@@ -46,7 +45,7 @@ def _free_text_measures(args: argparse.Namespace, client: Any, labels: list[dict
     judge's verdicts (--judge, through the Batch API), added to `scores`; what each used, returned."""
     from serve.students.judges import embedding_similarity, judge_lines, judge_score
 
-    student = {str(lab["id"]): _text(answers[lab["id"]]) if lab["id"] in answers else "" for lab in labels}
+    student = {str(lab["id"]): answer_text(answers[lab["id"]]) if lab["id"] in answers else "" for lab in labels}
     out: dict[str, Any] = {}
     if args.embedding_model:
         sims = embedding_similarity(client, args.embedding_model,
@@ -55,7 +54,7 @@ def _free_text_measures(args: argparse.Namespace, client: Any, labels: list[dict
         out["embedding"] = {"model": args.embedding_model, "method": "cosine of /v1/embeddings, clamped to [0, 1]"}
     if args.judge:
         items = [(str(lab["id"]), lab["request"], student[str(lab["id"])], lab["teacher"]) for lab in labels]
-        judge_batch, verdicts = _run_batch(client, judge_lines(items, args.judge), args.timeout)
+        judge_batch, verdicts = run_batch(client, judge_lines(items, args.judge), args.timeout)
         scores["judge"], unreadable = judge_score([i for i, *_ in items], verdicts)
         usage = [usage_tokens(a.get("usage")) for a in verdicts.values()]
         out["judge"] = {"model": args.judge, "batch_id": judge_batch, "unreadable": unreadable,
@@ -68,27 +67,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from serve.students.gate import eval_refusal, split_check
     from serve.students.metrics import score
 
-    digest = _digest_or_exit(args.path, "llmserve")
+    digest = digest_or_exit(args.path, "llmserve")
     config = load_config(args.config)
 
     async def check() -> str | None:
-        async with _store(args) as store:
-            return eval_refusal(args.adapter, args.path, digest, await _served(store, config, args.adapter))
+        async with lifecycle_store(args) as store:
+            return eval_refusal(args.adapter, args.path, digest, await served_adapter(store, config, args.adapter))
 
     refusal = asyncio.run(check())
     if refusal:
         print(f"llmserve: not evaluated: {refusal}", file=sys.stderr)
         return 1
-    labels = _read_labels(args.labels)
+    labels = read_labels(args.labels)
     manifest, manifest_path = _manifest(args.manifest, args.path)
     split_record, overlap = split_check([str(lab["id"]) for lab in labels], manifest, digest, manifest_path)
     if overlap:
         print(f"llmserve: not evaluated: {overlap}", file=sys.stderr)
         return 1
-    client = _client(args)
-    batch_id, answers = _run_batch(client, _lines(labels, args.adapter), args.timeout)
+    client = openai_client(args, timeout_s=300)
+    batch_id, answers = run_batch(client, batch_lines(labels, args.adapter), args.timeout)
     pairs: list[tuple[str, str, dict[str, Any] | None]] = [
-        (_text(answers[lab["id"]]), lab["teacher"], None) for lab in labels if lab["id"] in answers]
+        (answer_text(answers[lab["id"]]), lab["teacher"], None) for lab in labels if lab["id"] in answers]
     pairs += [("", lab["teacher"], None) for lab in labels if lab["id"] not in answers]  # failures score 0
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     usage = [usage_tokens(a.get("usage")) for a in answers.values()]
@@ -99,9 +98,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
               "usage": {"prompt_tokens": sum(p for p, _ in usage), "completion_tokens": sum(c for _, c in usage)}}
 
     async def save() -> str | None:
-        async with _store(args) as store:
+        async with lifecycle_store(args) as store:
             # Checked again: weights reloaded under this name during the batch void the score.
-            late = eval_refusal(args.adapter, args.path, digest, await _served(store, config, args.adapter))
+            late = eval_refusal(args.adapter, args.path, digest, await served_adapter(store, config, args.adapter))
             if late is None:
                 await store.record_eval(args.adapter, record)
             return late
@@ -127,11 +126,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     spec = route.cascade if route is not None and route.cascade is not None else \
         CascadeSpec(student=args.student, teacher="?")
     policy, first_k = policy_of(spec), spec.decide_after_tokens
-    client = _client(args)
+    client = openai_client(args, timeout_s=300)
     samples: list[tuple[str, float | None, float]] = []
     reasons: dict[str, int] = {}
     spent = [0, 0]  # what calibrating cost: a one-off cost in the economics report
-    for lab in _read_labels(args.labels):
+    for lab in read_labels(args.labels):
         request = {**lab["request"], "model": args.student, "logprobs": True}
         if request.get("max_tokens") is not None:  # the cascade caps the student's answer as the route does
             request["max_tokens"] = min(int(request["max_tokens"]), spec.max_student_tokens)
@@ -141,7 +140,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         spent[0], spent[1] = spent[0] + p_, spent[1] + c_
         lp, rule = cascade_sample(policy, lab["request"], body, first_k)
         reasons[rule] = reasons.get(rule, 0) + 1
-        samples.append((str(lab["id"]), lp, METRICS[args.metric](_text(body), lab["teacher"], None)))
+        samples.append((str(lab["id"]), lp, METRICS[args.metric](answer_text(body), lab["teacher"], None)))
     result = calibrate(samples, args.target, args.holdout)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,8 +163,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                               "teacher answer at every threshold"}}
 
     async def record() -> str | None:
-        async with _store(args) as store:
-            served = await _served(store, config, args.student)
+        async with lifecycle_store(args) as store:
+            served = await served_adapter(store, config, args.student)
             digest = (served or {}).get("digest")
             await store.record_calibration(args.student, {**summary, "digest": digest})
             return digest

@@ -15,7 +15,7 @@ import json
 import jsonschema
 import pytest
 
-from serve.cli.students_common import _run_batch
+from serve.cli.common import run_batch
 from serve.students.judges import VERDICT_SCHEMA, cosine, embedding_similarity, judge_lines, judge_score, verdict
 
 pytestmark = pytest.mark.integration
@@ -38,7 +38,7 @@ def test_embedding_similarity_through_the_gateway(client):
 def test_the_judge_answers_a_schema_valid_verdict_through_the_batch_api(client):
     request = {"messages": [{"role": "user", "content": "How long does a refund take?"}]}
     items = [("same", request, REFUND, REFUND), ("other", request, RESET, REFUND)]
-    batch_id, answers = _run_batch(client, judge_lines(items, "tiny-b"), 300)
+    batch_id, answers = run_batch(client, judge_lines(items, "tiny-b"), 300)
     assert batch_id.startswith("batch-") and sorted(answers) == ["other", "same"]
     said = []
     for label_id in ("same", "other"):

@@ -79,8 +79,8 @@ def test_the_cli_exports_with_the_students_opinion_imports_corrections_and_train
         return "b1", {json.loads(x)["custom_id"]: {"choices": [{"message": {"content": OTHERS[json.loads(x)[
             "custom_id"]]}}]} for x in lines}
 
-    monkeypatch.setattr(curate_cli, "_run_batch", run_batch)
-    monkeypatch.setattr(curate_cli, "_client", lambda args: None)
+    monkeypatch.setattr(curate_cli, "run_batch", run_batch)
+    monkeypatch.setattr(curate_cli, "openai_client", lambda args, **_: None)
     review = tmp_path / "review.jsonl"
     assert main(["students", "curate", "export", "--labels", str(golden), "-o", str(review),
                  "--model", "student-v1"]) == 0

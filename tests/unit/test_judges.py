@@ -95,8 +95,8 @@ def test_eval_records_the_judge_and_the_embedding_similarity(redis_url, tmp_path
                                                "usage": {"prompt_tokens": 3, "completion_tokens": 3}} for r in rows}
 
     calls: list[dict] = []
-    monkeypatch.setattr(ev, "_run_batch", run_batch)
-    monkeypatch.setattr(ev, "_client", lambda args: embeddings_client(calls))
+    monkeypatch.setattr(ev, "run_batch", run_batch)
+    monkeypatch.setattr(ev, "openai_client", lambda args, **_: embeddings_client(calls))
     remote = ["--redis-url", redis_url, "--config", str(cfg), "--url", "http://gw/v1"]
     assert main(["students", "eval", "--adapter", "v1", "--labels", str(labels), "--path", str(path),
                  "--judge", "teacher", "--embedding-model", "embedder", *remote]) == 0

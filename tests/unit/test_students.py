@@ -155,8 +155,8 @@ def test_label_can_leave_out_the_head_the_cache_serves(tmp_path, monkeypatch, ca
                       for x in lines}
 
     files = types.SimpleNamespace(create=lambda **kw: types.SimpleNamespace(id="f1"))
-    monkeypatch.setattr(students_cli, "_run_batch", run_batch)
-    monkeypatch.setattr(students_cli, "_client", lambda args: types.SimpleNamespace(files=files))
+    monkeypatch.setattr(students_cli, "run_batch", run_batch)
+    monkeypatch.setattr(students_cli, "openai_client", lambda args, **_: types.SimpleNamespace(files=files))
     label = ["students", "label", "--log", str(tmp_path / "log.jsonl"), "--teacher", "teacher", "--sample", "10",
              "-o", str(tmp_path / "labels.jsonl"), "--config", str(cfg)]
     assert main([*label, "--exclude-head", "2", "--route", "r"]) == 0

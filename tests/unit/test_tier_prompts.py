@@ -300,8 +300,8 @@ def test_labels_ask_the_teacher_with_its_prompt_and_keep_the_students_request_to
                                                                 "finish_reason": "stop"}]} for x in lines}
 
     files = types.SimpleNamespace(create=lambda **kw: types.SimpleNamespace(id="f1"))
-    monkeypatch.setattr(students_cli, "_run_batch", run_batch)
-    monkeypatch.setattr(students_cli, "_client", lambda args: types.SimpleNamespace(files=files))
+    monkeypatch.setattr(students_cli, "run_batch", run_batch)
+    monkeypatch.setattr(students_cli, "openai_client", lambda args, **_: types.SimpleNamespace(files=files))
     assert main(["students", "label", "--log", str(tmp_path / "log.jsonl"), "--teacher", "teacher", "--route",
                  "assistant", "-o", str(tmp_path / "labels.jsonl"), "--config", str(cfg)]) == 0
     [body] = sent_lines
