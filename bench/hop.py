@@ -72,7 +72,7 @@ def engine_main(port: int, step_s: float) -> None:
 
 def gateway_main(port: int, engine_url: str) -> None:
     from serve.config import load_config
-    from serve.gateway.server import build_gateway, listen, run_event_loop, uvicorn_config
+    from serve.gateway.server import build_gateway, gateway_uvicorn_config, listen, run_event_loop
 
     config = load_config(None)
     config.gateway.port = port
@@ -86,7 +86,7 @@ def gateway_main(port: int, engine_url: str) -> None:
     import uvicorn
 
     app = build_gateway(config, fetch)
-    server = uvicorn.Server(uvicorn_config(app, config))
+    server = uvicorn.Server(gateway_uvicorn_config(app, config))
     run_event_loop(server.serve(sockets=listen(app, config)))
 
 

@@ -31,17 +31,25 @@ def bind_socket(host: str, port: int = 0, reuse_port: bool = False) -> socket.so
     return sock
 
 
-async def start_in_loop(app: Any, sock: socket.socket | list[socket.socket], graceful_s: float = 30,
-                        **uvicorn_kw: Any
-                        ) -> tuple[Any, asyncio.Task]:
-    """Start uvicorn on `sock` in the running loop; returns (server, task) once it accepts."""
+def uvicorn_config(app: Any, graceful_s: float, keep_alive_s: float) -> Any:
+    """uvicorn's configuration for every server of the project (engine replicas, the gateway under
+    Serve and under `llmserve run`). graceful_s: how long in-flight requests and streams get after
+    a stop. keep_alive_s: how long an idle connection stays open."""
     import uvicorn
 
     # log_config=None: uvicorn's default applies logging.config.dictConfig, which closes every
     # handler of the process, Serve's replica log handler too; Serve's controller, recovering after
     # a lost head, reads that handler from each live replica and replaces every replica it cannot.
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=300,
-                            timeout_graceful_shutdown=graceful_s, loop="none", log_config=None, **uvicorn_kw)
+    # loop="none": the caller's loop (a replica's, or run_event_loop's uvloop).
+    return uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=keep_alive_s,
+                          timeout_graceful_shutdown=graceful_s, loop="none", log_config=None)
+
+
+async def start_in_loop(config: Any, sock: socket.socket | list[socket.socket]) -> tuple[Any, asyncio.Task]:
+    """Start uvicorn (`config`: uvicorn_config) on `sock` in the running loop; returns (server,
+    task) once it accepts."""
+    import uvicorn
+
     server = uvicorn.Server(config)
     # The replica already handles signals; uvicorn must not install its own.
     server.install_signal_handlers = lambda: None

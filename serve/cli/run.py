@@ -82,7 +82,7 @@ async def _watch_startup(config: Config, registry: object, base: str, server: ob
 def cmd_run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serve.gateway.server import build_gateway, listen, ray_snapshot_source, run_event_loop, uvicorn_config
+    from serve.gateway.server import build_gateway, gateway_uvicorn_config, listen, ray_snapshot_source, run_event_loop
     from serve.launch.local import start_stack, stop_stack
 
     phases = Phases()
@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # whatever it started.
         registry = start_stack(config, phases)
         app = build_gateway(config, ray_snapshot_source(registry))
-        server = uvicorn.Server(uvicorn_config(app, config))
+        server = uvicorn.Server(gateway_uvicorn_config(app, config))
         sockets = listen(app, config)
         base = f"http://{config.gateway.host}:{config.gateway.port}/v1"
         first = next((m.name for m in config.models if m.task == "generate"), config.models[0].name)
@@ -149,7 +149,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     from serve.contract.registry import get_registry
     from serve.engine.cluster import connect_ray
-    from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
+    from serve.gateway.server import build_gateway, gateway_uvicorn_config, listen, ray_snapshot_source
 
     config = load_config(args.config)
     if args.port is not None:
@@ -166,7 +166,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     connect_ray(config)
     try:
         app = build_gateway(config, ray_snapshot_source(get_registry(config.ray.namespace)))
-        server = uvicorn.Server(uvicorn_config(app, config))
+        server = uvicorn.Server(gateway_uvicorn_config(app, config))
         print(f"llmserve: gateway on http://{config.gateway.host}:{config.gateway.port}/v1", flush=True)
         _exit_cleanly_on_sigterm()
         server.run(sockets=listen(app, config))

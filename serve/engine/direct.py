@@ -41,7 +41,7 @@ from typing import Any
 
 from ray.serve.llm import LLMServer
 
-from serve.asgi import bind_socket, start_in_loop
+from serve.asgi import bind_socket, start_in_loop, uvicorn_config
 from serve.config import REDIS_URL_ENV
 from serve.contract.paths import adapter_roots, runtime_adapters_for
 from serve.contract.registry import get_registry
@@ -237,7 +237,9 @@ class DirectLLMServer(LLMServer):
         self.url = f"http://{advertise}:{self._sock.getsockname()[1]}"
         app = await self.__serve_build_asgi_app__()
         app.add_api_route("/llmserve/stats", self._stats, methods=["GET"])
-        self._server, self._serve_task = await start_in_loop(self._engine_app(app, secret), self._sock)
+        # Keep-alive 300 s: the gateways' pooled connections to this port outlive their idle gaps.
+        config = uvicorn_config(self._engine_app(app, secret), graceful_s=30, keep_alive_s=300)
+        self._server, self._serve_task = await start_in_loop(config, self._sock)
         # A name reloaded at run time (other weights under a configured name) wins over the config:
         # loading both would fail on the second ("already been loaded") and the replica never start.
         wanted = {a["name"]: a for a in [*(adapters or []), *self._runtime_adapters()]}

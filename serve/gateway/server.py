@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 
-from serve.asgi import bind_socket
+from serve.asgi import bind_socket, uvicorn_config
 from serve.batch.backends import open_store
 from serve.cache.store import HeadCache
 from serve.config import Config
@@ -210,21 +210,12 @@ def listen(app: Any, config: Config) -> list[socket.socket]:
     return [public, metrics]
 
 
-def uvicorn_config(app: Starlette, config: Config) -> Any:
-    import uvicorn
-
-    return uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        # None: uvicorn's default log config (logging.config.dictConfig) closes every handler of
-        # the process, Serve's replica log handler too, and Serve's controller recovering from a
-        # lost head then replaces every replica whose handler it cannot read (serve/asgi.py).
-        log_config=None,
-        timeout_keep_alive=75,
-        # Graceful drain: on SIGTERM stop accepting and give in-flight streams this long.
-        timeout_graceful_shutdown=config.gateway.drain_timeout_s,
-    )
+def gateway_uvicorn_config(app: Starlette, config: Config) -> Any:
+    """The gateway's server, under Serve and under `llmserve run` alike: on SIGTERM in-flight
+    streams get the configured drain; keep-alive 75 s, longer than the 60 s idle timeout of the
+    usual load balancer in front, so the balancer, not the gateway, closes an idle connection
+    (never one it is about to reuse)."""
+    return uvicorn_config(app, graceful_s=config.gateway.drain_timeout_s, keep_alive_s=75)
 
 
 def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
@@ -250,7 +241,7 @@ def serving_on_thread(app: Any, config: Config, start_timeout_s: float = 30) -> 
     it on exit. For a process that has its own work on the main thread (the demo, the tests)."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn_config(app, config))
+    server = uvicorn.Server(gateway_uvicorn_config(app, config))
     sockets = listen(app, config)
     thread = threading.Thread(target=lambda: run_event_loop(server.serve(sockets=sockets)), daemon=True)
     thread.start()

@@ -35,7 +35,7 @@ from serve.asgi import start_in_loop
 from serve.config import GatewaySpec
 from serve.contract.registry import get_registry
 from serve.gateway.readiness import ready_hold_s, until_ready
-from serve.gateway.server import ByPort, build_gateway, listen, ray_snapshot_source
+from serve.gateway.server import ByPort, build_gateway, gateway_uvicorn_config, listen, ray_snapshot_source
 from serve.launch.batch_worker import BatchWorkerServer, pod_config
 from serve.policies.autoscaling import ONGOING, REQUESTS
 
@@ -50,7 +50,7 @@ class GatewayServer:
         app = build_gateway(cfg, ray_snapshot_source(get_registry(cfg.ray.namespace)))
         assert isinstance(app, ByPort)
         self._front = app
-        self._server, self._task = await start_in_loop(app, listen(app, cfg), graceful_s=30)
+        self._server, self._task = await start_in_loop(gateway_uvicorn_config(app, cfg), listen(app, cfg))
         logger.info("gateway listening on %s:%s", cfg.gateway.host, cfg.gateway.port)
         # Serve calls this replica RUNNING when __init__ returns; KubeRay switches an upgrade's
         # Service on RUNNING: not before this pod's probes can have seen /health answer 200.

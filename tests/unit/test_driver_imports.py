@@ -37,7 +37,7 @@ DRIVER = textwrap.dedent("""
     import serve.launch.local
     from serve.cli import build_parser
     from serve.config import load_config
-    from serve.gateway.server import build_gateway, listen, ray_snapshot_source, uvicorn_config
+    from serve.gateway.server import build_gateway, listen, ray_snapshot_source, gateway_uvicorn_config
 
     deployed = []
 
@@ -69,7 +69,7 @@ DRIVER = textwrap.dedent("""
     phases = []
     registry = serve.launch.local.start_stack(config, phases.append)
     app = build_gateway(config, ray_snapshot_source(registry))
-    uvicorn_config(app, config)
+    gateway_uvicorn_config(app, config)
     for s in listen(app, config):
         s.close()
 

@@ -100,7 +100,7 @@ def test_the_gateway_replica_is_running_only_after_its_hold(monkeypatch) -> None
     app.state = SimpleNamespace(gateway=gateway)
     listening: list[float] = []
 
-    async def start_in_loop(a, sock, graceful_s):
+    async def start_in_loop(config, sock):
         listening.append(time.monotonic())
         return SimpleNamespace(), asyncio.get_running_loop().create_future()
 

@@ -28,18 +28,19 @@ def serve_handler(tmp_path) -> Iterator[logging.handlers.MemoryHandler]:
 def test_the_gateways_uvicorn_leaves_serves_log_handler_open(serve_handler) -> None:
     from starlette.applications import Starlette
 
-    from serve.gateway.server import uvicorn_config
+    from serve.gateway.server import gateway_uvicorn_config
 
-    uvicorn_config(Starlette(), Config.model_validate({"models": [{"name": "m", "source": "x"}]}))
+    gateway_uvicorn_config(Starlette(), Config.model_validate({"models": [{"name": "m", "source": "x"}]}))
     assert serve_handler.target is not None
 
 
 async def test_the_engines_uvicorn_leaves_serves_log_handler_open(serve_handler) -> None:
     from starlette.applications import Starlette
 
-    from serve.asgi import bind_socket, start_in_loop
+    from serve.asgi import bind_socket, start_in_loop, uvicorn_config
 
-    server, task = await start_in_loop(Starlette(), bind_socket("127.0.0.1"), graceful_s=1)
+    config = uvicorn_config(Starlette(), graceful_s=1, keep_alive_s=5)
+    server, task = await start_in_loop(config, bind_socket("127.0.0.1"))
     server.should_exit = True
     await task
     assert serve_handler.target is not None
