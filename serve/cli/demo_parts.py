@@ -82,6 +82,14 @@ def topic_of(text: str) -> str | None:
     return m.group(1) if m and m.group(1) in FAQ else None
 
 
+def label_topic(label: dict[str, Any]) -> str | None:
+    """The FAQ topic of a label's question: its last user message (an export row's `input`, a
+    label's `request`), or None."""
+    asked = label.get("input") or label.get("request") or {}
+    text = next((m.get("content") for m in reversed(asked.get("messages") or []) if m.get("role") == "user"), "")
+    return topic_of(str(text or ""))
+
+
 def faq_review(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """What stands in for the reviewer in the demo, where no person reads the export: the FAQ the
     teacher was taught (the demo's ground truth, what a support agent reading the labels knows).
@@ -92,9 +100,7 @@ def faq_review(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[s
 
     out, counts = [], {"confirmed": 0, "corrected": 0, "dropped": 0}
     for row in rows:
-        asked = row.get("input") or {}
-        text = next((m.get("content") for m in reversed(asked.get("messages") or []) if m.get("role") == "user"), "")
-        topic = topic_of(str(text or ""))
+        topic = label_topic(row)
         if topic is None:
             out.append({**row, "drop": True})
             counts["dropped"] += 1
@@ -111,9 +117,7 @@ def wrong_share(labels: list[dict[str, Any]]) -> float | None:
     """Share of labels that are not their FAQ topic's answer (the demo's ground truth); None for none."""
     from serve.students.metrics import normalize
 
-    judged = [(lab, topic_of(str(((lab.get("input") or lab["request"]).get("messages") or [{}])[-1].get("content"))))
-              for lab in labels]
-    judged = [(lab, t) for lab, t in judged if t is not None]
+    judged = [(lab, t) for lab in labels if (t := label_topic(lab)) is not None]
     if not judged:
         return None
     return sum(1 for lab, t in judged if normalize(lab["teacher"]) != normalize(FAQ[str(t)])) / len(judged)
