@@ -69,3 +69,32 @@ def test_no_wait_without_the_charts_redis() -> None:
     objs = helm_template("--set", "redis.enabled=false,gcsFaultTolerance.external.address=redis.example:6379")
     assert "initContainers" not in _head(objs)
     assert "initContainers" not in _head(helm_template("--set", "gcsFaultTolerance.enabled=false"))
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value") for e in container.get("env") or []}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_serves_recovery_outlasts_a_lost_heads_replicas(case: str) -> None:
+    """With GCS fault tolerance, Serve's controller restarts on the new head and waits for each live
+    replica before replacing it; Ray's 30 s default was 0.5 s short after a lost head here
+    (tests/cluster), and a replaced replica reloads its model. The head (where the controller runs)
+    carries the longer wait; no worker does, and without fault tolerance nothing recovers."""
+    objs = helm_template(*CASES[case])
+    spec = by_kind(objs, "RayService")[0]["spec"]["rayClusterConfig"]
+    head = _env(spec["headGroupSpec"]["template"]["spec"]["containers"][0])
+    ft = values_of(case)["gcsFaultTolerance"]
+    want = str(ft["serveRecoveryTimeoutS"]) if spec.get("gcsFaultToleranceOptions") else None
+    assert head.get("RAY_SERVE_SLOW_STARTUP_WARNING_S") == want
+    assert want is None or int(want) > 30
+    for group in spec.get("workerGroupSpecs") or []:
+        for c in group["template"]["spec"]["containers"]:
+            assert "RAY_SERVE_SLOW_STARTUP_WARNING_S" not in _env(c), group["groupName"]
+
+
+def test_no_longer_recovery_wait_without_fault_tolerance() -> None:
+    head = _head(helm_template("--set", "gcsFaultTolerance.enabled=false"))["containers"][0]
+    assert "RAY_SERVE_SLOW_STARTUP_WARNING_S" not in _env(head)
+    head = _head(helm_template("--set", "gcsFaultTolerance.serveRecoveryTimeoutS=90"))["containers"][0]
+    assert _env(head)["RAY_SERVE_SLOW_STARTUP_WARNING_S"] == "90"

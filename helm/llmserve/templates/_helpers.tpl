@@ -242,6 +242,15 @@ spec:
         - name: LLMSERVE_GATEWAY_READY_HOLD_S
           value: {{ add $v.probes.startup.periodSeconds $v.probes.readiness.periodSeconds 2 | quote }}
         {{- end }}
+        {{- if and (eq .nodeType "head") (include "llmserve.gcsFaultTolerance" $root | trim) }}
+        # Serve's controller, restarted on a new head after a lost one, replaces every live replica
+        # that has not answered its recovery calls within this many seconds (Ray's default: 30).
+        # After a lost head the replicas answered 30.5 s after the new controller started, on 2
+        # cores (tests/cluster, test_a_lost_head_with_gcs_fault_tolerance): with the default every
+        # one was replaced and its model reloaded. The controller runs on the head.
+        - name: RAY_SERVE_SLOW_STARTUP_WARNING_S
+          value: {{ $v.gcsFaultTolerance.serveRecoveryTimeoutS | quote }}
+        {{- end }}
         - name: LLMSERVE_CACHE_DIR
           value: {{ printf "%s/llmserve" $v.modelCache.mountPath | quote }}
         - name: HF_HOME
