@@ -45,20 +45,33 @@ class EndpointTable:
         return {m: sorted(v) for m, v in out.items()}
 
 
-# A registry that starts while engines already serve (restarted on a new head after the old one
-# was lost, with GCS fault tolerance) knows none of them until their next heartbeats (every 2 s,
-# serve/engine/direct.py). Until WARMUP_S has passed its snapshot is None, "nothing known yet", and
-# the gateways keep the replicas they last knew instead of dropping live ones (503s).
+# A registry knows no engine until its heartbeats (every 2 s, serve/engine/direct.py) are in. Until
+# its warm-up has passed its snapshot is None, "nothing known yet", and the gateways keep the
+# replicas they last knew instead of dropping live ones (503s). WARMUP_S at a first start.
+# RESTART_WARMUP_S once Ray has restarted it (on a new head after the old one was lost, with GCS
+# fault tolerance): an engine's next heartbeat reaches the restarted registry only once the GCS has
+# told that engine's worker where it now runs, and after a lost head on 2 cores the workers heard
+# from the new GCS 13-30 s late (tests/cluster, test_a_lost_head_with_gcs_fault_tolerance: the
+# first snapshots after 5 s named no engine, and every gateway answered 503).
 WARMUP_S = 5.0
+RESTART_WARMUP_S = 45.0
+
+
+def _restarted() -> bool:
+    """Whether this process is a Ray actor that Ray has restarted (False outside Ray)."""
+    import ray
+
+    return ray.is_initialized() and bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
 class EndpointRegistry:
     """The Ray actor around EndpointTable (wrapped with ray.remote by ``get_registry``)."""
 
-    def __init__(self, clock: Any = time.monotonic) -> None:
+    def __init__(self, clock: Any = time.monotonic, restarted: bool | None = None) -> None:
         self._table = EndpointTable()
         self._clock = clock
         self._started = clock()
+        self._warmup_s = RESTART_WARMUP_S if (_restarted() if restarted is None else restarted) else WARMUP_S
 
     def register(self, model: str, replica_id: str, url: str, ttl_s: float) -> None:
         self._table.register(model, replica_id, url, ttl_s, self._clock())
@@ -68,7 +81,7 @@ class EndpointRegistry:
 
     def snapshot(self) -> dict[str, list[tuple[str, str]]] | None:
         now = self._clock()
-        if now - self._started < WARMUP_S:
+        if now - self._started < self._warmup_s:
             return None
         return self._table.snapshot(now)
 

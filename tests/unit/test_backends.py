@@ -58,14 +58,34 @@ def test_a_restarted_registry_answers_nothing_known_until_the_engines_beat_again
     """A registry started while engines serve (a new head after the old one was lost) knows none of
     them yet: it answers None until their heartbeats are in, so gateways keep the replicas they knew
     rather than drop live ones (issue 28: a lost head survived)."""
-    from serve.contract.registry import WARMUP_S, EndpointRegistry
+    from serve.contract.registry import RESTART_WARMUP_S, WARMUP_S, EndpointRegistry
 
-    now = [100.0]
-    reg = EndpointRegistry(clock=lambda: now[0])
-    assert reg.snapshot() is None
-    now[0] += 1
-    reg.register("m", "r1", "http://a", ttl_s=8)
-    assert reg.snapshot() is None
-    now[0] = 100.0 + WARMUP_S
-    assert reg.snapshot() == {"m": [("r1", "http://a")]}
+    for restarted, warmup in ((False, WARMUP_S), (True, RESTART_WARMUP_S)):
+        now = [100.0]
+        reg = EndpointRegistry(clock=lambda now=now: now[0], restarted=restarted)
+        assert reg.snapshot() is None
+        now[0] += 1
+        reg.register("m", "r1", "http://a", ttl_s=8)
+        now[0] = 100.0 + warmup - 0.1
+        reg.register("m", "r1", "http://a", ttl_s=8)
+        assert reg.snapshot() is None, restarted
+        now[0] = 100.0 + warmup
+        assert reg.snapshot() == {"m": [("r1", "http://a")]}
+    # After a lost head the engines' heartbeats reached the restarted registry 13-30 s late.
+    assert RESTART_WARMUP_S > 30 and WARMUP_S < 10
+
+
+def test_the_registry_knows_whether_ray_restarted_it(monkeypatch):
+    """Outside Ray (or in an actor's first life) the short warm-up; in a restarted actor the long one."""
+    import ray
+
+    from serve.contract import registry
+
+    assert registry._restarted() is False  # no Ray here
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    ctx = type("Ctx", (), {"was_current_actor_reconstructed": True})()
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: ctx)
+    assert registry.EndpointRegistry(clock=lambda: 0.0)._warmup_s == registry.RESTART_WARMUP_S
+    ctx.was_current_actor_reconstructed = False
+    assert registry.EndpointRegistry(clock=lambda: 0.0)._warmup_s == registry.WARMUP_S
 
